@@ -1,0 +1,613 @@
+"""Loading TD-MPC2 checkpoints into :class:`~torchrl_dreammpc.modules.TDMPC2WorldModel`, and our own format.
+
+Two on-disk formats are understood:
+
+* **TD-MPC2's** (its public code): ``torch.save({"model": WorldModel.state_dict()})`` or a bare state dict with
+  keys ``_encoder.state.*``, ``_dynamics.*``, ``_reward.*``, ``_pi.*``, ``_termination.*`` (episodic tasks),
+  the Q ensemble stacked over heads (``_Qs.params.<layer>.<weight|bias|ln.weight|ln.bias>``), its duplicated
+  ``_detach_Qs_params.*`` view, the target Qs ``_target_Qs_params.*``, data-less (meta) placeholders
+  ``_Qs.module.*`` / ``_detach_Qs.module.*`` / ``_target_Qs.module.*``, ``log_std_min`` / ``log_std_dif`` and
+  possibly ``__batch_size`` / ``__device`` entries. Checkpoints of its older API store the ensembles as
+  ``_Qs.params.<flat index>`` / ``_target_Qs.params.<flat index>`` (4 tensors per layer: weight, bias,
+  ln.weight, ln.bias) and have no ``log_std_*`` entries. :func:`from_tdmpc2_checkpoint` reads both.
+* **Ours**: ``{"format": "torchrl_dreammpc.world_model", "version": 1, "config": asdict(model.config),
+  "state_dict": model.state_dict()}``, written by :func:`save_world_model` and read by
+  :func:`load_world_model`. :func:`load_any` takes either.
+
+Every loader validates the complete converted state dict (keys, shapes, data) against the architecture before a
+model is built, and raises :class:`CheckpointError` naming the problem; no partially loaded model is returned.
+Files are read with ``torch.load(..., weights_only=True)``: a checkpoint that needs arbitrary unpickling is
+refused (load it yourself with ``weights_only=False`` if you trust it, and pass the dict).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from torchrl_dreammpc.modules.world_model import (
+    MODEL_SIZES,
+    TDMPC2Config,
+    TDMPC2WorldModel,
+    discount_from_episode_length,
+)
+
+__all__ = [
+    "CheckpointError",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "convert_tdmpc2_state_dict",
+    "from_tdmpc2_checkpoint",
+    "save_world_model",
+    "load_world_model",
+    "load_any",
+]
+
+FORMAT = "torchrl_dreammpc.world_model"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint could not be read or does not fit the requested model; the message names the problem."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reading files
+# ---------------------------------------------------------------------------------------------------------------
+def _read(path: str | os.PathLike) -> Any:
+    """``torch.load`` on CPU with weights only, turning the many ways a bad file fails into one clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint file {str(path)!r} does not exist (or is not a file).")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # zip errors (truncated), unpickling errors (not a checkpoint), EOF...
+        text = str(err)
+        # torch wraps every weights-only failure in the same preamble; the line after it says what failed.
+        detail = text.split("WeightsUnpickler error:")[-1].strip().split("\n")[0].strip() or type(err).__name__
+        if "Unsupported global" in text:
+            raise CheckpointError(
+                f"Checkpoint {str(path)!r} contains Python objects that cannot be loaded with weights_only=True "
+                f"({detail}). If you trust the file, load it with torch.load(path, weights_only=False) and pass the "
+                f"resulting dict instead.") from err
+        raise CheckpointError(
+            f"Could not read {str(path)!r} as a torch checkpoint: the file is truncated/corrupted or not a "
+            f"checkpoint ({type(err).__name__}: {detail[:200]}).") from err
+
+
+def _is_ours(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and obj.get("format") == FORMAT
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TD-MPC2 → ours
+# ---------------------------------------------------------------------------------------------------------------
+# TD-MPC2 module prefix → our module prefix, for the plain (non-ensemble) MLPs. Both use NormedLinear layers with
+# the same parameter names (weight, bias, ln.weight, ln.bias), so only the prefix changes.
+_MLP_PREFIXES = {
+    "_encoder.state.": "encoder.module.",
+    "_dynamics.": "dynamics.module.net.",
+    "_reward.": "reward_head.module.net.",
+    "_pi.": "policy_head.module.net.",
+    "_termination.": "termination_head.module.",
+}
+# Stacked Q ensembles: TD-MPC2's per-layer names → EnsembleMLP's flat names.
+_Q_PREFIXES = {
+    "_Qs.params.": "qvalue.module.net.",
+    "_target_Qs_params.": "target_qvalue.module.net.",
+}
+_Q_NAMES = {"weight": "weight_{}", "bias": "bias_{}", "ln.weight": "ln_weight_{}", "ln.bias": "ln_bias_{}"}
+# TD-MPC2's old API ordered each Q layer's tensors like this in a flat ParameterList (api_model_conversion).
+_OLD_Q_ORDER = ("weight", "bias", "ln.weight", "ln.bias")
+_OLD_Q_PREFIXES = {"_Qs.params.": "_Qs.params.", "_target_Qs.params.": "_target_Qs_params."}
+_LAYER_RE = re.compile(r"^(\d+)\.(weight|bias|ln\.weight|ln\.bias)$")
+_OLD_RE = re.compile(r"^(_Qs\.params\.|_target_Qs\.params\.)(\d+)$")
+# Entries with no weights of their own: the functional-ensemble module shells (meta tensors in TD-MPC2's state
+# dict) and TensorDict metadata.
+_IGNORED_RE = re.compile(r"^(_Qs|_detach_Qs|_target_Qs)\.module\.|(^|\.)__(batch_size|device)$")
+_CORE_PREFIXES = ("_encoder.", "_dynamics.", "_reward.", "_pi.", "_Qs.")
+
+
+def _unwrap_tdmpc2(obj: Any, where: str) -> Mapping:
+    if _is_ours(obj):
+        raise CheckpointError(f"{where} is a {FORMAT} checkpoint, not a TD-MPC2 one: use load_world_model() or "
+                              f"load_any().")
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{where} holds a {type(obj).__name__}, not a TD-MPC2 checkpoint (a dict with a "
+                              f"'model' state dict, or a bare state dict).")
+    sd = obj["model"] if isinstance(obj.get("model"), Mapping) else obj
+    if not any(isinstance(k, str) and k.startswith(_CORE_PREFIXES) for k in sd):
+        shown = sorted(map(str, sd))[:8]
+        raise CheckpointError(
+            f"{where} does not look like a TD-MPC2 world-model checkpoint: none of the expected keys "
+            f"(_encoder.state.*, _dynamics.*, _reward.*, _pi.*, _Qs.*) is present; it has keys {shown}"
+            f"{' ...' if len(sd) > 8 else ''}.")
+    return sd
+
+
+def _normalize_old_q_keys(sd: Mapping) -> dict:
+    """Rename old-API ``_Qs.params.<n>`` / ``_target_Qs.params.<n>`` keys to the current per-layer names."""
+    keys = [k for k in sd if isinstance(k, str)]
+    old = [k for k in keys if _OLD_RE.match(k)]
+    if not old:
+        return dict(sd)
+    new = [k for k in keys if k.startswith(("_Qs.params.", "_target_Qs_params.", "_detach_Qs_params."))
+           and not _OLD_RE.match(k) and not _IGNORED_RE.search(k)]
+    if new:
+        raise CheckpointError(f"Checkpoint mixes old-format Q keys (e.g. {old[0]!r}) with new-format ones (e.g. "
+                              f"{new[0]!r}); it is neither format.")
+    out = {}
+    for k, v in sd.items():
+        m = _OLD_RE.match(k) if isinstance(k, str) else None
+        if m is None:
+            out[k] = v
+        else:
+            n = int(m.group(2))
+            out[f"{_OLD_Q_PREFIXES[m.group(1)]}{n // 4}.{_OLD_Q_ORDER[n % 4]}"] = v
+    return out
+
+
+def _map_keys(sd: Mapping, strict: bool) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, torch.Tensor],
+                                                      dict[str, torch.Tensor]]:
+    """Split a (normalized) TD-MPC2 state dict into: our-named tensors, our-name → source-name, the detached Q
+    view (by our name), and the scalar extras (log_std_*). Raises on keys that belong nowhere (if strict)."""
+    mapped: dict[str, torch.Tensor] = {}
+    source: dict[str, str] = {}
+    detach: dict[str, torch.Tensor] = {}
+    extras: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    q_prefixes = {**_Q_PREFIXES, "_detach_Qs_params.": "qvalue.module.net."}
+    for key, val in sd.items():
+        if not isinstance(key, str):
+            unexpected.append(repr(key))
+            continue
+        if _IGNORED_RE.search(key):
+            continue
+        if key in ("log_std_min", "log_std_dif"):
+            extras[key] = val
+            continue
+        target = None
+        for src, dst in _MLP_PREFIXES.items():
+            if key.startswith(src) and _LAYER_RE.match(key[len(src):]):
+                target = dst + key[len(src):]
+        for src, dst in q_prefixes.items():
+            m = _LAYER_RE.match(key[len(src):]) if key.startswith(src) else None
+            if m:
+                target = dst + _Q_NAMES[m.group(2)].format(m.group(1))
+                if src == "_detach_Qs_params.":  # only checked against the online Qs, never loaded
+                    detach[target] = val
+                    target = ""
+        if target is None:
+            unexpected.append(key)
+        elif target:
+            mapped[target] = val
+            source[target] = key
+    if unexpected and strict:
+        raise CheckpointError(f"Unexpected key(s) in the TD-MPC2 checkpoint (pass strict=False to ignore them): "
+                              f"{sorted(unexpected)}")
+    if unexpected:
+        warnings.warn(f"Ignoring key(s) of the TD-MPC2 checkpoint that map to nothing: {sorted(unexpected)}",
+                      stacklevel=4)
+    return mapped, source, detach, extras
+
+
+def _layers(mapped: Mapping[str, torch.Tensor], prefix: str) -> int:
+    """Number of layers of the plain MLP stored under our ``prefix``."""
+    idx = {int(k[len(prefix):].split(".")[0]) for k in mapped if k.startswith(prefix)}
+    return max(idx) + 1 if idx else 0
+
+
+def _need(mapped: Mapping[str, torch.Tensor], key: str, src: str, ndim: int) -> torch.Tensor:
+    t = mapped.get(key)
+    if t is None:
+        raise CheckpointError(f"TD-MPC2 checkpoint is missing {src!r}, needed to infer the model sizes.")
+    if not isinstance(t, torch.Tensor) or t.dim() != ndim:
+        raise CheckpointError(f"TD-MPC2 checkpoint entry {src!r} should be a {ndim}-d tensor, got "
+                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}.")
+    return t
+
+
+def _spec_dim(x, name: str) -> int | None:
+    if x is None or isinstance(x, int):
+        return x
+    shape = getattr(x, "shape", None)
+    if shape is None or len(shape) == 0:
+        raise TypeError(f"{name} must be an int or a TorchRL spec with a shape, got {x!r}")
+    return int(shape[-1])
+
+
+def _arch_enc_hidden(num_enc_layers: int) -> int:
+    # TD-MPC2 builds max(num_enc_layers - 1, 1) hidden encoder layers, so 1 and 2 give the same network.
+    return max(num_enc_layers - 1, 1)
+
+
+def _pick_model_size(sizes: dict, n_params: int) -> int:
+    for ms, table in MODEL_SIZES.items():
+        full = {"num_q": TDMPC2Config.num_q, **table}
+        if all(full[k] == sizes[k] for k in ("enc_dim", "mlp_dim", "latent_dim", "num_q")) and \
+                _arch_enc_hidden(full["num_enc_layers"]) == _arch_enc_hidden(sizes["num_enc_layers"]):
+            return ms
+    # A custom architecture: model_size is only a label then; take the table entry closest in parameter count.
+    return min(MODEL_SIZES, key=lambda ms: abs(math.log(max(n_params, 1) / (ms * 1e6))))
+
+
+def convert_tdmpc2_state_dict(state_dict: Mapping, obs_dim=None, action_dim=None, *, model_size: int | None = None,
+                              episode_length: int | None = None, discount: float | None = None,
+                              strict: bool = True) -> tuple[TDMPC2Config, dict[str, torch.Tensor]]:
+    """Convert a TD-MPC2 state dict into a :class:`TDMPC2Config` and a state dict for :class:`TDMPC2WorldModel`.
+
+    Pure function: nothing is built, the input is not modified. The returned state dict has been checked key by key
+    and shape by shape against the architecture the config describes, so ``load_state_dict`` on a model built from
+    the config cannot fail. See :func:`from_tdmpc2_checkpoint` for the arguments.
+
+    Returns:
+        ``(config, state_dict)``.
+    """
+    where = "The checkpoint"
+    sd = _unwrap_tdmpc2(state_dict, where)
+    if "_task_emb.weight" in sd or "_action_masks" in sd:
+        raise CheckpointError("This is a multi-task TD-MPC2 checkpoint (it has _task_emb.weight/_action_masks): "
+                              "multi-task checkpoints are not supported yet.")
+    rgb = [k for k in sd if isinstance(k, str) and k.startswith("_encoder.") and not k.startswith("_encoder.state.")]
+    if rgb:
+        raise CheckpointError(f"Only state-observation TD-MPC2 checkpoints are supported; this one has another "
+                              f"encoder ({rgb[0]!r}, e.g. pixels).")
+    if discount is not None and episode_length is not None:
+        raise CheckpointError("Pass either discount or episode_length (from which TD-MPC2's heuristic derives the "
+                              "discount), not both.")
+    mapped, source, detach, extras = _map_keys(_normalize_old_q_keys(sd), strict)
+
+    bad = [source[k] for k, v in mapped.items() if not isinstance(v, torch.Tensor) or v.is_meta
+           or not v.is_floating_point()]
+    if bad:
+        raise CheckpointError(f"Checkpoint entries hold no floating-point weight data (meta or non-float): "
+                              f"{sorted(bad)}")
+
+    # ---- sizes, from tensor shapes ----
+    n_enc = _layers(mapped, "encoder.module.")
+    if n_enc < 2:
+        raise CheckpointError(f"TD-MPC2 checkpoint encoder has {n_enc} layer(s) under '_encoder.state.'; "
+                              f"expected at least 2.")
+    enc0 = _need(mapped, "encoder.module.0.weight", "_encoder.state.0.weight", 2)
+    enc_last = _need(mapped, f"encoder.module.{n_enc - 1}.weight", f"_encoder.state.{n_enc - 1}.weight", 2)
+    pi_last = _need(mapped, "policy_head.module.net.2.weight", "_pi.2.weight", 2)
+    dyn0 = _need(mapped, "dynamics.module.net.0.weight", "_dynamics.0.weight", 2)
+    rew_last = _need(mapped, "reward_head.module.net.2.weight", "_reward.2.weight", 2)
+    q0 = _need(mapped, "qvalue.module.net.weight_0", "_Qs.params.0.weight", 3)
+    ck_obs, ck_latent = enc0.shape[1], enc_last.shape[0]
+    if pi_last.shape[0] % 2:
+        raise CheckpointError(f"'_pi.2.weight' has {pi_last.shape[0]} outputs; the policy head should output "
+                              f"2 x action_dim (mean and log-std).")
+    ck_action = pi_last.shape[0] // 2
+
+    # The task's sizes come first: that is the mismatch users actually hit (a checkpoint for another task).
+    obs_dim, action_dim = _spec_dim(obs_dim, "obs_dim"), _spec_dim(action_dim, "action_dim")
+    if obs_dim is not None and obs_dim != ck_obs:
+        raise CheckpointError(f"Checkpoint expects observation width {ck_obs}, the task gives {obs_dim}.")
+    if action_dim is not None and action_dim != ck_action:
+        raise CheckpointError(f"Checkpoint expects action width {ck_action}, the task gives {action_dim}.")
+
+    for name, prefix in (("_dynamics", "dynamics.module.net."), ("_reward", "reward_head.module.net."),
+                         ("_pi", "policy_head.module.net."), ("_termination", "termination_head.module.")):
+        n = _layers(mapped, prefix)
+        if n not in (0, 3):
+            raise CheckpointError(f"'{name}' has {n} layers; TD-MPC2 (and this model) use 2 hidden layers + output.")
+    sizes = dict(enc_dim=enc0.shape[0], mlp_dim=dyn0.shape[0], latent_dim=ck_latent, num_enc_layers=n_enc,
+                 num_q=q0.shape[0])
+    num_bins = rew_last.shape[0]
+    if num_bins < 2:
+        raise CheckpointError(f"Checkpoint uses num_bins={num_bins} (TD-MPC2's non-two-hot regression mode), which "
+                              f"is not supported; only two-hot heads (num_bins >= 2).")
+    episodic = any(k.startswith("termination_head.") for k in mapped)
+    n_params = sum(v.numel() for k, v in mapped.items() if not k.startswith("target_"))
+
+    if model_size is not None:
+        if model_size not in MODEL_SIZES:
+            raise CheckpointError(f"Unknown model_size {model_size!r}; choose one of {sorted(MODEL_SIZES)}.")
+        table = {"num_q": TDMPC2Config.num_q, **MODEL_SIZES[model_size]}
+        diff = [f"{k}: checkpoint {sizes[k]}, model_size {model_size} has {table[k]}"
+                for k in ("enc_dim", "mlp_dim", "latent_dim", "num_q") if sizes[k] != table[k]]
+        if _arch_enc_hidden(table["num_enc_layers"]) != _arch_enc_hidden(n_enc):
+            diff.append(f"encoder layers: checkpoint {n_enc}, model_size {model_size} has "
+                        f"{_arch_enc_hidden(table['num_enc_layers']) + 1}")
+        if diff:
+            raise CheckpointError(f"Checkpoint does not match model_size={model_size}: " + "; ".join(diff) + ".")
+    else:
+        model_size = _pick_model_size(sizes, n_params)
+    # Keep the table's num_enc_layers when it describes the same network (TD-MPC2's 1 == 2 equivalence).
+    table_layers = MODEL_SIZES[model_size]["num_enc_layers"]
+    if _arch_enc_hidden(table_layers) == _arch_enc_hidden(n_enc):
+        sizes["num_enc_layers"] = table_layers
+
+    # ---- constants not visible in the shapes ----
+    fields: dict[str, Any] = dict(sizes, num_bins=num_bins, episodic=episodic)
+    if extras:
+        if set(extras) != {"log_std_min", "log_std_dif"}:
+            raise CheckpointError(f"Checkpoint has {sorted(extras)} but not both log_std_min and log_std_dif.")
+        lo, dif = (float(torch.as_tensor(extras[k]).reshape(())) for k in ("log_std_min", "log_std_dif"))
+        fields.update(log_std_min=lo, log_std_max=lo + dif)
+    # else (old API): TD-MPC2 itself fills these in from its config defaults, which are ours too.
+    if discount is not None:
+        fields["discount"] = float(discount)
+    elif episode_length is not None:
+        fields["discount"] = discount_from_episode_length(episode_length)
+    if ck_latent % TDMPC2Config.simnorm_dim:
+        raise CheckpointError(f"latent_dim {ck_latent} is not a multiple of the SimNorm group size "
+                              f"{TDMPC2Config.simnorm_dim}.")
+    try:
+        config = TDMPC2Config.from_size(ck_obs, ck_action, model_size, **fields)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"Cannot build a TDMPC2Config from the checkpoint: {err}") from err
+
+    # ---- every tensor against the architecture (a data-less model on the meta device) ----
+    expected = _expected_shapes(config)
+    missing = sorted(k for k in expected if k not in mapped)
+    if missing:
+        names = [_tdmpc2_name(k) for k in missing]
+        raise CheckpointError(f"TD-MPC2 checkpoint is missing {len(missing)} tensor(s): {names}")
+    extra = sorted(k for k in mapped if k not in expected)
+    if extra:  # e.g. a 4th encoder layer index gap, or heads beyond what the sizes imply
+        raise CheckpointError(f"Unexpected key(s) in the TD-MPC2 checkpoint: {sorted(source[k] for k in extra)}")
+    wrong = [f"{source[k]} has shape {tuple(mapped[k].shape)}, expected {tuple(shape)}"
+             for k, shape in expected.items() if tuple(mapped[k].shape) != tuple(shape)]
+    if wrong:
+        raise CheckpointError(
+            f"TD-MPC2 checkpoint tensors do not fit a model with observation width {ck_obs}, action width "
+            f"{ck_action}, latent {ck_latent}, mlp_dim {sizes['mlp_dim']}: " + "; ".join(wrong))
+    # The detached view is the same storage as the online Qs in TD-MPC2; differing values mean an edited file.
+    for k, v in detach.items():
+        if k not in mapped:
+            continue
+        if not isinstance(v, torch.Tensor) or v.shape != mapped[k].shape or \
+                (strict and not v.is_meta and not torch.equal(v.to(mapped[k].device), mapped[k])):
+            raise CheckpointError(f"'_detach_Qs_params' differs from '_Qs.params' at {source[k]!r}; in TD-MPC2 "
+                                  f"they are the same tensors (pass strict=False to use '_Qs.params').")
+    return config, {k: mapped[k].detach() for k in expected}
+
+
+def _tdmpc2_name(ours: str) -> str:
+    for src, dst in _MLP_PREFIXES.items():
+        if ours.startswith(dst):
+            return src + ours[len(dst):]
+    for src, dst in _Q_PREFIXES.items():
+        if ours.startswith(dst):
+            m = re.match(r"(ln_)?(weight|bias)_(\d+)$", ours[len(dst):])
+            if m:
+                return f"{src}{m.group(3)}.{'ln.' if m.group(1) else ''}{m.group(2)}"
+    return ours
+
+
+def _build(config: TDMPC2Config) -> TDMPC2WorldModel:
+    fields = dataclasses.asdict(config)
+    obs_dim, action_dim, model_size = fields.pop("obs_dim"), fields.pop("action_dim"), fields.pop("model_size")
+    return TDMPC2WorldModel(obs_dim, action_dim, model_size=model_size, **fields)
+
+
+def _expected_shapes(config: TDMPC2Config) -> dict[str, torch.Size]:
+    with torch.device("meta"):  # shapes only: no memory, no initialization cost
+        return {k: v.shape for k, v in _build(config).state_dict().items()}
+
+
+def _finish(config: TDMPC2Config, state_dict: Mapping[str, torch.Tensor], device) -> TDMPC2WorldModel:
+    model = _build(config)
+    model.load_state_dict(state_dict, strict=True)
+    return model.to(device).eval()
+
+
+def from_tdmpc2_checkpoint(path_or_state_dict, obs_dim=None, action_dim=None, *, model_size: int | None = None,
+                           episode_length: int | None = None, discount: float | None = None,
+                           device: str | torch.device = "cpu", strict: bool = True) -> TDMPC2WorldModel:
+    """Build a :class:`TDMPC2WorldModel` from a checkpoint of TD-MPC2's public code.
+
+    Every tensor is mapped: encoder, dynamics, reward, policy prior, termination head (episodic models), the
+    online Q ensemble and the target Qs. Sizes (observation and action widths, latent, enc/mlp dims, encoder
+    depth, number of Q heads, bins, episodic) are read from tensor shapes; ``log_std_min`` / ``log_std_max`` from
+    ``log_std_min`` / ``log_std_dif`` (old-API checkpoints lack them: TD-MPC2's defaults -10 / 2 are used, as TD-MPC2
+    itself does). Constants not stored in checkpoints (two-hot range [-10, 10], SimNorm groups of 8, Q dropout 0.01)
+    take TD-MPC2's defaults.
+
+    The discount is not stored in TD-MPC2 checkpoints. It is ``discount`` if given, else TD-MPC2's heuristic
+    (:func:`~torchrl_dreammpc.modules.discount_from_episode_length`) applied to ``episode_length`` if given (500 →
+    0.99, 1000 → 0.995), else the :class:`TDMPC2Config` default (0.99). Give the task's episode length to plan with
+    the discount the checkpoint's values were trained with.
+
+    Args:
+        path_or_state_dict: a file path, or what ``torch.load`` returned: ``{"model": state_dict}`` or a bare
+            state dict (current or old Q-ensemble format). It is not modified.
+        obs_dim / action_dim (int or TorchRL spec, optional): the task's sizes; a checkpoint for other sizes is
+            refused (``"Checkpoint expects observation width 5, the task gives 24."``).
+        model_size (int, optional): if given, the checkpoint must have that size's dimensions; otherwise the size
+            is recognized from the table (custom sizes get the closest label by parameter count).
+        episode_length (int, optional): derive the discount with TD-MPC2's heuristic.
+        discount (float, optional): the discount (exclusive with ``episode_length``).
+        device: where the returned model lives.
+        strict (bool): refuse keys that map to nothing and a ``_detach_Qs_params`` view that differs from the online
+            Qs (default). With ``strict=False`` these are ignored; missing or misshapen tensors are always refused.
+
+    Returns:
+        the model, in eval mode (Q dropout off).
+
+    Raises:
+        CheckpointError: unreadable/truncated file, not a TD-MPC2 checkpoint, multi-task or pixel checkpoint,
+            sizes that differ from ``obs_dim``/``action_dim``/``model_size``, missing, unexpected or misshapen
+            tensors. Nothing is built before the whole state dict has been validated.
+
+    Examples:
+        >>> model = from_tdmpc2_checkpoint("walker-walk-1.pt", obs_dim=24, action_dim=6,
+        ...                                episode_length=1000)  # doctest: +SKIP
+        >>> z = model.encode(torch.zeros(1, 24))  # doctest: +SKIP
+    """
+    obj = _read(path_or_state_dict) if isinstance(path_or_state_dict, (str, os.PathLike)) else path_or_state_dict
+    config, state_dict = convert_tdmpc2_state_dict(
+        obj, obs_dim, action_dim, model_size=model_size, episode_length=episode_length, discount=discount,
+        strict=strict)
+    return _finish(config, state_dict, device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# our own format
+# ---------------------------------------------------------------------------------------------------------------
+def save_world_model(model: TDMPC2WorldModel, path: str | os.PathLike) -> Path:
+    """Save a :class:`TDMPC2WorldModel` with its config, atomically.
+
+    The file holds ``{"format": "torchrl_dreammpc.world_model", "version": 1, "config": asdict(model.config),
+    "state_dict": model.state_dict()}`` (tensors moved to CPU). It is written to a temporary file in the same
+    directory and moved into place with ``os.replace``, so an interrupted save never leaves a truncated checkpoint
+    (an existing file at ``path`` stays intact until the new one is complete).
+
+    Args:
+        model (TDMPC2WorldModel): the model (online and target Qs included).
+        path: destination file; parent directories are created.
+
+    Returns:
+        the path written.
+
+    Examples:
+        >>> wm = TDMPC2WorldModel(5, 1, model_size=1)
+        >>> p = save_world_model(wm, "/tmp/wm.pt")  # doctest: +SKIP
+        >>> wm2 = load_world_model(p, obs_dim=5, action_dim=1)  # doctest: +SKIP
+    """
+    config = getattr(model, "config", None)
+    if not isinstance(config, TDMPC2Config):
+        raise TypeError(f"save_world_model expects a TDMPC2WorldModel (with a TDMPC2Config), got "
+                        f"{type(model).__name__}.")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, "version": FORMAT_VERSION, "config": dataclasses.asdict(config),
+               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _config_diff(saved: TDMPC2Config, expect) -> list[str]:
+    if isinstance(expect, TDMPC2Config):
+        expect = dataclasses.asdict(expect)
+    if not isinstance(expect, Mapping):
+        raise TypeError(f"expect_config must be a TDMPC2Config or a mapping of its fields, got {type(expect).__name__}")
+    saved_d = dataclasses.asdict(saved)
+    unknown = sorted(set(expect) - set(saved_d))
+    if unknown:
+        raise TypeError(f"expect_config has unknown TDMPC2Config field(s) {unknown}")
+    return [f"{k}: checkpoint {saved_d[k]!r}, expected {v!r}" for k, v in expect.items() if saved_d[k] != v]
+
+
+def _from_ours(obj: Mapping, where: str, expect_config, obs_dim, action_dim, device) -> TDMPC2WorldModel:
+    version = obj.get("version")
+    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+        raise CheckpointError(f"{where} has {FORMAT} version {version!r}; this code reads version {FORMAT_VERSION}.")
+    cfg_d, sd = obj.get("config"), obj.get("state_dict")
+    if not isinstance(cfg_d, Mapping) or not isinstance(sd, Mapping):
+        raise CheckpointError(f"{where} lacks its 'config' or 'state_dict' entry.")
+    names = {f.name for f in dataclasses.fields(TDMPC2Config)}
+    if set(cfg_d) - names:
+        raise CheckpointError(f"{where} has unknown config field(s) {sorted(set(cfg_d) - names)}.")
+    try:
+        config = TDMPC2Config(**cfg_d)
+    except TypeError as err:
+        raise CheckpointError(f"{where} has an incomplete config: {err}") from err
+    obs_dim, action_dim = _spec_dim(obs_dim, "obs_dim"), _spec_dim(action_dim, "action_dim")
+    if obs_dim is not None and obs_dim != config.obs_dim:
+        raise CheckpointError(f"Checkpoint expects observation width {config.obs_dim}, the task gives {obs_dim}.")
+    if action_dim is not None and action_dim != config.action_dim:
+        raise CheckpointError(f"Checkpoint expects action width {config.action_dim}, the task gives {action_dim}.")
+    if expect_config is not None:
+        diff = _config_diff(config, expect_config)
+        if diff:
+            raise CheckpointError(f"{where} was saved with a different config: " + "; ".join(diff) + ".")
+    try:
+        expected = _expected_shapes(config)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{where} has an invalid config: {err}") from err
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    wrong = [f"{k} has shape {tuple(sd[k].shape)}, expected {tuple(s)}" for k, s in expected.items()
+             if k in sd and (not isinstance(sd[k], torch.Tensor) or tuple(sd[k].shape) != tuple(s))]
+    if missing or unexpected or wrong:
+        parts = ([f"missing {missing}"] if missing else []) + ([f"unexpected {unexpected}"] if unexpected else []) \
+            + wrong
+        raise CheckpointError(f"{where}'s state dict does not match its config: " + "; ".join(parts))
+    return _finish(config, sd, device)
+
+
+def load_world_model(path: str | os.PathLike, expect_config: TDMPC2Config | Mapping | None = None, *,
+                     obs_dim=None, action_dim=None, device: str | torch.device = "cpu") -> TDMPC2WorldModel:
+    """Load a model saved by :func:`save_world_model`.
+
+    Args:
+        path: the checkpoint file.
+        expect_config (TDMPC2Config or mapping, optional): refuse the checkpoint unless its config has these
+            values (all fields of a ``TDMPC2Config``; only the given keys of a mapping). The error names every
+            differing field.
+        obs_dim / action_dim (int or TorchRL spec, optional): refuse a checkpoint made for other sizes.
+        device: where the returned model lives.
+
+    Returns:
+        the model, in eval mode (call ``.train()`` to continue training).
+
+    Raises:
+        CheckpointError: unreadable file, wrong format tag or version (a TD-MPC2 checkpoint included: use
+            :func:`load_any`), config mismatch, or a state dict that does not fit the config.
+
+    Examples:
+        >>> wm = load_world_model("runs/wm.pt", obs_dim=5, action_dim=1)  # doctest: +SKIP
+    """
+    obj = _read(path)
+    where = f"Checkpoint {str(path)!r}"
+    if not _is_ours(obj):
+        hint = (" It looks like a TD-MPC2 checkpoint: use from_tdmpc2_checkpoint() or load_any()."
+                if isinstance(obj, Mapping) and any(isinstance(k, str) and k.startswith(_CORE_PREFIXES)
+                                                    for k in (obj.get("model") if isinstance(obj.get("model"), Mapping) else obj))
+                else "")
+        tag = obj.get("format") if isinstance(obj, Mapping) else None
+        raise CheckpointError(f"{where} is not a {FORMAT} checkpoint (format tag {tag!r}).{hint}")
+    return _from_ours(obj, where, expect_config, obs_dim, action_dim, device)
+
+
+def load_any(path_or_state_dict, obs_dim=None, action_dim=None, *, expect_config=None,
+             device: str | torch.device = "cpu", **tdmpc2_kwargs) -> TDMPC2WorldModel:
+    """Load a world model from either our format or a TD-MPC2 checkpoint (detected from the content).
+
+    Args:
+        path_or_state_dict: a file path or an already loaded checkpoint dict.
+        obs_dim / action_dim (int or TorchRL spec, optional): the task's sizes; checked for both formats.
+        expect_config (optional): for our format, see :func:`load_world_model` (ignored for TD-MPC2 files, whose
+            config is inferred).
+        device: where the returned model lives.
+        **tdmpc2_kwargs: ``model_size``, ``episode_length``, ``discount``, ``strict`` for TD-MPC2 checkpoints (see
+            :func:`from_tdmpc2_checkpoint`); refused for our format, whose config is stored.
+
+    Returns:
+        the model, in eval mode.
+
+    Examples:
+        >>> model = load_any(cfg.checkpoint, obs_dim=env.observation_spec["observation"],
+        ...                  action_dim=env.action_spec, episode_length=1000)  # doctest: +SKIP
+    """
+    is_path = isinstance(path_or_state_dict, (str, os.PathLike))
+    obj = _read(path_or_state_dict) if is_path else path_or_state_dict
+    if _is_ours(obj):
+        given = {k: v for k, v in tdmpc2_kwargs.items() if v is not None and k != "strict"}
+        if given:
+            raise CheckpointError(f"{sorted(given)} only apply to TD-MPC2 checkpoints; this is a {FORMAT} "
+                                  f"checkpoint with its config stored (use expect_config to check it).")
+        where = f"Checkpoint {str(path_or_state_dict)!r}" if is_path else "The checkpoint"
+        return _from_ours(obj, where, expect_config, obs_dim, action_dim, device)
+    return from_tdmpc2_checkpoint(obj, obs_dim, action_dim, device=device, **tdmpc2_kwargs)

@@ -1,0 +1,12 @@
+from torchrl_dreammpc.modules.base import WorldModelBase
+from torchrl_dreammpc.modules.layers import EnsembleMLP, NormedLinear, SimNorm, mlp
+from torchrl_dreammpc.modules.two_hot import SymlogTwoHot
+from torchrl_dreammpc.modules.world_model import (
+    MODEL_SIZES,
+    TDMPC2Config,
+    TDMPC2WorldModel,
+    discount_from_episode_length,
+)
+
+__all__ = ["WorldModelBase", "EnsembleMLP", "NormedLinear", "SimNorm", "mlp", "SymlogTwoHot", "MODEL_SIZES",
+           "TDMPC2Config", "TDMPC2WorldModel", "discount_from_episode_length"]

@@ -1,0 +1,62 @@
+"""The seam between planners and world models.
+
+Planners (``torchrl_dreammpc.planners``) call a world model only through the methods of
+:class:`WorldModelBase`. A new model family (a V-function model as in BMPC, a Dreamer-style RSSM) plans with
+every planner once it implements them; the planners never look at the architecture.
+"""
+from __future__ import annotations
+
+import abc
+
+import torch
+from tensordict.nn import TensorDictModuleBase
+
+__all__ = ["WorldModelBase"]
+
+
+class WorldModelBase(TensorDictModuleBase, abc.ABC):
+    """What a planner needs from a latent world model.
+
+    Shapes: ``obs`` ``[*B, obs_dim]``, latents ``z`` ``[*B, latent_dim]``, actions ``a`` ``[*B, action_dim]``,
+    scalars ``[*B, 1]``. Attributes every model provides: ``action_dim``, ``latent_dim``, ``discount`` (the
+    discount its values are defined with).
+    """
+
+    action_dim: int
+    latent_dim: int
+    discount: float
+
+    @abc.abstractmethod
+    def encode(self, obs: torch.Tensor) -> torch.Tensor:
+        """Observation → latent state."""
+
+    @abc.abstractmethod
+    def next(self, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """Latent dynamics ``(z, a) → z'``."""
+
+    @abc.abstractmethod
+    def reward(self, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """Predicted reward (decoded scalar) ``[*B, 1]``."""
+
+    @abc.abstractmethod
+    def value(self, z: torch.Tensor, a: torch.Tensor, reduce: str = "avg") -> torch.Tensor:
+        """State-action value. ``reduce``: ``"all"`` (``[K, *B, 1]``, every ensemble member), ``"avg"`` / ``"min"``
+        (``[*B, 1]``, over two randomly chosen members as in TD-MPC2)."""
+
+    @abc.abstractmethod
+    def policy(self, z: torch.Tensor, deterministic: bool = False, eps: torch.Tensor | None = None):
+        """Policy prior: returns ``(action, mean, log_std)``; actions squashed to [-1, 1]. ``deterministic``
+        returns the squashed mean; ``eps`` (standard normal noise) may be passed in to fix the sample."""
+
+    def value_disagreement(self, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """Uncertainty penalized by Dream-MPC: ``mean_k(Q_k) * std_k(Q_k)`` over the value ensemble."""
+        q = self.value(z, a, reduce="all")
+        return q.mean(0) * q.std(0)
+
+    def value_and_disagreement(self, z: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(value(z, a, "avg"), value_disagreement(z, a))`` — models may share one ensemble pass for both."""
+        return self.value(z, a, reduce="avg"), self.value_disagreement(z, a)
+
+    def termination(self, z: torch.Tensor) -> torch.Tensor | None:
+        """Probability that the episode ends in ``z`` (``[*B, 1]``), or ``None`` for non-episodic models."""
+        return None

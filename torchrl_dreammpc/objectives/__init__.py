@@ -1,0 +1,3 @@
+from torchrl_dreammpc.objectives.tdmpc2 import RunningScale, TDMPC2Loss, TDMPC2PolicyLoss, make_tdmpc2_optimizers
+
+__all__ = ["TDMPC2Loss", "TDMPC2PolicyLoss", "RunningScale", "make_tdmpc2_optimizers"]
