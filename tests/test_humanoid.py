@@ -1,0 +1,157 @@
+"""Tests of the HumanoidBench adapter (torchrl_dreammpc.envs.humanoid).
+
+Skipped unless HumanoidBench is installed (`.ci/install_humanoid_bench.sh` installs the cut-down copy that
+ships with this workspace). Random actions make the walking robots fall within ~30-110 steps, so their
+rollouts end early by termination; the full 1000-step episode is checked on ``h1-crawl``, which has no early
+termination and steps in about 1 ms.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+from torchrl.envs import ParallelEnv
+from torchrl.envs.utils import check_env_specs
+
+from torchrl_dreammpc.envs import TaskNotAvailableError, UnknownTaskError, make_env, task_info
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("humanoid_bench") is None,
+    reason="HumanoidBench is not installed (run .ci/install_humanoid_bench.sh, see docs/tasks.md)",
+)
+
+# (task, observation size, action size)
+TASKS = [
+    ("humanoid_h1hand-walk-v0", 151, 61),
+    ("humanoid_h1hand-slide-v0", 151, 61),
+    ("humanoid_h1-run-v0", 51, 19),
+]
+
+
+@pytest.mark.parametrize("task,obs_size,action_size", TASKS)
+def test_build_specs_and_random_rollout(task, obs_size, action_size):
+    torch.manual_seed(0)
+    env = make_env(task, seed=0)
+    check_env_specs(env)
+    assert env.observation_spec["observation"].shape == (obs_size,)
+    assert env.observation_spec["observation"].dtype == torch.float32
+    assert env.action_spec.shape == (action_size,)
+    assert torch.all(env.action_spec.space.low == -1) and torch.all(env.action_spec.space.high == 1)
+    assert task_info(task).episode_length == 1000 and task_info(task).action_repeat == 1
+
+    td = env.rollout(1000)  # random actions: stops at the first done
+    n = td.shape[0]
+    assert td["next", "observation"].dtype == torch.float32
+    assert torch.isfinite(td["next", "observation"]).all()
+    assert td["next", "step_count"][-1].item() == n
+    torch.testing.assert_close(td["next", "episode_reward"][-1], td["next", "reward"].sum(0), rtol=1e-5, atol=1e-4)
+    # no action repeat: one env step is one HumanoidBench step (frame_skip=10 physics steps of 2 ms)
+    assert env.base_env.sim.data.time == pytest.approx(n * 10 * env.base_env.sim.model.opt.timestep)
+    assert not td["next", "done"][:-1].any()
+
+
+@pytest.mark.parametrize("task", ["humanoid_h1hand-walk-v0", "humanoid_h1-run-v0"])
+def test_falling_is_terminated_not_truncated(task):
+    torch.manual_seed(0)
+    env = make_env(task, seed=0)
+    td = env.rollout(1000)
+    assert td.shape[0] < 1000
+    assert td["next", "terminated"][-1].item() and td["next", "done"][-1].item()
+    assert not td["next", "truncated"].any()
+    # HumanoidBench's fall test: pelvis below 0.2 m
+    assert env.base_env.sim.data.qpos[2] < 0.2
+
+
+def test_full_length_episode_is_truncated_at_1000():
+    torch.manual_seed(0)
+    env = make_env("humanoid_h1-crawl-v0", seed=0)  # no early termination in crawl
+    td = env.rollout(1100)
+    assert td.shape == (1000,)
+    assert td["next", "truncated"][-1].item() and not td["next", "terminated"].any()
+    assert not td["next", "done"][:-1].any()
+
+
+def test_seed_reproduces_first_observations():
+    task = "humanoid_h1hand-walk-v0"
+    first = make_env(task, seed=1).reset()["observation"]
+    torch.testing.assert_close(make_env(task, seed=1).reset()["observation"], first, rtol=0, atol=0)
+    assert not torch.equal(make_env(task, seed=2).reset()["observation"], first)
+    env = make_env(task, seed=3)
+    env.reset()
+    env.set_seed(1)
+    torch.testing.assert_close(env.reset()["observation"], first, rtol=0, atol=0)
+
+
+def test_parallel_env_of_two():
+    env = make_env("humanoid_h1-walk-v0", seed=0, num_envs=2, parallel=True)
+    try:
+        assert isinstance(env.base_env, ParallelEnv)
+        td = env.rollout(3)
+        assert td.shape == (2, 3)
+        assert td["next", "observation"].shape == (2, 3, 51)
+        assert not torch.equal(td["observation"][0, 0], td["observation"][1, 0])  # distinct worker seeds
+    finally:
+        env.close()
+
+
+def test_mujoco_sizes_table_replaced_in_memory():
+    make_env("humanoid_h1-walk-v0")
+    from dm_control.mujoco.wrapper.mjbindings import sizes
+    from humanoid_bench.dmc_deps import dmc_sizes
+
+    assert dmc_sizes.array_sizes is sizes.array_sizes
+    # HumanoidBench's file itself is untouched (it still describes the MuJoCo it was generated for)
+    with open(dmc_sizes.__file__) as f:
+        assert "MuJoCo header version: 316" in f.read()
+
+
+def test_mujoco_gl_defaults_to_egl(monkeypatch):
+    from torchrl_dreammpc.envs import humanoid
+
+    monkeypatch.delenv("MUJOCO_GL", raising=False)
+    humanoid._import_humanoid_bench()
+    assert os.environ["MUJOCO_GL"] == "egl"
+    monkeypatch.setenv("MUJOCO_GL", "osmesa")
+    humanoid._import_humanoid_bench()
+    assert os.environ["MUJOCO_GL"] == "osmesa"  # a user's choice is kept
+
+
+def _asset_missing(relative: str) -> bool:
+    import humanoid_bench
+
+    return not os.path.exists(os.path.join(os.path.dirname(humanoid_bench.__file__), "assets", relative))
+
+
+def test_missing_asset_names_task_and_file():
+    if not _asset_missing("tasks/assets/kitchen-wood.png"):
+        pytest.skip("this HumanoidBench install has the push task's assets")
+    with pytest.raises(TaskNotAvailableError) as err:
+        make_env("humanoid_h1hand-push-v0")
+    assert "humanoid_h1hand-push-v0" in str(err.value) and "kitchen-wood.png" in str(err.value)
+
+
+def test_robot_without_files_names_task_and_file():
+    if not _asset_missing("envs/g1_torque_walk.xml"):
+        pytest.skip("this HumanoidBench install has the g1 robot")
+    with pytest.raises(TaskNotAvailableError) as err:
+        make_env("humanoid_g1-walk-v0")
+    assert "humanoid_g1-walk-v0" in str(err.value) and "g1_torque_walk.xml" in str(err.value)
+
+
+def test_unknown_robot_is_unknown_task():
+    with pytest.raises(UnknownTaskError, match="humanoid_h1-walk-v0"):
+        make_env("humanoid_h2-walk-v0")
+
+
+def test_static_task_table_matches_installed_registry():
+    import gymnasium as gym
+    import humanoid_bench.env as hb_env
+    from torchrl_dreammpc.envs import humanoid
+
+    humanoid._import_humanoid_bench()
+    assert set(humanoid.ROBOTS) == set(hb_env.ROBOTS)
+    assert set(humanoid.EPISODE_LENGTHS) == set(hb_env.TASKS)
+    for name, length in humanoid.EPISODE_LENGTHS.items():
+        assert gym.spec(f"h1hand-{name}-v0").max_episode_steps == length, name
