@@ -1,0 +1,370 @@
+"""The shared base of the latent-space planners: :class:`LatentPlannerBase`.
+
+Why not :class:`torchrl.modules.planners.MPCPlannerBase`? It plans through a TorchRL *environment*: every imagined
+step is an ``env.step`` on a tensordict (``env.rollout`` with a precomputed-action policy, then an advantage
+module on the rollout tensordict), the action spec of that env projects the result, and it has no notion of
+per-env warm-start state, of a policy prior, of value ensembles or of gradients w.r.t. the actions. Our planners
+call the world model's tensor methods directly (:class:`~torchrl_dreammpc.modules.WorldModelBase`): one Dream-MPC
+control step is ~30 network calls on a handful of rows, so the tensordict bookkeeping of ``MPCPlannerBase``
+(allocating, cloning and stepping a tensordict per imagined step) would cost more than the planning itself. We keep
+what matters from it for the user: a :class:`~tensordict.nn.TensorDictModuleBase` with explicit ``in_keys`` /
+``out_keys`` that reads ``"observation"``, writes ``"action"`` and drops into ``env.rollout`` and the collectors.
+"""
+from __future__ import annotations
+
+import abc
+import contextlib
+import math
+import numbers
+
+import torch
+from tensordict import NestedKey, TensorDictBase
+from tensordict.nn import TensorDictModuleBase
+from torchrl.envs.utils import ExplorationType, exploration_type
+
+from torchrl_dreammpc.modules.base import WorldModelBase
+
+__all__ = ["LatentPlannerBase"]
+
+# Exploration types that mean "act for data collection". ``None`` (no context manager, e.g. a bare
+# ``env.rollout``) counts as exploration, like TorchRL's collectors (their default is RANDOM).
+_EXPLORING = (ExplorationType.RANDOM, None)
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    return int(value)
+
+
+def _check_float(name: str, value, low: float = None, high: float = None, low_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value:
+        raise ValueError(f"{name} must be a real number, got {value!r}.")
+    value = float(value)
+    if low is not None and (value <= low if low_open else value < low):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}.")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value!r}.")
+    return value
+
+
+class LatentPlannerBase(TensorDictModuleBase, abc.ABC):
+    """Base class of the actors that act by planning in a latent world model.
+
+    It owns everything the planners share: encoding the observation, the imagined objective
+    (:meth:`imagine`), action bounds, the per-env warm-start state, batched / unbatched inputs, the exploration
+    type, the sampling noise (:meth:`draw_noise`) and the optional diagnostics. A subclass implements
+    :meth:`plan` (``z0 [B, L] → action [B, A]``) and declares :attr:`noise_per_env`.
+
+    Batching: an observation ``[*batch, obs_dim]`` is flattened to ``[B, obs_dim]`` (an unbatched ``[obs_dim]``
+    is ``B = 1``); the action is written back as ``[*batch, action_dim]``. Each of the ``B`` environments keeps
+    its own warm-start state; the state is dropped when ``B`` (or the device) changes.
+
+    Episode boundaries: if ``is_init_key`` (``"is_init"``, written by TorchRL's
+    :class:`~torchrl.envs.transforms.InitTracker`) is in the input, the warm start of every env whose flag is
+    ``True`` is reset before planning. If it is absent, the warm start carries over from call to call; call
+    :meth:`reset` at episode boundaries yourself (or add an ``InitTracker`` to the env).
+
+    Noise: all the randomness of one control step is one ``[B, noise_per_env]`` draw of standard normals
+    (:meth:`draw_noise`), env-major. With a ``generator`` it is drawn so that env ``b`` of a batched call gets
+    exactly the numbers that the ``b``-th of ``B`` successive single-env calls on the same generator gets:
+    batched and single-env planning then agree. (Randomness *inside* the world model, e.g. TD-MPC2's random pair
+    of Q heads for ``reduce="avg"`` or dropout in train mode, is not covered: use ``num_q=2`` and ``eval()`` for
+    exact reproducibility.)
+
+    Args:
+        world_model (WorldModelBase): the latent model; only its :class:`WorldModelBase` methods are used. Its
+            parameters are never updated (gradients are taken w.r.t. the actions only). Keep it in ``eval()``
+            mode while acting, as TD-MPC2 does, unless you want dropout noise in the Q heads.
+
+    Keyword Args:
+        action_spec (TensorSpec, optional): a bounded TorchRL action spec (or a Composite holding
+            ``action_key``); its ``low`` / ``high`` are the action bounds.
+        low, high (float or Tensor, optional): action bounds when no spec is given. Default ``[-1, 1]``
+            (the policy prior is tanh-squashed into [-1, 1], as in TD-MPC2).
+        observation_key (NestedKey): input key. Default ``"observation"``.
+        action_key (NestedKey): output key. Default ``"action"``.
+        is_init_key (NestedKey): episode-start flags. Default ``"is_init"``.
+        diagnostics (bool): also write ``("planner", ...)`` entries (see the subclass). Default ``False``.
+        generator (torch.Generator, optional): the RNG of the planning noise (on the model's device).
+        check_finite (bool): also refuse NaN/inf observations (costs a device sync per step). Default ``False``.
+
+    Examples:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> from torchrl_dreammpc.modules import TDMPC2WorldModel
+        >>> class OneStepGreedy(LatentPlannerBase):  # best of 8 random actions by the imagined 1-step objective
+        ...     noise_per_env = 8
+        ...     def plan(self, z0, warm, explore):
+        ...         B = z0.shape[0]
+        ...         a = self.clamp_action(torch.rand(1, B * 8, self.action_dim) * 2 - 1)
+        ...         ret, _ = self.imagine(z0.repeat_interleave(8, 0), a, None)
+        ...         best = ret.view(B, 8).argmax(1)
+        ...         return a[0].view(B, 8, -1)[torch.arange(B), best], {}
+        >>> wm = TDMPC2WorldModel(5, 2, model_size=1, enc_dim=32, mlp_dim=32, latent_dim=16)
+        >>> OneStepGreedy(wm)(TensorDict({"observation": torch.randn(4, 5)}, [4]))["action"].shape
+        torch.Size([4, 2])
+    """
+
+    #: sub-key under which diagnostics are written: ``("planner", name)``.
+    diagnostics_key = "planner"
+
+    def __init__(
+        self,
+        world_model: WorldModelBase,
+        *,
+        action_spec=None,
+        low: float | torch.Tensor | None = None,
+        high: float | torch.Tensor | None = None,
+        observation_key: NestedKey = "observation",
+        action_key: NestedKey = "action",
+        is_init_key: NestedKey = "is_init",
+        diagnostics: bool = False,
+        generator: torch.Generator | None = None,
+        check_finite: bool = False,
+    ):
+        super().__init__()
+        if not isinstance(world_model, WorldModelBase):
+            raise TypeError(f"world_model must be a WorldModelBase, got {type(world_model).__name__}.")
+        self.world_model = world_model
+        self.action_dim = _check_int("world_model.action_dim", world_model.action_dim, 1)
+        self.observation_key, self.action_key, self.is_init_key = observation_key, action_key, is_init_key
+        self.in_keys = [observation_key, is_init_key]
+        self.out_keys = [action_key]
+        self.diagnostics = bool(diagnostics)
+        self.generator = generator
+        self.check_finite = bool(check_finite)
+        low_t, high_t = self._resolve_bounds(action_spec, low, high)
+        # Buffers so that ``planner.to(device)`` moves them; non-persistent: they are configuration.
+        self.register_buffer("action_low", low_t, persistent=False)
+        self.register_buffer("action_high", high_t, persistent=False)
+        self._discount_cache: tuple | None = None
+        self._clear_state()
+
+    # ------------------------------------------------------------------ configuration helpers
+    def _resolve_bounds(self, action_spec, low, high) -> tuple[torch.Tensor, torch.Tensor]:
+        A = self.action_dim
+        if action_spec is not None:
+            if low is not None or high is not None:
+                raise ValueError("Pass either action_spec or low/high, not both.")
+            if hasattr(action_spec, "keys") and self.action_key in action_spec.keys(True, True):
+                action_spec = action_spec[self.action_key]
+            space = getattr(action_spec, "space", None)
+            if space is None or not hasattr(space, "low"):
+                raise ValueError(f"action_spec must be a bounded spec with low/high, got {type(action_spec).__name__}.")
+            low, high = space.low, space.high
+        bounds = []
+        for name, value, default in (("low", low, -1.0), ("high", high, 1.0)):
+            t = torch.as_tensor(default if value is None else value, dtype=torch.float32).detach().clone()
+            t = t.reshape(-1, t.shape[-1])[0] if t.ndim > 1 else t  # batched-env specs: the bounds of one env
+            t = t.expand(A).clone() if t.numel() == 1 else t
+            if t.shape != (A,):
+                raise ValueError(f"action bounds must have {A} entries (world_model.action_dim), got {name} of "
+                                 f"shape {tuple(t.shape)}.")
+            # TorchRL's Unbounded specs report +-float32 max: refuse them rather than plan in an unbounded box.
+            if not torch.isfinite(t).all() or (t.abs() > 1e30).any():
+                raise ValueError(f"action bounds must be finite, got {name}={t.tolist()}; an unbounded action spec "
+                                 "needs explicit low/high.")
+            bounds.append(t)
+        low, high = bounds
+        if not (low < high).all():
+            raise ValueError(f"action bounds need low < high, got low={low.tolist()}, high={high.tolist()}.")
+        return low, high
+
+    # ------------------------------------------------------------------ state
+    def _clear_state(self) -> None:
+        self._state_batch: int | None = None
+        self._state_device: torch.device | None = None
+        self._has_prev: torch.Tensor | None = None  # [B] bool: env has a previous plan to warm-start from
+        self._prev: torch.Tensor | None = None  # the subclass's warm-start tensor (see ``last_plan``)
+
+    def reset(self, env_mask: torch.Tensor | None = None) -> None:
+        """Forget the warm start: of every env (``env_mask=None``) or of the envs where ``env_mask`` (``[B]`` bool,
+        over the flattened batch) is ``True``. The next call plans those envs from the policy prior alone."""
+        if env_mask is None or self._has_prev is None:
+            self._clear_state()
+            return
+        env_mask = torch.as_tensor(env_mask, device=self._has_prev.device, dtype=torch.bool).reshape(-1)
+        if env_mask.shape != self._has_prev.shape:
+            raise ValueError(f"env_mask has {env_mask.numel()} entries but the planner holds state for "
+                             f"{self._has_prev.numel()} envs.")
+        self._has_prev = self._has_prev & ~env_mask
+
+    @property
+    def last_plan(self) -> torch.Tensor | None:
+        """The plan kept for the next step's warm start (``None`` before the first call / after :meth:`reset`).
+        Its layout is the subclass's (documented there)."""
+        return self._prev
+
+    # ------------------------------------------------------------------ shared pieces
+    def exploring(self) -> bool:
+        """``True`` under ``set_exploration_type(RANDOM)`` or with no exploration type set (collectors default
+        to RANDOM); ``False`` under DETERMINISTIC / MODE / MEAN / MEDIAN (evaluation)."""
+        return exploration_type() in _EXPLORING
+
+    @property
+    @abc.abstractmethod
+    def noise_per_env(self) -> int:
+        """Standard-normal numbers one control step uses per env."""
+
+    def draw_noise(self, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """All the standard-normal noise of one control step, ``[batch, noise_per_env]`` (env-major).
+
+        Without a ``generator`` this is one ``torch.randn`` from the global RNG (the fast path). With one, the
+        normals are made from uniforms by Box-Muller, row by row: PyTorch's CPU ``randn`` fills tensors of
+        different sizes in different orders, ``rand`` does not, so only this way does env ``b`` of a batched call
+        get the numbers of the ``b``-th of ``B`` successive single-env calls (exact on CPU; CUDA's counter-based
+        RNG gives no such guarantee).
+        """
+        D = self.noise_per_env
+        if self.generator is None:
+            return torch.randn(batch, D, device=device, dtype=dtype)
+        n = (D + 1) // 2
+        u = torch.rand(batch, 2 * n, device=device, dtype=dtype, generator=self.generator)
+        radius = (-2.0 * torch.log1p(-u[:, :n])).sqrt()  # 1 - u lies in (0, 1]: no log(0)
+        angle = (2.0 * math.pi) * u[:, n:]
+        return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)[:, :D]
+
+    def _discounts(self, horizon: int, device, dtype) -> torch.Tensor:
+        """``γ^t`` for ``t = 0..H`` as ``[H+1, 1, 1]`` (cached: it is rebuilt only if γ, H or the device change)."""
+        key = (float(self.world_model.discount), horizon, device, dtype)
+        if self._discount_cache is None or self._discount_cache[0] != key:
+            disc = key[0] ** torch.arange(horizon + 1, device=device, dtype=torch.float64)
+            self._discount_cache = (key, disc.to(dtype).view(-1, 1, 1))
+        return self._discount_cache[1]
+
+    def imagine(self, z0: torch.Tensor, actions: torch.Tensor, terminal_eps: torch.Tensor | None,
+                uncertainty: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Imagined return of action sequences, and optionally their ensemble disagreement.
+
+        ``ret = Σ_{t<H} γ^t r(z_t, a_t) + γ^H Q̄(z_H, π(z_H))`` (``Q̄ = value(reduce="avg")``, TD-MPC2's
+        ``_estimate_value``), and with ``uncertainty=True`` also ``unc = Σ_{t≤H} u_t`` with
+        ``u_t = value_disagreement(z_t, a_t)`` (``a_H = π(z_H)``), the Dream-MPC penalty before its weight λ.
+        If the model is episodic (``termination()`` is not ``None``), rewards, the terminal value and the
+        penalty after the first predicted termination (probability > 0.5) are dropped, as in TD-MPC2.
+
+        Dynamics are sequential; the rewards of the whole horizon are one ``reward`` call, and all ``H+1``
+        ensemble evaluations are one ``value_and_disagreement`` call.
+
+        Args:
+            z0 (Tensor): start latents ``[M, L]``.
+            actions (Tensor): ``[H, M, A]`` (may require grad: the result is differentiable w.r.t. it).
+            terminal_eps (Tensor or None): standard-normal noise ``[M, A]`` for the sample ``π(z_H)`` (``None``:
+                the prior's mean action).
+            uncertainty (bool): also return the summed disagreement.
+
+        Returns:
+            ``(ret [M, 1], unc [M, 1] or None)``.
+        """
+        wm = self.world_model
+        H = actions.shape[0]
+        z = z0
+        zs = [z0]
+        for t in range(H):
+            z = wm.next(z, actions[t])
+            zs.append(z)
+        zs = torch.stack(zs)  # [H+1, M, L]
+        rewards = wm.reward(zs[:-1], actions)  # [H, M, 1]
+        if terminal_eps is None:
+            a_H = wm.policy(z, deterministic=True)[0]
+        else:
+            a_H = wm.policy(z, eps=terminal_eps)[0]
+        weights = self._discounts(H, z0.device, z0.dtype)  # [H+1, 1, 1]
+        term = wm.termination(zs[1:])
+        alive = None
+        if term is not None:
+            ended = (term > 0.5).to(z0.dtype).cumsum(0).clamp(max=1.0)  # [H, M, 1]: ended at or before z_{t+1}
+            alive = 1.0 - torch.cat([torch.zeros_like(ended[:1]), ended])  # [H+1, M, 1]
+            weights = weights * alive
+        if uncertainty:
+            q, u = wm.value_and_disagreement(zs, torch.cat([actions, a_H.unsqueeze(0)]))  # [H+1, M, 1] each
+            q_H = q[-1]
+            unc = (u * alive).sum(0) if alive is not None else u.sum(0)
+        else:
+            q_H = wm.value(z, a_H, reduce="avg")
+            unc = None
+        ret = (weights[:-1] * rewards).sum(0) + weights[-1] * q_H
+        return ret, unc
+
+    def clamp_action(self, action: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(action, self.action_low, self.action_high)
+
+    def _model_device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        for t in self.world_model.parameters():
+            return t.device, t.dtype
+        for t in self.world_model.buffers():
+            return t.device, t.dtype
+        return torch.device("cpu"), torch.get_default_dtype()
+
+    def _check_observation(self, obs: torch.Tensor) -> None:
+        wm = self.world_model
+        if hasattr(wm, "check_inputs"):
+            wm.check_inputs(obs=obs, check_finite=self.check_finite)
+            return
+        obs_dim = getattr(wm, "obs_dim", None)
+        if obs_dim is not None and obs.shape[-1] != obs_dim:
+            raise ValueError(f"observation has width {obs.shape[-1]} (shape {tuple(obs.shape)}) but the world model "
+                             f"expects width {obs_dim}.")
+        if self.check_finite and not bool(torch.isfinite(obs).all()):
+            raise ValueError("observation contains NaN/inf values; refusing to plan from it.")
+
+    # ------------------------------------------------------------------ the actor
+    @abc.abstractmethod
+    def plan(self, z0: torch.Tensor, warm: torch.Tensor | None, explore: bool) -> tuple[torch.Tensor, dict]:
+        """One control step for ``B`` envs.
+
+        Args:
+            z0 (Tensor): encoded observations ``[B, L]``.
+            warm (Tensor or None): ``[B]`` float, 1 where the env continues an episode and :attr:`last_plan`
+                holds its previous plan, 0 where it starts afresh; ``None`` when no env has a previous plan.
+            explore (bool): exploration (``True``) or evaluation (``False``) mode.
+
+        Returns:
+            ``(action [B, A] within the bounds, diagnostics: dict name → [B] or [B, 1] tensor, may be empty)``.
+        """
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        obs = tensordict.get(self.observation_key, None)
+        if obs is None:
+            raise KeyError(f"{type(self).__name__} needs {self.observation_key!r} in the input tensordict.")
+        if obs.ndim == 0:
+            raise ValueError("observation must have shape [..., obs_dim], got a scalar.")
+        self._check_observation(obs)
+        batch_shape = obs.shape[:-1]
+        device, dtype = self._model_device_dtype()
+        flat = obs.reshape(-1, obs.shape[-1]).to(device=device, dtype=dtype)
+        B = flat.shape[0]
+        if self._state_batch != B or self._state_device != device:
+            # A new batch size (or device) means new environments: no previous plan to warm-start from.
+            self._clear_state()
+            self._state_batch, self._state_device = B, device
+        if self.action_low.device != device:
+            self.action_low, self.action_high = self.action_low.to(device), self.action_high.to(device)
+        warm = None
+        if self._has_prev is not None:
+            has_prev = self._has_prev
+            is_init = tensordict.get(self.is_init_key, None)
+            if is_init is not None:
+                has_prev = has_prev & ~is_init.reshape(-1).to(device=device, dtype=torch.bool)
+            warm = has_prev.to(dtype)
+        explore = self.exploring()
+        # Planning differentiates w.r.t. the actions: inference tensors (torch.inference_mode) cannot enter autograd.
+        inference = torch.is_inference_mode_enabled()
+        with torch.inference_mode(False) if inference else contextlib.nullcontext():
+            if inference:
+                flat = flat.clone()
+                warm = warm.clone() if warm is not None else None
+            with torch.no_grad():
+                z0 = self.world_model.encode(flat)
+            action, diag = self.plan(z0, warm, explore)
+            self._has_prev = torch.ones(B, dtype=torch.bool, device=device)
+        tensordict.set(self.action_key, action.reshape(*batch_shape, self.action_dim).to(obs.device))
+        if self.diagnostics:
+            for name, value in diag.items():
+                value = value.reshape(*batch_shape, -1) if value.ndim > 1 else value.reshape(*batch_shape, 1)
+                tensordict.set((self.diagnostics_key, name), value.to(obs.device))
+        return tensordict
+
+    def extra_repr(self) -> str:
+        return (f"in_keys={self.in_keys}, out_keys={self.out_keys}, action_dim={self.action_dim}, "
+                f"diagnostics={self.diagnostics}")
