@@ -155,3 +155,27 @@ def test_static_task_table_matches_installed_registry():
     assert set(humanoid.EPISODE_LENGTHS) == set(hb_env.TASKS)
     for name, length in humanoid.EPISODE_LENGTHS.items():
         assert gym.spec(f"h1hand-{name}-v0").max_episode_steps == length, name
+
+
+def test_collector_with_gradient_planner_on_h1hand():
+    """Dream-MPC copes with HumanoidBench's 151-dim observations and 61-dim actions inside a TorchRL collector."""
+    from torchrl.collectors import Collector
+
+    from torchrl_dreammpc.modules import TDMPC2WorldModel
+    from torchrl_dreammpc.planners import GradientMPCPlanner
+
+    torch.manual_seed(0)
+    env = make_env("humanoid_h1hand-walk-v0", seed=0)
+    wm = TDMPC2WorldModel(env.observation_spec["observation"], env.action_spec, model_size=1,
+                          enc_dim=32, mlp_dim=32, latent_dim=16).eval()
+    planner = GradientMPCPlanner(wm, num_candidates=5, horizon=3, iterations=1, lr=0.1, action_spec=env.action_spec)
+    collector = Collector(env, planner, frames_per_batch=40, total_frames=40)
+    batches = list(collector)
+    collector.shutdown()
+    assert len(batches) == 1
+    batch = batches[0]
+    assert batch.numel() == 40
+    assert batch["observation"].shape[-1] == 151
+    assert batch["action"].shape[-1] == 61
+    assert torch.isfinite(batch["action"]).all() and batch["action"].abs().max() <= 1
+    assert batch["action"].std(0).sum() > 0  # sampled candidates: the actions vary from step to step

@@ -164,21 +164,32 @@ class TDMPC2Loss(LossModule):
         if terminated is None:
             terminated = torch.zeros_like(reward)
         terminated = terminated.reshape(reward.shape).to(reward.dtype)
-        if self.validate:
-            wm = self.world_model
-            wm.check_inputs(obs=obs, action=action, check_finite=False)
-            wm.check_inputs(obs=next_obs, check_finite=False)
-            # One fused reduction over the whole batch, then the per-field search only on failure.
-            if not bool(torch.isfinite(torch.cat([obs.flatten(), next_obs.flatten(), action.flatten(),
-                                                  reward.flatten()])).all()):
-                for name, x in (("observation", obs), (("next", "observation"), next_obs), ("action", action),
-                                (("next", "reward"), reward)):
-                    n_bad = int((~torch.isfinite(x)).sum())
-                    if n_bad:
-                        raise ValueError(f"NaN/inf in the batch: {n_bad} value(s) in {name!r}.")
+        if self.validate and not torch.compiler.is_compiling():
+            # (Under torch.compile the data-dependent check would break the graph: call check_batch eagerly
+            # before the compiled update instead, as TDMPC2OptimizationStepper does.)
+            self._check(obs, action, next_obs, reward)
         # time-major: [H, B, ...]
         return (obs[:, 0], action.transpose(0, 1), next_obs.transpose(0, 1), reward.transpose(0, 1),
                 terminated.transpose(0, 1))
+
+    def check_batch(self, tensordict: TensorDictBase) -> None:
+        """Raise a ValueError naming the problem if the batch has wrong widths or NaN/inf values."""
+        k = self.tensor_keys
+        obs, action = tensordict.get(k.observation), tensordict.get(k.action)
+        self._check(obs, action, tensordict.get(("next", k.observation)), tensordict.get(("next", k.reward)))
+
+    def _check(self, obs, action, next_obs, reward) -> None:
+        wm = self.world_model
+        wm.check_inputs(obs=obs, action=action, check_finite=False)
+        wm.check_inputs(obs=next_obs, check_finite=False)
+        # One fused reduction over the whole batch, then the per-field search only on failure.
+        if not bool(torch.isfinite(torch.cat([obs.flatten(), next_obs.flatten(), action.flatten(),
+                                              reward.flatten()])).all()):
+            for name, x in (("observation", obs), (("next", "observation"), next_obs), ("action", action),
+                            (("next", "reward"), reward)):
+                n_bad = int((~torch.isfinite(x)).sum())
+                if n_bad:
+                    raise ValueError(f"NaN/inf in the batch: {n_bad} value(s) in {name!r}.")
 
     def forward(self, tensordict: TensorDictBase) -> TensorDict:
         wm = self.world_model
