@@ -1,0 +1,220 @@
+"""Evaluate a trained world model with several planners, on the same seeds.
+
+    python recipes/evaluate.py checkpoint=runs/cartpole-swingup/dream_mpc-1M/seed1 planners=[policy,mppi,dream_mpc]
+    python recipes/evaluate.py checkpoint=runs/.../world_model.pt task=cartpole-swingup episodes=10
+    python recipes/evaluate.py checkpoint=walker-walk-1.pt task=walker-walk model_size=1   # a TD-MPC2 checkpoint
+    python recipes/evaluate.py checkpoint=<run dir> video=true                             # + one MP4 per planner
+
+``checkpoint`` is a trainer run dir or checkpoint dir (the world model is rebuilt from the config stored in it
+and only its weights are read), a ``world_model.pt`` written by ``save_world_model``, or a checkpoint of
+TD-MPC2's public code. Every planner plays ``episodes`` episodes from the same initial states (the env is
+reseeded with ``seed`` before each planner), in TorchRL's DETERMINISTIC exploration mode. The table (mean ± std
+return, success rate on Meta-World, ms per step of acting, ms per env step overall) is printed and saved as
+``results.json`` and ``results.csv`` in ``output_dir``.
+"""
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import os
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from torchrl_dreammpc.trainers import EvaluationHook, find_trainer_checkpoint, load_world_model_from_trainer_checkpoint
+from torchrl_dreammpc.trainers.builders import PLANNERS, ConfigError, make_planner
+
+CONFIG_DIR = Path(__file__).resolve().parent / "config"
+
+
+def planner_config(name: str, overrides: dict) -> dict:
+    """The published config of planner ``name`` (recipes/config/planner/<name>.yaml) with ``overrides``."""
+    if name not in PLANNERS:
+        raise ConfigError(f"Unknown planner {name!r} in planners=...; choose from {sorted(PLANNERS)}.")
+    cfg = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "planner" / f"{name}.yaml"))
+    cfg.update(overrides.get(name, {}))
+    return cfg
+
+
+def load_model(cfg: dict, device: str):
+    """Returns ``(world_model, task_name, source_description)`` for any supported checkpoint kind."""
+    from torchrl_dreammpc.checkpoints import load_any
+    from torchrl_dreammpc.envs import make_env, task_info
+
+    path = Path(cfg["checkpoint"])
+    if not path.exists():
+        raise SystemExit(f"evaluate.py: checkpoint={str(path)!r} does not exist.")
+    if path.is_dir():
+        if find_trainer_checkpoint(path) is not None:
+            world_model, fingerprint = load_world_model_from_trainer_checkpoint(path, device=device)
+            task = fingerprint["task"]
+            if cfg["task"] is not None and task_info(cfg["task"]).task != task:
+                raise SystemExit(f"evaluate.py: task={cfg['task']!r} but the checkpoint was trained on {task!r}.")
+            return world_model, task, f"trainer checkpoint {fingerprint['checkpoint']}"
+        if (path / "world_model.pt").exists():
+            path = path / "world_model.pt"
+        else:
+            raise SystemExit(f"evaluate.py: {path} holds neither a trainer checkpoint nor a world_model.pt.")
+    if cfg["task"] is None:
+        raise SystemExit(f"evaluate.py: task=... is required to evaluate the model file {path}.")
+    info = task_info(cfg["task"])
+    env = make_env(info.task)
+    obs_spec, action_spec = env.observation_spec["observation"], env.action_spec
+    env.close()
+    kwargs = {}
+    if cfg.get("model_size") is not None:
+        kwargs["model_size"] = int(cfg["model_size"])
+    try:
+        world_model = load_any(str(path), obs_spec, action_spec, device=device, episode_length=info.episode_length,
+                               **kwargs)
+    except ValueError as err:
+        if "only apply to TD-MPC2 checkpoints" not in str(err):
+            raise
+        world_model = load_any(str(path), obs_spec, action_spec, device=device)  # ours: config is stored
+    return world_model.eval(), info.task, f"model file {path}"
+
+
+class _Timer:
+    """Wall time spent in a module's forward (the planner's own cost per control step)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.total, self.calls, self._start = 0.0, 0, 0.0
+        module.register_forward_pre_hook(self._pre)
+        module.register_forward_hook(self._post)
+
+    def _pre(self, *args) -> None:
+        self._start = time.perf_counter()
+
+    def _post(self, *args) -> None:
+        self.total += time.perf_counter() - self._start
+        self.calls += 1
+
+    @property
+    def ms(self) -> float:
+        return 1000.0 * self.total / max(self.calls, 1)
+
+
+def record_video(create_env, actor, path: Path, seed: int, size: tuple[int, int], fps: int = 30) -> Path:
+    """Plays one DETERMINISTIC episode and writes it as an MP4 (frames rendered by MuJoCo, encoded by ffmpeg)."""
+    from torchrl.envs.utils import ExplorationType, set_exploration_type
+
+    try:
+        import imageio.v2 as imageio
+        import imageio_ffmpeg  # noqa: F401  (the ffmpeg binary imageio writes MP4 with)
+    except ImportError as err:
+        raise RuntimeError(f"video=true needs imageio with its ffmpeg plugin (pip install 'imageio[ffmpeg]'): {err}")
+    env = create_env()
+    base = env.base_env
+    height, width = size
+    if callable(getattr(base, "render", None)):
+        render = functools.partial(base.render, height=height, width=width)
+    elif hasattr(getattr(base, "sim", None), "physics"):  # dm_control tasks: render the suite's camera 0
+        render = functools.partial(base.sim.physics.render, height=height, width=width, camera_id=0)
+    else:
+        raise RuntimeError(f"video=true: the {type(base).__name__} env of this task exposes no render(); video "
+                           "recording is not possible for it here.")
+    env.set_seed(seed)
+    frames = []
+    try:
+        with set_exploration_type(ExplorationType.DETERMINISTIC), torch.no_grad():
+            td = env.reset()
+            frames.append(render())
+            while True:
+                td = env.step(actor(td))
+                frames.append(render())
+                if bool(td["next", "done"].any()):
+                    break
+                td = td["next"]
+    except Exception as err:  # MuJoCo's GL backends raise assorted errors without a display / GPU
+        raise RuntimeError(
+            f"video=true: MuJoCo could not render here (MUJOCO_GL={os.environ.get('MUJOCO_GL')!r}): "
+            f"{type(err).__name__}: {err}. Rendering needs EGL (a GPU or Mesa's EGL) or OSMesa.") from err
+    finally:
+        env.close()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with imageio.get_writer(path, fps=fps, codec="libx264", macro_block_size=1) as writer:
+        for frame in frames:
+            writer.append_data(frame)
+    return path
+
+
+@hydra.main(config_path="config", config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from torchrl_dreammpc.envs import make_env
+
+    cfg = OmegaConf.to_container(cfg, resolve=True)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    if not isinstance(cfg["episodes"], int) or cfg["episodes"] < 1:
+        raise SystemExit(f"evaluate.py: episodes must be a positive integer, got {cfg['episodes']!r}.")
+    names = list(cfg["planners"])
+    try:
+        planner_cfgs = {name: planner_config(name, cfg["planner_args"]) for name in names}
+    except ConfigError as err:
+        raise SystemExit(f"evaluate.py: {err}")
+
+    world_model, task, source = load_model(cfg, cfg["device"])
+    create_env = functools.partial(make_env, task, seed=int(cfg["seed"]))
+    probe = create_env()
+    action_spec = probe.action_spec
+    probe.close()
+    actors = {name: make_planner(planner_cfgs[name], world_model, action_spec=action_spec) for name in names}
+    timers = {name: _Timer(actor) for name, actor in actors.items()}
+
+    print(f"[evaluate] {task}: {source}; {cfg['episodes']} episodes per planner, seed {cfg['seed']}", flush=True)
+    hook = EvaluationHook(actors, create_env, interval=0, episodes=int(cfg["episodes"]), seed=int(cfg["seed"]),
+                          verbose=False)
+    results = hook.evaluate(step=0)
+    hook.shutdown()
+
+    if cfg["output_dir"]:
+        out_dir = Path(cfg["output_dir"])
+    elif Path(cfg["checkpoint"]).is_dir():
+        out_dir = Path(cfg["checkpoint"]) / "eval_planners"
+    else:
+        out_dir = Path("eval_planners")
+    rows = []
+    for name in names:
+        metrics = results[name]
+        rows.append({
+            "planner": name,
+            "return_mean": metrics["return"],
+            "return_std": metrics["return_std"],
+            "success_rate": metrics.get("success"),
+            "plan_ms_per_step": timers[name].ms,
+            "ms_per_step": metrics["ms_per_step"],
+            "episodes": int(metrics["episodes"]),
+        })
+    if cfg["video"]:
+        for row in rows:
+            row["video"] = str(record_video(create_env, actors[row["planner"]], out_dir / f"{row['planner']}.mp4",
+                                            int(cfg["seed"]), tuple(cfg["video_size"])))
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"task": task, "source": source, "episodes": int(cfg["episodes"]), "seed": int(cfg["seed"]),
+               "results": rows}
+    (out_dir / "results.json").write_text(json.dumps(payload, indent=2))
+    with (out_dir / "results.csv").open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+    success = any(row["success_rate"] is not None for row in rows)
+    header = f"{'planner':<12} {'return':>18} " + (f"{'success':>8} " if success else "") + \
+        f"{'plan ms/step':>13} {'ms/step':>9}"
+    print(header)
+    for row in rows:
+        line = f"{row['planner']:<12} {row['return_mean']:>9.1f} ± {row['return_std']:<6.1f} "
+        if success:
+            line += f"{row['success_rate']:>8.2f} "
+        line += f"{row['plan_ms_per_step']:>13.1f} {row['ms_per_step']:>9.1f}"
+        print(line)
+    print(f"[evaluate] saved {out_dir / 'results.json'} and {out_dir / 'results.csv'}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

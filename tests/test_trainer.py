@@ -1,0 +1,395 @@
+"""Tests of the training stack: stepper, sub-trajectory replay, DreamMPCTrainer (seed phase, checkpoints, resume,
+scale-out collectors). Tiny models (32-wide MLPs, 16-dim latents) and runs of a few hundred steps."""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+
+import pytest
+import torch
+from tensordict import TensorDict
+from torchrl.checkpoint import GlobalRNGState
+
+from torchrl_dreammpc.envs import make_env
+from torchrl_dreammpc.modules import TDMPC2WorldModel
+from torchrl_dreammpc.objectives import TDMPC2Loss
+from torchrl_dreammpc.planners import GradientMPCPlanner, PolicyActor
+from torchrl_dreammpc.trainers import (
+    ConfigMismatchError,
+    DreamMPCTrainer,
+    SliceReplayBufferTrainer,
+    TDMPC2OptimizationStepper,
+    make_replay_buffer,
+    read_eval_csv,
+    seed_steps,
+)
+
+TINY = dict(enc_dim=32, mlp_dim=32, latent_dim=16)
+TASK = "cartpole-swingup"  # observation width 5, action width 1, 500-step episodes
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Small matmuls on a shared 2-core machine: one intra-op thread is several times faster than two.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_world_model(obs_dim=5, action_dim=1, seed=0, **overrides) -> TDMPC2WorldModel:
+    torch.manual_seed(seed)
+    return TDMPC2WorldModel(obs_dim, action_dim, model_size=1, **{**TINY, **overrides})
+
+
+def random_batch(B=8, H=3, obs_dim=5, action_dim=1) -> TensorDict:
+    return TensorDict({
+        "observation": torch.randn(B, H, obs_dim),
+        "action": torch.rand(B, H, action_dim) * 2 - 1,
+        "next": {"observation": torch.randn(B, H, obs_dim), "reward": torch.randn(B, H, 1),
+                 "terminated": torch.zeros(B, H, 1, dtype=torch.bool)},
+    }, [B, H])
+
+
+def make_trainer(tmp_path, *, world_model=None, total_frames=150, task=TASK, planner_name="dream_mpc",
+                 checkpoints=True, **kwargs) -> DreamMPCTrainer:
+    world_model = world_model or tiny_world_model()
+    defaults = dict(
+        create_env_fn=functools.partial(make_env, task, seed=1),
+        world_model=world_model,
+        actor=GradientMPCPlanner(world_model),
+        total_frames=total_frames,
+        batch_size=8,
+        seed=1,
+        seed_frames=50,
+        pretrain_updates=10,
+        buffer_capacity=1000,
+        eval_interval=0,
+        eval_at_start=False,
+        log_dir=tmp_path / "run",
+        log_interval=50,
+        checkpoint_dir=(tmp_path / "run" / "checkpoints") if checkpoints else None,
+        checkpoint_interval=50,
+        task=task,
+        planner_name=planner_name,
+        verbose=False,
+    )
+    defaults.update(kwargs)
+    return DreamMPCTrainer(**defaults)
+
+
+def _count_calls(module: torch.nn.Module) -> list[int]:
+    calls = [0]
+    module.register_forward_hook(lambda *args: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+# ---------------------------------------------------------------------------------------------------------
+# stepper
+# ---------------------------------------------------------------------------------------------------------
+def test_stepper_follows_tdmpc2_update_order(monkeypatch):
+    wm = tiny_world_model()
+    stepper = TDMPC2OptimizationStepper(TDMPC2Loss(wm), grad_clip=20.0, tau=0.01)
+    wm_params = {id(p) for p in stepper._wm_params}
+    pi_params = {id(p) for p in wm.policy_parameters()}
+    assert wm_params.isdisjoint(pi_params) and pi_params
+
+    calls = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def recording_clip(params, max_norm, *args, **kwargs):
+        params = list(params)
+        calls.append({
+            "ids": {id(p) for p in params},
+            "max_norm": max_norm,
+            # which gradients exist at the time of the clip tells which backward ran before it
+            "wm_grads": any(p.grad is not None for p in stepper._wm_params),
+            "pi_grads": any(p.grad is not None for p in wm.policy_parameters()),
+        })
+        return real_clip(params, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
+    q_before = [p.detach().clone() for p in wm.q_ensemble.parameters()]
+    target_before = [b.detach().clone() for b in wm.target_q_ensemble.buffers()]
+    pi_before = [p.detach().clone() for p in wm.policy_parameters()]
+    metrics = stepper.step(None, random_batch())
+
+    # world model clipped first (its grads only), then the policy, separately, both at 20
+    assert [c["ids"] for c in calls] == [wm_params, pi_params]
+    assert [c["max_norm"] for c in calls] == [20.0, 20.0]
+    assert calls[0]["wm_grads"] and not calls[0]["pi_grads"]
+    assert not calls[1]["wm_grads"] and calls[1]["pi_grads"]  # wm grads zeroed before the policy update
+    # both optimizers stepped, grads cleared
+    assert any(not torch.equal(a, b) for a, b in zip(q_before, wm.q_ensemble.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(pi_before, wm.policy_parameters()))
+    assert all(p.grad is None for p in wm.parameters())
+    # soft update after the world-model step: target = lerp(target_before, online_after, tau)
+    for before, target, online in zip(target_before, wm.target_q_ensemble.buffers(), wm.q_ensemble.parameters()):
+        torch.testing.assert_close(target, torch.lerp(before, online.detach(), 0.01))
+    assert not wm.training  # acting happens in eval mode
+    # detached scalars only, no latents
+    assert "latents" not in metrics.keys()
+    assert {"loss_consistency", "loss_reward", "loss_value", "loss_pi", "grad_norm", "pi_grad_norm",
+            "pi_scale"} <= set(metrics.keys())
+    assert all(v.ndim == 0 and not v.requires_grad for v in metrics.values())
+    assert stepper.num_updates == 1
+
+
+def test_stepper_state_holds_optimizers_and_q_scale():
+    wm = tiny_world_model()
+    stepper = TDMPC2OptimizationStepper(TDMPC2Loss(wm))
+    for _ in range(3):
+        stepper.step(None, random_batch())
+    state = stepper.state_dict()
+    assert set(state) == {"wm_optim", "pi_optim", "q_scale", "target_updater", "num_updates"}
+    assert not any("world_model" in key for key in state["q_scale"])  # weights are not stored twice
+
+    other_wm = tiny_world_model(seed=1)
+    other = TDMPC2OptimizationStepper(TDMPC2Loss(other_wm))
+    other.load_state_dict(state)
+    assert other.num_updates == 3
+    torch.testing.assert_close(other.policy_loss.scale.value, stepper.policy_loss.scale.value)
+    for mine, theirs in zip(stepper.wm_optim.state_dict()["state"].values(),
+                            other.wm_optim.state_dict()["state"].values()):
+        torch.testing.assert_close(mine["exp_avg"], theirs["exp_avg"])
+    assert other.pi_optim.state_dict()["state"][0]["step"] == stepper.pi_optim.state_dict()["state"][0]["step"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# replay
+# ---------------------------------------------------------------------------------------------------------
+def _episodes(lengths, start_id=0, worker=0):
+    """Rows of consecutive episodes; ``step`` numbers each row within its episode."""
+    rows = []
+    for i, length in enumerate(lengths):
+        done = torch.zeros(length, 1, dtype=torch.bool)
+        done[-1] = True
+        rows.append(TensorDict({
+            "observation": torch.arange(length, dtype=torch.float32).unsqueeze(-1).expand(length, 5).clone(),
+            "action": torch.zeros(length, 1),
+            "step": torch.arange(length),
+            "worker": torch.full((length,), worker),
+            "next": {"observation": torch.zeros(length, 5), "reward": torch.zeros(length, 1), "done": done,
+                     "terminated": done.clone(), "truncated": torch.zeros(length, 1, dtype=torch.bool)},
+            "collector": {"traj_ids": torch.full((length,), start_id + i)},
+        }, [length]))
+    return torch.cat(rows)
+
+
+def _check_slices(sample, H):
+    assert sample.shape[1] == H
+    ids = sample["collector", "traj_ids"]
+    assert (ids == ids[:, :1]).all(), "a slice mixes trajectories"
+    steps = sample["step"]
+    assert (steps[:, 1:] - steps[:, :-1] == 1).all(), "a slice is not consecutive within its episode"
+    done = sample["next", "done"].squeeze(-1)
+    assert not done[:, :-1].any(), "a slice continues past an episode end"
+    assert (sample["worker"] == sample["worker"][:, :1]).all()
+
+
+def test_slice_sampler_never_crosses_an_episode_end():
+    torch.manual_seed(0)
+    H, B = 3, 64
+    keys = ("observation", "action", "step", "worker", ("next", "observation"), ("next", "reward"),
+            ("next", "done"), ("next", "terminated"), ("next", "truncated"), ("collector", "traj_ids"))
+    # short episodes (1 to 7 steps, some shorter than H), wrap-around of a full buffer
+    rb = make_replay_buffer(capacity=97, horizon=H, batch_size=B)
+    hook = SliceReplayBufferTrainer(rb, H, keys=keys)
+    lengths = torch.randint(1, 8, (60,)).tolist()
+    data = _episodes(lengths)
+    for start in range(0, len(data), 5):  # written in small batches, as a collector does
+        hook.extend(data[start:start + 5])
+        if len(rb) >= 20:
+            _check_slices(hook.sample(), H)
+    for _ in range(50):
+        _check_slices(hook.sample(), H)
+    assert rb.write_count == len(data) > 97  # the buffer wrapped around
+
+    # two workers interleaved step by step ([workers, 1] batches, as MultiSyncCollector yields them at UTD 1):
+    # no trajectory is contiguous in storage, the fragmented sampler rebuilds them from (id, step) pairs
+    rb = make_replay_buffer(capacity=1000, horizon=H, batch_size=B, fragmented=True, step_key="step")
+    hook = SliceReplayBufferTrainer(rb, H, keys=keys)
+    a = _episodes(torch.randint(2, 9, (40,)).tolist(), start_id=0, worker=0)
+    b = _episodes(torch.randint(2, 9, (40,)).tolist(), start_id=1000, worker=1)
+    for t in range(min(len(a), len(b))):
+        hook.extend(torch.stack([a[t:t + 1], b[t:t + 1]]))
+    for _ in range(50):
+        _check_slices(hook.sample(), H)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# trainer
+# ---------------------------------------------------------------------------------------------------------
+def test_collector_acts_with_the_trained_modules(tmp_path):
+    trainer = make_trainer(tmp_path, checkpoints=False)
+    # the single-process collector keeps the actor object: planning reads the weights the stepper updates
+    assert trainer.collector.policy is trainer.actor
+    planner_params = dict(trainer.collector.policy.named_parameters())
+    for name, param in trainer.world_model.named_parameters():
+        assert planner_params[f"world_model.{name}"] is param
+    # ... so no UpdateWeights hook (it would copy the weights onto themselves every step)
+    assert "update_weights" not in trainer._modules
+
+
+def test_seed_phase_pretraining_then_one_update_per_step(tmp_path):
+    trainer = make_trainer(tmp_path, total_frames=120, seed_frames=50, pretrain_updates=10, checkpoints=False)
+    planner_calls = _count_calls(trainer.actor)
+    updates = [0]
+    step = trainer.optimization_stepper.step
+
+    def counting_step(*args):
+        updates[0] += 1
+        return step(*args)
+
+    trainer.optimization_stepper.step = counting_step
+    trainer.train()
+    assert trainer.collected_frames == 120
+    assert planner_calls[0] == 120 - 50  # random actions during the seed phase, the planner afterwards
+    assert updates[0] == trainer._optim_count == 10 + (120 - 50)  # pre-training burst, then UTD 1
+    assert len(trainer.replay_buffer) == 120
+    assert seed_steps(500) == 2500 and seed_steps(100) == 1000  # TD-MPC2: max(1000, 5 * episode_length)
+
+
+def test_train_checkpoint_resume_restores_everything(tmp_path):
+    wm = tiny_world_model()
+    # evaluated with the policy prior: cheap, and what is checked here is the evaluation schedule
+    first = make_trainer(tmp_path, world_model=wm, total_frames=150, eval_interval=100, eval_episodes=1,
+                         eval_at_start=True, eval_actors={"policy": PolicyActor(wm)})
+    # Early on TD-MPC2's Q scale sits at its floor of 1: start it elsewhere so that restoring it is visible.
+    first.optimization_stepper.policy_loss.scale.value.fill_(3.7)
+    first.train()
+    run = tmp_path / "run"
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert checkpoints == ["checkpoint-000000000050", "checkpoint-000000000100", "checkpoint-000000000150"]
+    manifest = json.loads((run / "checkpoints" / checkpoints[-1] / "manifest.json").read_text())
+    assert {"rng", "replay_buffer", "loss_module", "trainer_state", "collector", "trainer_module.optimization_stepper",
+            "trainer_module.evaluation", "logger"} <= set(manifest["components"])
+    fingerprint = manifest["metadata"]["fingerprint"]
+    assert (fingerprint["task"], fingerprint["model_size"], fingerprint["obs_dim"], fingerprint["action_dim"],
+            fingerprint["planner"]) == (TASK, 1, 5, 1, "dream_mpc")
+    assert [step for step, _ in read_eval_csv(run / "eval.csv")] == [0, 100, 150]  # step 0 first, as TD-MPC2
+    assert not first.world_model.training  # evaluation leaves the model in eval mode (Q dropout off) for acting
+    rng_at_end = GlobalRNGState().state_dict()["torch_cpu"]
+
+    wm2 = tiny_world_model(seed=7)
+    second = make_trainer(tmp_path, world_model=wm2, total_frames=200, eval_interval=100, eval_episodes=1,
+                          eval_at_start=True, eval_actors={"policy": PolicyActor(wm2)})
+    assert second.resume() == run / "checkpoints" / checkpoints[-1]
+    # model, optimizers, Q scale, buffer, counters, RNG
+    for a, b in zip(first.world_model.state_dict().values(), second.world_model.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    for opt_a, opt_b in ((first.optimization_stepper.wm_optim, second.optimization_stepper.wm_optim),
+                         (first.optimization_stepper.pi_optim, second.optimization_stepper.pi_optim)):
+        for sa, sb in zip(opt_a.state_dict()["state"].values(), opt_b.state_dict()["state"].values()):
+            torch.testing.assert_close(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    torch.testing.assert_close(second.optimization_stepper.policy_loss.scale.value,
+                               first.optimization_stepper.policy_loss.scale.value)
+    assert 1.0 < first.optimization_stepper.policy_loss.scale.value.item() < 3.7  # updated by every update
+    assert len(second.replay_buffer) == 150
+    torch.testing.assert_close(second.replay_buffer[:]["observation"], first.replay_buffer[:]["observation"])
+    assert (second.collected_frames, second._optim_count) == (150, first._optim_count)
+    assert second.collector._frames == 150
+    assert torch.equal(torch.random.get_rng_state(), rng_at_end)
+    # the resumed run ends at the requested number of steps, with new trajectory ids after the old ones
+    second.train()
+    assert second.collected_frames == 200 and second._optim_count == 10 + 200 - 50
+    ids = second.replay_buffer[:]["collector", "traj_ids"]
+    assert ids[150:].min() > ids[:150].max()
+    assert [step for step, _ in read_eval_csv(run / "eval.csv")] == [0, 100, 150, 200]  # no second step 0
+
+
+def test_resume_refuses_another_task_or_model_size_before_loading(tmp_path):
+    make_trainer(tmp_path, total_frames=60).train()
+    # same observation/action widths, other task
+    other_task = make_trainer(tmp_path, total_frames=100, task="cartpole-balance")
+    weights = {k: v.clone() for k, v in other_task.world_model.state_dict().items()}
+    with pytest.raises(ConfigMismatchError, match=r"task: checkpoint has 'cartpole-swingup', this run has "
+                                                  r"'cartpole-balance'"):
+        other_task.resume()
+    # nothing was loaded
+    assert all(torch.equal(weights[k], v) for k, v in other_task.world_model.state_dict().items())
+    assert other_task.collected_frames == 0 and len(other_task.replay_buffer) == 0
+
+    bigger = TDMPC2WorldModel(5, 1, model_size=5, **TINY)
+    with pytest.raises(ConfigMismatchError, match=r"model_size: checkpoint has 1, this run has 5"):
+        make_trainer(tmp_path, world_model=bigger, total_frames=100).resume()
+    wider = tiny_world_model(latent_dim=24)
+    with pytest.raises(ConfigMismatchError, match=r"world_model.latent_dim: checkpoint has 16, this run has 24"):
+        make_trainer(tmp_path, world_model=wider, total_frames=100).resume()
+    with pytest.raises(ConfigMismatchError, match=r"planner: checkpoint has 'dream_mpc', this run has 'policy'"):
+        make_trainer(tmp_path, total_frames=100, planner_name="policy").resume()
+
+
+def test_resume_uses_last_complete_checkpoint_only(tmp_path):
+    make_trainer(tmp_path, total_frames=100).train()
+    directory = tmp_path / "run" / "checkpoints"
+    # what a kill during a save leaves: a staging directory (not yet renamed into place) ...
+    stage = directory / ".checkpoint-000000000150.stage-0123456789abcdef"
+    (stage / "components").mkdir(parents=True)
+    (stage / "components" / "partial.bin").write_bytes(b"\0" * 10)
+    # ... and, whatever the cause, a checkpoint-looking directory without a manifest
+    (directory / "checkpoint-000000000200").mkdir()
+    trainer = make_trainer(tmp_path, total_frames=150)
+    assert trainer.resume() == directory / "checkpoint-000000000100"
+    assert trainer.collected_frames == 100
+    assert not stage.exists()  # stale staging removed
+    trainer.train()
+    assert trainer.collected_frames == 150
+
+
+def test_trainer_rejects_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="total_frames=50 does not exceed the seed phase"):
+        make_trainer(tmp_path, total_frames=50, seed_frames=50)
+    with pytest.raises(ValueError, match="lr must be > 0, got -0.001"):
+        make_trainer(tmp_path, lr=-1e-3)
+    with pytest.raises(ValueError, match="observation width 5 and action width 1.*observation width 6"):
+        make_trainer(tmp_path, world_model=tiny_world_model(obs_dim=6))
+    with pytest.raises(NotImplementedError, match="learner_backend='ray'"):
+        make_trainer(tmp_path, learner_backend="ray")
+
+
+def test_multi_worker_collector_collects(tmp_path):
+    wm = tiny_world_model()
+    trainer = make_trainer(tmp_path, world_model=wm, actor=PolicyActor(wm), total_frames=60, seed_frames=20,
+                           pretrain_updates=2, num_workers=2, checkpoint_interval=1000)
+    assert type(trainer.collector).__name__ == "MultiSyncCollector"
+    assert "update_weights" in trainer._modules  # worker processes get the weights pushed after each batch
+    synced = {}
+
+    def check_worker_weights():  # post_steps op registered after UpdateWeights: runs right after the push
+        if trainer._optim_count > 2 and not synced:
+            worker = trainer.collector.state_dict()["worker0"]["policy_state_dict"]
+            name, param = next(iter(wm.encoder.named_parameters()))
+            synced["equal"] = torch.equal(worker[f"world_model.encoder.{name}"], param.detach())
+
+    trainer.register_op("post_steps", check_worker_weights)
+    trainer.train()
+    assert synced == {"equal": True}  # the worker acts with the weights of the last update
+    assert trainer.collected_frames >= 60
+    assert (tmp_path / "run" / "checkpoints" / f"checkpoint-{trainer.collected_frames:012d}").is_dir()
+    data = trainer.replay_buffer[:]
+    assert len(data) == trainer.collected_frames
+    # rows alternate between the workers batch by batch; each worker has its own trajectory ids
+    ids = data["collector", "traj_ids"].reshape(-1, 2)  # [batches, workers] with frames_per_batch=1 per worker
+    assert set(ids[:, 0].tolist()).isdisjoint(ids[:, 1].tolist())
+    assert trainer._optim_count > 2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                    reason="Ray is not installed (optional extra: pip install 'torchrl_dreammpc[ray]')")
+def test_ray_collector_collects(tmp_path):
+    import ray
+
+    wm = tiny_world_model()
+    trainer = make_trainer(tmp_path, world_model=wm, actor=PolicyActor(wm), total_frames=40, seed_frames=20,
+                           pretrain_updates=2, collector_backend="ray", checkpoints=False, log_dir=None,
+                           ray_init_config={"num_cpus": 2, "include_dashboard": False})
+    try:
+        assert type(trainer.collector).__name__ == "RayCollector"
+        trainer.train()
+        assert trainer.collected_frames >= 40
+        assert len(trainer.replay_buffer) == trainer.collected_frames
+        assert trainer._optim_count > 2
+    finally:
+        ray.shutdown()

@@ -1,0 +1,224 @@
+"""From a recipe config (``recipes/config/train.yaml``) to a :class:`DreamMPCTrainer`: validation and builders.
+
+The recipes stay thin (CleanRL-style: read the config, build, train); the mapping from config values to objects
+lives here so that it is tested, and reused by ``recipes/evaluate.py``.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from torchrl_dreammpc.modules.world_model import MODEL_SIZES, TDMPC2WorldModel, discount_from_episode_length
+from torchrl_dreammpc.planners import GradientMPCPlanner, MPPIPlanner, PolicyActor
+
+__all__ = [
+    "PLANNERS",
+    "ConfigError",
+    "make_planner",
+    "make_world_model",
+    "resolve_seed_steps",
+    "validate_train_config",
+    "build_trainer",
+]
+
+#: Planner names of the recipes (``planner=<name>``) and their classes.
+PLANNERS: dict[str, type] = {"dream_mpc": GradientMPCPlanner, "mppi": MPPIPlanner, "policy": PolicyActor}
+
+
+class ConfigError(ValueError):
+    """An invalid recipe config; the message names the offending key and value."""
+
+
+def _get(cfg: Mapping, dotted: str, default: Any = None) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if node is None or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def _planner_kwargs(planner_cfg: Mapping) -> dict[str, Any]:
+    return {key: value for key, value in dict(planner_cfg).items() if key != "name"}
+
+
+def make_planner(planner_cfg: Mapping, world_model, *, action_spec=None):
+    """Builds the actor named ``planner_cfg["name"]`` (``dream_mpc``, ``mppi`` or ``policy``) over a world model.
+
+    Every other entry of ``planner_cfg`` is passed to the planner's constructor (which validates it).
+
+    Raises:
+        ConfigError: for an unknown planner name.
+    """
+    name = planner_cfg.get("name")
+    if name not in PLANNERS:
+        raise ConfigError(f"Unknown planner {name!r}; choose one of {sorted(PLANNERS)}.")
+    return PLANNERS[name](world_model, action_spec=action_spec, **_planner_kwargs(planner_cfg))
+
+
+def make_world_model(model_cfg: Mapping, obs_dim: int, action_dim: int, *, episode_length: int, episodic: bool,
+                     discount: float | None = None, device: str | torch.device = "cpu") -> TDMPC2WorldModel:
+    """A :class:`TDMPC2WorldModel` from the ``model`` config node (``size`` + any :class:`TDMPC2Config` field).
+
+    The discount follows TD-MPC2's heuristic from the episode length unless given; ``episodic`` turns on the
+    termination head (TD-MPC2's ``episodic`` flag, set by the task).
+    """
+    overrides = {key: value for key, value in dict(model_cfg).items() if key != "size" and value is not None}
+    size = int(model_cfg["size"])
+    if discount is None:
+        discount = discount_from_episode_length(episode_length)
+    return TDMPC2WorldModel(obs_dim, action_dim, model_size=size, discount=discount, episodic=episodic,
+                            **overrides).to(device)
+
+
+def resolve_seed_steps(cfg: Mapping, episode_length: int) -> int:
+    """``cfg.seed_steps`` if set, else TD-MPC2's ``max(1000, 5 * episode_length)``."""
+    from torchrl_dreammpc.trainers.dream_mpc import seed_steps
+
+    value = cfg.get("seed_steps")
+    return seed_steps(episode_length) if value is None else int(value)
+
+
+def validate_train_config(cfg: Mapping) -> dict[str, Any]:
+    """Checks a training config before anything is built; returns facts derived on the way.
+
+    Checks, in order: the planner name; the task (through :func:`~torchrl_dreammpc.envs.task_info`, whose
+    ``ValueError`` names the task); the model size; positive integers (steps, batch size, horizon, eval
+    episodes, workers, intervals); a positive learning rate; that the run is longer than the seed phase; the
+    collector backend; and the planner's own arguments (by building it over a tiny throw-away model).
+
+    Returns:
+        ``{"task_info": TaskInfo, "seed_steps": int}``.
+
+    Raises:
+        ConfigError (a ``ValueError``): naming the offending key and value.
+    """
+    from torchrl_dreammpc.envs import task_info
+
+    planner = _get(cfg, "planner.name")
+    if planner not in PLANNERS:
+        raise ConfigError(f"Unknown planner {planner!r} (planner=...); choose one of {sorted(PLANNERS)}.")
+    try:
+        info = task_info(cfg["task"])
+    except ValueError as err:  # UnknownTaskError / TaskNotAvailableError name the task
+        raise ConfigError(f"task={cfg['task']!r}: {err}") from err
+    size = _get(cfg, "model.size")
+    if size not in MODEL_SIZES:
+        raise ConfigError(f"Unknown model_size {size!r}; choose one of {sorted(MODEL_SIZES)}.")
+    for key in ("steps", "batch_size", "horizon", "eval_episodes", "collector.num_workers",
+                "collector.frames_per_batch", "checkpoint_interval", "keep_checkpoints", "log_interval"):
+        value = _get(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{key} must be a positive integer, got {value!r}.")
+    for key in ("eval_interval",):
+        value = _get(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{key} must be an integer >= 0, got {value!r}.")
+    for key in ("lr", "utd_ratio"):
+        value = _get(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{key} must be a positive number, got {value!r}.")
+    for key in ("enc_lr_scale", "grad_clip", "tau"):
+        value = _get(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ConfigError(f"{key} must be a positive number, got {value!r}.")
+    seed_steps = resolve_seed_steps(cfg, info.episode_length)
+    if seed_steps < 1:
+        raise ConfigError(f"seed_steps must be >= 1, got {seed_steps}.")
+    if cfg["steps"] <= seed_steps:
+        raise ConfigError(
+            f"steps={cfg['steps']} must exceed the seed phase of {seed_steps} random-action steps "
+            f"(seed_steps; TD-MPC2's max(1000, 5 * episode_length) = {max(1000, 5 * info.episode_length)} for "
+            f"{info.task}): the planner would never act."
+        )
+    pretrain = cfg.get("pretrain_updates")
+    if pretrain is not None and (isinstance(pretrain, bool) or not isinstance(pretrain, int) or pretrain < 0):
+        raise ConfigError(f"pretrain_updates must be an integer >= 0 (or null), got {pretrain!r}.")
+    backend = _get(cfg, "collector.backend")
+    if backend not in ("local", "ray"):
+        raise ConfigError(f"collector.backend must be 'local' or 'ray', got {backend!r}.")
+    # The planner validates its own arguments: build it over a tiny model (milliseconds) before any real work.
+    tiny = TDMPC2WorldModel(2, 1, model_size=1, enc_dim=8, mlp_dim=8, latent_dim=8)
+    try:
+        make_planner(cfg["planner"], tiny)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"planner={planner}: {err}") from err
+    return {"task_info": info, "seed_steps": seed_steps}
+
+
+def build_trainer(cfg: Mapping, *, checked: Mapping[str, Any] | None = None):
+    """Builds the :class:`DreamMPCTrainer` a training config describes (validating it first).
+
+    Returns:
+        ``(trainer, world_model)``.
+    """
+    from torchrl_dreammpc.envs import make_env
+    from torchrl_dreammpc.trainers.dream_mpc import DreamMPCTrainer
+
+    checked = checked or validate_train_config(cfg)
+    info = checked["task_info"]
+    device = cfg.get("device") or "cpu"
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    seed = int(cfg["seed"])
+    torch.manual_seed(seed)  # model initialization
+    create_env = functools.partial(make_env, info.task, seed=seed)
+    probe = create_env()
+    obs_dim = int(probe.observation_spec["observation"].shape[-1])
+    action_spec = probe.action_spec
+    action_dim = int(action_spec.shape[-1])
+    probe.close()
+    world_model = make_world_model(cfg["model"], obs_dim, action_dim, episode_length=info.episode_length,
+                                   episodic=info.episodic, discount=cfg.get("discount"), device=device)
+    actor = make_planner(cfg["planner"], world_model, action_spec=action_spec)
+    # Evaluation uses a second planner instance over the same model: the training planner's warm start (its
+    # previous plan) must not leak into or out of evaluation episodes.
+    eval_actors = {cfg["planner"]["name"]: make_planner(cfg["planner"], world_model, action_spec=action_spec)}
+    for name, planner_cfg in (cfg.get("eval_planners") or {}).items():
+        eval_actors[name] = make_planner(planner_cfg, world_model, action_spec=action_spec)
+    run_dir = Path(cfg["run_dir"])
+    collector = cfg["collector"]
+    trainer = DreamMPCTrainer(
+        create_env_fn=create_env,
+        world_model=world_model,
+        actor=actor,
+        total_frames=int(cfg["steps"]),
+        batch_size=int(cfg["batch_size"]),
+        horizon=int(cfg["horizon"]),
+        buffer_capacity=cfg.get("buffer_size"),
+        seed=seed,
+        episode_length=info.episode_length,
+        seed_frames=checked["seed_steps"],
+        pretrain_updates=cfg.get("pretrain_updates"),
+        utd_ratio=float(cfg["utd_ratio"]),
+        frames_per_batch=int(collector["frames_per_batch"]),
+        lr=float(cfg["lr"]),
+        enc_lr_scale=float(cfg["enc_lr_scale"]),
+        grad_clip=float(cfg["grad_clip"]),
+        tau=float(cfg["tau"]),
+        loss_kwargs=dict(cfg.get("loss") or {}),
+        policy_loss_kwargs=dict(cfg.get("policy_loss") or {}),
+        eval_interval=int(cfg["eval_interval"]),
+        eval_episodes=int(cfg["eval_episodes"]),
+        eval_actors=eval_actors,
+        eval_at_start=bool(cfg.get("eval_at_start", True)),
+        log_dir=run_dir,
+        log_interval=int(cfg["log_interval"]),
+        checkpoint_dir=run_dir / "checkpoints",
+        checkpoint_interval=int(cfg["checkpoint_interval"]),
+        keep_checkpoints=int(cfg["keep_checkpoints"]),
+        num_workers=int(collector["num_workers"]),
+        collector_backend=collector["backend"],
+        ray_init_config=dict(collector.get("ray_init_config") or {}),
+        replay_memmap=bool(cfg.get("replay_memmap", False)),
+        device=device,
+        task=info.task,
+        planner_name=cfg["planner"]["name"],
+        progress_bar=bool(cfg.get("progress_bar", False)),
+    )
+    return trainer, world_model

@@ -1,0 +1,643 @@
+"""Online TD-MPC2 / Dream-MPC training on top of :class:`torchrl.trainers.Trainer`."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tensordict import TensorDictBase
+from tensordict.nn import TensorDictModuleBase
+from torchrl.checkpoint import Checkpoint, CheckpointRotation, GlobalRNGState
+from torchrl.collectors import Collector, MultiSyncCollector
+from torchrl.envs import EnvBase
+from torchrl.record.loggers import CSVLogger, TensorboardLogger
+from torchrl.trainers import Trainer, TrainerHookBase, UpdateWeights
+
+from torchrl_dreammpc.modules.world_model import TDMPC2WorldModel
+from torchrl_dreammpc.objectives.tdmpc2 import TDMPC2Loss, TDMPC2PolicyLoss
+from torchrl_dreammpc.trainers.hooks import (
+    CollectorCountersState,
+    EpisodeReturnLogger,
+    EvaluationHook,
+    MultiLogger,
+)
+from torchrl_dreammpc.trainers.replay import REPLAY_KEYS, STEP_KEY, SliceReplayBufferTrainer, make_replay_buffer
+from torchrl_dreammpc.trainers.stepper import TDMPC2OptimizationStepper
+
+__all__ = [
+    "DreamMPCTrainer",
+    "ConfigMismatchError",
+    "seed_steps",
+    "read_fingerprint",
+    "find_trainer_checkpoint",
+    "load_world_model_from_trainer_checkpoint",
+]
+
+#: Fingerprint entries that must agree between a checkpoint and the run resuming from it.
+FINGERPRINT_KEYS = ("task", "model_size", "obs_dim", "action_dim", "planner", "horizon", "batch_size",
+                    "buffer_capacity")
+
+
+class ConfigMismatchError(ValueError):
+    """A checkpoint was written by a run with another task / model size / planner; the message names the field."""
+
+
+def seed_steps(episode_length: int) -> int:
+    """TD-MPC2's seeding phase: ``max(1000, 5 * episode_length)`` agent steps of uniformly random actions.
+
+    Examples:
+        >>> seed_steps(500)  # DMC
+        2500
+        >>> seed_steps(100)  # Meta-World
+        1000
+    """
+    return max(1000, 5 * int(episode_length))
+
+
+def read_fingerprint(path: str | Path) -> dict[str, Any]:
+    """The run fingerprint stored in a trainer checkpoint's manifest (read without loading any payload)."""
+    metadata = Checkpoint.manifest(path).get("metadata", {})
+    fingerprint = metadata.get("fingerprint")
+    if fingerprint is None:
+        raise ConfigMismatchError(f"{path} is a TorchRL checkpoint without a torchrl_dreammpc run fingerprint.")
+    return fingerprint
+
+
+def find_trainer_checkpoint(path: str | Path) -> Path | None:
+    """The trainer checkpoint ``path`` points to: the checkpoint itself, or the newest complete one of a
+    checkpoint directory or of a run directory (``<run>/checkpoints``). ``None`` if there is none."""
+    path = Path(path)
+    if Checkpoint.is_checkpoint(path):
+        return path
+    for directory in (path / "checkpoints", path):
+        if directory.is_dir():
+            latest = CheckpointRotation(directory, keep_last=1).latest()
+            if latest is not None:
+                return latest
+    return None
+
+
+def load_world_model_from_trainer_checkpoint(path: str | Path, device: str | torch.device = "cpu"
+                                             ) -> tuple[TDMPC2WorldModel, dict[str, Any]]:
+    """Rebuilds the world model of a :class:`DreamMPCTrainer` checkpoint (a run dir or a checkpoint dir).
+
+    The model is built from the config stored in the checkpoint's fingerprint, then only the ``loss_module``
+    component (the model's weights, target Qs included) is loaded; the replay buffer and the rest stay on disk.
+
+    Returns:
+        ``(world_model in eval mode, fingerprint)``.
+    """
+    checkpoint_path = find_trainer_checkpoint(path)
+    if checkpoint_path is None:
+        raise FileNotFoundError(f"No trainer checkpoint found at {path}.")
+    fingerprint = read_fingerprint(checkpoint_path)
+    config = dict(fingerprint["world_model"])
+    obs_dim, action_dim, size = config.pop("obs_dim"), config.pop("action_dim"), config.pop("model_size")
+    world_model = TDMPC2WorldModel(obs_dim, action_dim, model_size=size, **config)
+    checkpoint = Checkpoint(loss_module=TDMPC2Loss(world_model))
+    checkpoint.load(checkpoint_path, components=["loss_module"], map_location="cpu")
+    return world_model.to(device).eval(), {**fingerprint, "checkpoint": str(checkpoint_path)}
+
+
+class _UpdateSchedule(TrainerHookBase):
+    """Updates owed per collected batch: ``utd_ratio`` per frame, fractional parts carried over (checkpointed)."""
+
+    def __init__(self, utd_ratio: float) -> None:
+        self.utd_ratio = float(utd_ratio)
+        self.credit = 0.0
+
+    def __call__(self, frames: int) -> int:
+        self.credit += self.utd_ratio * frames
+        updates = int(self.credit + 1e-9)
+        self.credit -= updates
+        return updates
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"utd_ratio": self.utd_ratio, "credit": self.credit}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        self.credit = float(state_dict["credit"])
+
+    def register(self, trainer: Trainer, name: str = "update_schedule") -> None:
+        trainer.register_module(name, self)
+
+
+class DreamMPCTrainer(Trainer):
+    """Online TD-MPC2 training of a latent world model, acting with a planner (Dream-MPC, MPPI or the prior).
+
+    Built like TorchRL's :class:`~torchrl.trainers.algorithms.SACTrainer`: from an env factory, a world model,
+    an actor and a few explicit arguments, it wires TorchRL's pieces and runs
+    :meth:`torchrl.trainers.Trainer.train`:
+
+    - **collector**: :class:`~torchrl.collectors.Collector` (``num_workers=1``), a
+      :class:`~torchrl.collectors.MultiSyncCollector` (``num_workers > 1``) or a
+      :class:`~torchrl.collectors.distributed.RayCollector` (``collector_backend="ray"``). With the
+      single-process collector the actor runs in this process on the very modules being trained: the
+      collector keeps the actor object it is given (no policy copy, no per-step weight transfer, so no
+      :class:`~torchrl.trainers.UpdateWeights` hook); the other two get weights through an ``UpdateWeights``
+      hook after every batch.
+    - **seed phase** (TD-MPC2's ``seed_steps``): ``seed_frames`` steps of uniformly random actions
+      (the collector's ``init_random_frames``), then ``pretrain_updates`` updates at once (TD-MPC2: as many as
+      seed steps), then ``utd_ratio`` updates per collected step (1).
+    - **replay**: :class:`~torchrl.data.TensorDictReplayBuffer` over a
+      :class:`~torchrl.data.LazyTensorStorage` (or memmap), :class:`~torchrl.data.SliceSampler` slices of
+      ``horizon`` transitions (``horizon + 1`` observations) that never cross an episode end, reshaped to
+      ``[batch_size, horizon]`` (:class:`SliceReplayBufferTrainer`).
+    - **update**: :class:`TDMPC2OptimizationStepper` (world model, then policy prior, then soft target update).
+    - **evaluation**: :class:`EvaluationHook` around :class:`torchrl.collectors.Evaluator`
+      (``ExplorationType.DETERMINISTIC``), every ``eval_interval`` steps, writing ``eval.csv``.
+    - **logging**: :class:`~torchrl.record.loggers.TensorboardLogger` and :class:`~torchrl.record.loggers.CSVLogger`
+      under ``log_dir``.
+    - **checkpoints**: :class:`torchrl.checkpoint.Checkpoint` + :class:`~torchrl.checkpoint.CheckpointRotation`
+      (keep the last ``keep_checkpoints``; each one is staged and renamed into place, so a killed run never
+      leaves a half-written checkpoint where :meth:`resume` looks). A checkpoint holds the model, both
+      optimizers, the running Q scale, the replay buffer, the step counters, the collector's frame and
+      trajectory counters, the global RNG state (:class:`~torchrl.checkpoint.GlobalRNGState`), the evaluation
+      and logging state, and (in its manifest) the run fingerprint: task, model size, observation and action
+      widths, planner, world-model config.
+
+    Steps are agent steps (one ``env.step``; the simulator runs ``action_repeat`` steps in each).
+
+    Args:
+        create_env_fn (callable): builds the training env (``() -> EnvBase``), e.g.
+            ``functools.partial(make_env, "cartpole-swingup", seed=1)``.
+        world_model (TDMPC2WorldModel): the model to train.
+        actor (TensorDictModuleBase): the acting module (a planner over ``world_model``).
+        total_frames (int): agent steps to train for.
+
+    Keyword Args:
+        batch_size (int): sub-trajectories per update (TD-MPC2: 256).
+        horizon (int): transitions per sub-trajectory (TD-MPC2: 3).
+        buffer_capacity (int, optional): replay capacity. Defaults to ``min(total_frames, 1_000_000)`` (TD-MPC2).
+        seed (int): seeds the collector's env, torch and numpy (:meth:`Trainer.set_seed`).
+        episode_length (int, optional): agent steps per episode; sizes the seed phase. Read from the env's
+            ``info.episode_length`` (torchrl_dreammpc envs) if not given.
+        seed_frames (int, optional): random-action steps. Defaults to :func:`seed_steps` ``(episode_length)``.
+        pretrain_updates (int, optional): updates run once at the end of the seed phase. Defaults to
+            ``seed_frames`` (TD-MPC2).
+        utd_ratio (float): updates per collected step afterwards (TD-MPC2: 1).
+        frames_per_batch (int): steps per collector batch and worker (1: act, then update, as TD-MPC2).
+        lr (float), enc_lr_scale (float), grad_clip (float), tau (float): see :class:`TDMPC2OptimizationStepper`.
+        loss_kwargs (dict, optional): extra :class:`TDMPC2Loss` arguments (coefficients, rho).
+        policy_loss_kwargs (dict, optional): extra :class:`TDMPC2PolicyLoss` arguments.
+        eval_interval (int): steps between evaluations (``0``: none). Default 10_000.
+        eval_episodes (int): episodes per evaluation. Default 10.
+        eval_actors (mapping, optional): ``{name: actor}`` evaluated each time, the first being the training
+            planner's (a second instance over the same world model keeps the training planner's warm start out
+            of evaluation). Defaults to ``{planner_name: actor}``.
+        create_eval_env_fn (callable, optional): builds the evaluation envs. Defaults to ``create_env_fn``.
+        eval_seed (int, optional): seed of the evaluation envs, reset before each evaluation. Defaults to
+            ``seed + 1000``.
+        eval_at_start (bool): also evaluate at step 0, before training (TD-MPC2 does). Default ``True``.
+        log_dir (str or Path, optional): run directory: ``tb/`` (TensorBoard), ``csv/`` (CSV scalars),
+            ``eval.csv``, ``world_model.pt`` at the end. ``None``: no logging.
+        log_interval (int): steps between two logs of the training losses. Default 1000.
+        checkpoint_dir (str or Path, optional): where checkpoints rotate. ``None``: no checkpoints.
+        checkpoint_interval (int): steps between checkpoints (on multiples of it). Default 10_000.
+        keep_checkpoints (int): checkpoints kept. Default 3.
+        num_workers (int): collector workers. Default 1.
+        collector_backend (str): ``"local"`` (in-process, or one process per worker) or ``"ray"``.
+        ray_init_config (dict, optional): ``ray.init`` arguments of the Ray backend.
+        replay_memmap (bool): keep the replay buffer on disk (memmap). Default ``False``.
+        device (torch.device, optional): where samples are moved for the update. Defaults to the model's device.
+        task (str, optional), planner_name (str, optional): recorded in the checkpoint fingerprint.
+        progress_bar (bool): tqdm progress bar. Default ``False`` (one line per evaluation is printed).
+        verbose (bool): print seed-phase, checkpoint and evaluation lines. Default ``True``.
+        learner_backend (str): only ``"local"``; see docs/scaling.md for TorchRL's ``"ray"`` learner.
+
+    Examples:
+        >>> import functools
+        >>> from torchrl_dreammpc.envs import make_env
+        >>> from torchrl_dreammpc.modules import TDMPC2WorldModel
+        >>> from torchrl_dreammpc.planners import GradientMPCPlanner
+        >>> wm = TDMPC2WorldModel(5, 1, model_size=1)
+        >>> trainer = DreamMPCTrainer(
+        ...     create_env_fn=functools.partial(make_env, "cartpole-swingup", seed=1),
+        ...     world_model=wm, actor=GradientMPCPlanner(wm), total_frames=100_000,
+        ...     log_dir="runs/cartpole", checkpoint_dir="runs/cartpole/checkpoints")  # doctest: +SKIP
+        >>> trainer.resume()  # continue from the last complete checkpoint, if any  # doctest: +SKIP
+        >>> trainer.train()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        *,
+        create_env_fn: Callable[[], EnvBase],
+        world_model: TDMPC2WorldModel,
+        actor: TensorDictModuleBase,
+        total_frames: int,
+        batch_size: int = 256,
+        horizon: int = 3,
+        buffer_capacity: int | None = None,
+        seed: int = 0,
+        episode_length: int | None = None,
+        seed_frames: int | None = None,
+        pretrain_updates: int | None = None,
+        utd_ratio: float = 1.0,
+        frames_per_batch: int = 1,
+        lr: float = 3e-4,
+        enc_lr_scale: float = 0.3,
+        grad_clip: float = 20.0,
+        tau: float = 0.01,
+        loss_kwargs: Mapping[str, Any] | None = None,
+        policy_loss_kwargs: Mapping[str, Any] | None = None,
+        eval_interval: int = 10_000,
+        eval_episodes: int = 10,
+        eval_actors: Mapping[str, TensorDictModuleBase] | None = None,
+        create_eval_env_fn: Callable[[], EnvBase] | None = None,
+        eval_seed: int | None = None,
+        eval_at_start: bool = True,
+        log_dir: str | Path | None = None,
+        log_interval: int = 1000,
+        checkpoint_dir: str | Path | None = None,
+        checkpoint_interval: int = 10_000,
+        keep_checkpoints: int = 3,
+        num_workers: int = 1,
+        collector_backend: Literal["local", "ray"] = "local",
+        ray_init_config: Mapping[str, Any] | None = None,
+        replay_memmap: bool = False,
+        device: torch.device | str | None = None,
+        task: str | None = None,
+        planner_name: str | None = None,
+        progress_bar: bool = False,
+        verbose: bool = True,
+        learner_backend: Literal["local", "ray"] = "local",
+    ) -> None:
+        if learner_backend != "local":
+            # TorchRL's remote learner samples a flat batch and runs the stepper in Ray actors; the planner
+            # needs the new weights before the very next step (UTD 1), and the seed-phase pre-training burst
+            # is scheduled by optim_steps below, which the remote path bypasses. See docs/scaling.md.
+            raise NotImplementedError(
+                f"learner_backend={learner_backend!r} is not supported by DreamMPCTrainer (only 'local'); "
+                "see docs/scaling.md for what TorchRL's Ray learner would need."
+            )
+        if collector_backend not in ("local", "ray"):
+            raise ValueError(f"collector_backend must be 'local' or 'ray', got {collector_backend!r}.")
+        _check_positive("total_frames", total_frames)
+        _check_positive("batch_size", batch_size)
+        _check_positive("horizon", horizon)
+        _check_positive("frames_per_batch", frames_per_batch)
+        _check_positive("num_workers", num_workers)
+        _check_positive("log_interval", log_interval)
+        _check_positive("checkpoint_interval", checkpoint_interval)
+        _check_positive("keep_checkpoints", keep_checkpoints)
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}.")
+        if not utd_ratio > 0:
+            raise ValueError(f"utd_ratio must be > 0, got {utd_ratio}.")
+        if eval_interval < 0:
+            raise ValueError(f"eval_interval must be >= 0, got {eval_interval}.")
+
+        # One env instance: specs are checked against the model, the seed phase is sized from its episode
+        # length, and the single-process collector steps this very env.
+        env = create_env_fn()
+        try:
+            obs_dim, action_dim = _env_dims(env)
+            if (obs_dim, action_dim) != (world_model.obs_dim, world_model.action_dim):
+                raise ValueError(
+                    f"The env gives observation width {obs_dim} and action width {action_dim}, but the world "
+                    f"model was built for observation width {world_model.obs_dim} and action width "
+                    f"{world_model.action_dim}."
+                )
+            if episode_length is None:
+                episode_length = _episode_length(env)
+            if seed_frames is None:
+                if episode_length is None:
+                    raise ValueError("Pass episode_length (or seed_frames): the env does not report its episode "
+                                     "length.")
+                seed_frames = seed_steps(episode_length)
+            if seed_frames < 1:
+                raise ValueError(f"seed_frames must be >= 1 (the first update needs data), got {seed_frames}.")
+            if total_frames <= seed_frames:
+                raise ValueError(
+                    f"total_frames={total_frames} does not exceed the seed phase ({seed_frames} random-action "
+                    "steps): training would never act with the planner."
+                )
+        except Exception:
+            env.close()
+            raise
+        self.seed_frames = int(seed_frames)
+        self.pretrain_updates = self.seed_frames if pretrain_updates is None else int(pretrain_updates)
+        if self.pretrain_updates < 0:
+            raise ValueError(f"pretrain_updates must be >= 0, got {pretrain_updates}.")
+        self.episode_length = episode_length
+        self.horizon = int(horizon)
+        self.world_model = world_model
+        self.actor = actor
+        self.verbose = verbose
+        self.num_workers = int(num_workers)
+        self.collector_backend = collector_backend
+        planner_name = planner_name or type(actor).__name__
+        # TD-MPC2 sizes its buffer min(steps, 1M); it is stored in the fingerprint because a resumed run must
+        # reuse the capacity of the checkpoint's storage (pass buffer_capacity to extend a run).
+        buffer_capacity = buffer_capacity or min(total_frames, 1_000_000)
+        self.fingerprint = {
+            "task": task,
+            "model_size": world_model.config.model_size,
+            "obs_dim": world_model.obs_dim,
+            "action_dim": world_model.action_dim,
+            "planner": planner_name,
+            "horizon": int(horizon),
+            "batch_size": int(batch_size),
+            "buffer_capacity": int(buffer_capacity),
+            "world_model": dataclasses.asdict(world_model.config),
+        }
+        if device is None:
+            device = next(world_model.parameters()).device
+        # TD-MPC2 acts with the model in eval mode (Q dropout off); the stepper switches to train() per update.
+        world_model.eval()
+
+        # -- collector -------------------------------------------------------------------------------------
+        collector = self._make_collector(
+            env, create_env_fn, actor, total_frames, frames_per_batch, ray_init_config
+        )
+
+        # -- replay, losses, stepper -------------------------------------------------------------------------
+        self.log_dir = None if log_dir is None else Path(log_dir)
+        # Several workers interleave their rows in the storage: trajectories are then rebuilt from
+        # (trajectory id, step count) pairs rather than from storage adjacency.
+        fragmented = type(collector) is not Collector
+        replay_buffer = make_replay_buffer(
+            buffer_capacity,
+            horizon,
+            batch_size,
+            memmap=replay_memmap,
+            scratch_dir=None if self.log_dir is None else self.log_dir / "replay",
+            fragmented=fragmented,
+        )
+        loss_module = TDMPC2Loss(world_model, **dict(loss_kwargs or {}))
+        policy_loss = TDMPC2PolicyLoss(world_model, **dict(policy_loss_kwargs or {}))
+        stepper = TDMPC2OptimizationStepper(
+            loss_module, policy_loss=policy_loss, lr=lr, enc_lr_scale=enc_lr_scale, grad_clip=grad_clip, tau=tau
+        )
+
+        # -- logging ---------------------------------------------------------------------------------------
+        logger = None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            logger = MultiLogger(
+                [
+                    TensorboardLogger(exp_name="tb", log_dir=str(self.log_dir)),
+                    CSVLogger(exp_name="csv", log_dir=str(self.log_dir)),
+                ]
+            )
+
+        # -- checkpoints -----------------------------------------------------------------------------------
+        checkpoint = rotation = None
+        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        if self.checkpoint_dir is not None:
+            checkpoint = Checkpoint(format="directory")
+            checkpoint.register("rng", GlobalRNGState())
+            if type(collector) is Collector:
+                # Registered first so the Trainer does not add the whole collector state (which repeats the
+                # planner's weights, i.e. the world model, already saved through the loss module).
+                checkpoint.register("collector", CollectorCountersState(collector))
+            rotation = CheckpointRotation(self.checkpoint_dir, keep_last=int(keep_checkpoints))
+
+        super().__init__(
+            collector=collector,
+            total_frames=int(total_frames),
+            frame_skip=1,
+            optim_steps_per_batch=1,
+            loss_module=loss_module,
+            optimization_stepper=stepper,
+            replay_buffer=replay_buffer,
+            batch_size=batch_size,
+            logger=logger,
+            progress_bar=progress_bar,
+            seed=seed,
+            save_trainer_interval=int(checkpoint_interval),
+            log_interval=int(log_interval),
+            checkpoint=checkpoint,
+            checkpoint_rotation=rotation,
+            checkpoint_metadata=(lambda trainer: {"fingerprint": trainer.fingerprint}) if rotation else None,
+        )
+
+        # -- hooks (registration order is execution order within a stage) -----------------------------------
+        self.replay_hook = SliceReplayBufferTrainer(
+            replay_buffer, horizon, device=device, keys=REPLAY_KEYS + ((STEP_KEY,) if fragmented else ())
+        )
+        self.replay_hook.register(self)
+        self.update_schedule = _UpdateSchedule(utd_ratio)
+        self.update_schedule.register(self)
+        if type(collector) is not Collector:
+            # Worker processes / Ray actors hold their own copy of the planner: push the weights once before
+            # collection starts and after every batch. (The in-process Collector acts with the trained modules
+            # themselves.)
+            self.register_op("setup", functools.partial(collector.update_policy_weights_, actor))
+            UpdateWeights(collector, update_weights_interval=1).register(self)
+        EpisodeReturnLogger().register(self)
+        self.evaluation = None
+        if eval_interval or eval_actors:
+            eval_actors = dict(eval_actors) if eval_actors else {planner_name: actor}
+            self.evaluation = EvaluationHook(
+                eval_actors,
+                create_eval_env_fn or create_env_fn,
+                interval=int(eval_interval),
+                episodes=int(eval_episodes),
+                seed=seed + 1000 if eval_seed is None else int(eval_seed),
+                csv_path=None if self.log_dir is None else self.log_dir / "eval.csv",
+                at_start=eval_at_start,
+                verbose=verbose,
+            )
+            self.evaluation.register(self)
+        self.register_op("post_steps_log", self._log_throughput)
+        self.register_op("shutdown", self._on_shutdown)
+        self._throughput_mark: tuple[float, int] | None = None
+
+    # ------------------------------------------------------------------------------------------------------
+    def _make_collector(self, env, create_env_fn, actor, total_frames, frames_per_batch, ray_init_config):
+        n = self.num_workers
+        if self.collector_backend == "ray":
+            from torchrl.collectors.distributed import RayCollector
+
+            env.close()
+            return RayCollector(
+                [create_env_fn] * n,
+                actor,
+                frames_per_batch=frames_per_batch * n,
+                total_frames=total_frames,
+                # RayCollector gives each of its collectors init_random_frames // n.
+                init_random_frames=self.seed_frames,
+                num_collectors=n,
+                sync=True,
+                ray_init_config=dict(ray_init_config or {}),
+            )
+        if n == 1:
+            # No policy_device: the collector keeps `actor` itself (TorchRL copies a policy only to move it to
+            # another device), so planning reads the weights the stepper has just updated.
+            return Collector(
+                env,
+                actor,
+                frames_per_batch=frames_per_batch,
+                total_frames=total_frames,
+                init_random_frames=self.seed_frames,
+            )
+        env.close()
+        return MultiSyncCollector(
+            [create_env_fn] * n,
+            actor,
+            frames_per_batch=frames_per_batch * n,
+            total_frames=total_frames,
+            # Each worker takes init_random_frames random steps of its own: split the seed phase between them.
+            init_random_frames=math.ceil(self.seed_frames / n),
+            cat_results="stack",
+        )
+
+    # ------------------------------------------------------------------------------------------------------
+    def optim_steps(self, batch: TensorDictBase) -> None:
+        """TD-MPC2's update schedule: nothing during the seed phase, ``pretrain_updates`` updates once at its
+        end, then ``utd_ratio`` updates per collected step."""
+        if self.collected_frames < self.seed_frames:
+            return
+        if self._optim_count == 0 and self.pretrain_updates:
+            updates = self.pretrain_updates
+            if self.verbose:
+                print(f"[train] seed phase done ({self.collected_frames} random steps): pre-training with "
+                      f"{updates} updates", flush=True)
+        else:
+            frames = batch.get(("collector", "mask"), None)
+            frames = int(frames.sum()) if frames is not None else batch.numel()
+            updates = self.update_schedule(frames)
+        if updates <= 0:
+            return
+        self.optim_steps_per_batch = updates
+        super().optim_steps(batch)
+
+    def save_trainer(self, force_save: bool = False) -> None:
+        """Checkpoints on multiples of ``checkpoint_interval`` (and at the end), not ``interval`` after the last."""
+        if not self._has_checkpoint_destination():
+            return
+        due = self.collected_frames // self.save_trainer_interval > self._last_save // self.save_trainer_interval
+        if force_save or due:
+            self._last_save = self.collected_frames
+            self._save_trainer()
+            if self.verbose:
+                print(f"[train] checkpoint at step {self.collected_frames}", flush=True)
+
+    def _log(self, log_pbar=False, **kwargs) -> None:
+        super()._log(log_pbar=log_pbar, **kwargs)
+        # Trainer._log keeps every value ever logged in memory (one list entry per key per update): a 1M-step
+        # run would hold millions of scalars. Only the latest value is needed (progress bar).
+        for key in kwargs:
+            del self._log_dict[key][:-1]
+
+    def _log_throughput(self, batch: TensorDictBase | None = None) -> dict[str, float] | None:
+        now, frames = time.perf_counter(), self.collected_frames
+        mark = self._throughput_mark
+        if mark is None:
+            self._throughput_mark = (now, frames)
+            return None
+        if frames - mark[1] < self._log_interval:
+            return None
+        sps = (frames - mark[1]) / max(now - mark[0], 1e-9)
+        self._throughput_mark = (now, frames)
+        if self.verbose and not self.progress_bar:
+            print(f"[train] step {frames}/{self.total_frames}  {sps:.1f} steps/s", flush=True)
+        return {"time/steps_per_second": sps}
+
+    def _on_shutdown(self) -> None:
+        if self.log_dir is not None:
+            from torchrl_dreammpc.checkpoints import save_world_model
+
+            save_world_model(self.world_model, self.log_dir / "world_model.pt")
+        if self.logger is not None:
+            self.logger.flush()
+
+    # ------------------------------------------------------------------------------------------------------
+    def latest_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint in ``checkpoint_dir`` (``None`` if there is none)."""
+        return None if self.checkpoint_rotation is None else self.checkpoint_rotation.latest()
+
+    def check_fingerprint(self, path: str | Path) -> None:
+        """Refuses a checkpoint written for another task, model size, observation/action width or planner.
+
+        Reads the checkpoint's manifest only (no payload is loaded).
+
+        Raises:
+            ConfigMismatchError: naming every field that differs, with both values.
+        """
+        saved = read_fingerprint(path)
+        diffs = [
+            f"{key}: checkpoint has {saved.get(key)!r}, this run has {self.fingerprint[key]!r}"
+            for key in FINGERPRINT_KEYS
+            if saved.get(key) != self.fingerprint[key]
+        ]
+        saved_wm, wm = saved.get("world_model", {}), self.fingerprint["world_model"]
+        diffs += [
+            f"world_model.{key}: checkpoint has {saved_wm.get(key)!r}, this run has {wm[key]!r}"
+            for key in wm
+            if key not in FINGERPRINT_KEYS and saved_wm.get(key) != wm[key]
+        ]
+        if diffs:
+            hint = (" (the default capacity is min(steps, 1M): pass the checkpoint's buffer_capacity to extend a run)"
+                    if saved.get("buffer_capacity") != self.fingerprint["buffer_capacity"] else "")
+            raise ConfigMismatchError(f"Refusing to resume from {path}: it was written by another run config. "
+                                      + "; ".join(diffs) + hint)
+
+    def resume(self, path: str | Path | None = None) -> Path | None:
+        """Continues from a checkpoint (by default the newest complete one in ``checkpoint_dir``).
+
+        Restores the model, optimizers, Q scale, replay buffer, step counters, collector counters, RNG state,
+        logger and evaluation state, after checking the fingerprint (:meth:`check_fingerprint`) before anything
+        is loaded. Staging directories left by a run killed while saving are removed first (they are never
+        considered: a checkpoint is only published, by an atomic rename, once complete). Log rows written
+        after the checkpoint (``eval.csv``, CSV scalars, TensorBoard events) are dropped, so the resumed run
+        writes them again.
+
+        Returns:
+            the checkpoint restored, or ``None`` when there is none (a fresh start).
+        """
+        if path is None:
+            if self.checkpoint_dir is None:
+                raise ValueError("resume() needs a checkpoint_dir (or an explicit path).")
+            self._remove_stale_staging()
+            path = self.latest_checkpoint()
+            if path is None:
+                return None
+        path = Path(path)
+        self.check_fingerprint(path)
+        self.load_from_file(path)
+        step = self.collected_frames
+        if isinstance(self.logger, MultiLogger):
+            self.logger.truncate_after(step)
+        if self.evaluation is not None:
+            self.evaluation.truncate_after(step)
+        self.world_model.eval()
+        if self.verbose:
+            print(f"[train] resumed from {path} at step {step}", flush=True)
+        return path
+
+    def _remove_stale_staging(self) -> None:
+        if self.checkpoint_dir is None or not self.checkpoint_dir.is_dir():
+            return
+        prefix = f".{self.checkpoint_rotation.prefix}-"
+        for entry in self.checkpoint_dir.iterdir():
+            if entry.name.startswith(prefix) and any(tag in entry.name for tag in (".stage-", ".delete-", ".backup-",
+                                                                                   ".archive-")):
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+
+
+def _check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def _env_dims(env: EnvBase) -> tuple[int, int]:
+    obs_spec = env.observation_spec["observation"]
+    return int(obs_spec.shape[-1]), int(env.action_spec.shape[-1])
+
+
+def _episode_length(env: EnvBase) -> int | None:
+    base = getattr(env, "base_env", env)
+    info = getattr(base, "info", None)
+    return getattr(info, "episode_length", None)

@@ -1,0 +1,416 @@
+"""Trainer hooks and small adapters used by :class:`~torchrl_dreammpc.trainers.DreamMPCTrainer`."""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tensordict import TensorDictBase
+from torch import nn
+from torchrl.collectors import Collector, Evaluator
+from torchrl.record.loggers import CSVLogger, Logger, TensorboardLogger
+from torchrl.trainers import Trainer, TrainerHookBase
+
+__all__ = [
+    "CollectorCountersState",
+    "EpisodeReturnLogger",
+    "EvaluationHook",
+    "MultiLogger",
+    "read_eval_csv",
+    "trim_csv_rows",
+]
+
+
+class MultiLogger(Logger):
+    """Fans every logging call out to several TorchRL loggers (the Trainer accepts a single one).
+
+    Used to write TensorBoard events and CSV scalars at once. Its state dict is the list of its children's, so
+    the Trainer's checkpoint restores every child.
+
+    Args:
+        loggers (sequence of Logger): the children, e.g. ``[TensorboardLogger(...), CSVLogger(...)]``.
+
+    Examples:
+        >>> import tempfile
+        >>> from torchrl.record.loggers import CSVLogger
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     logger = MultiLogger([CSVLogger("run", d), CSVLogger("copy", d)])
+        ...     logger.log_scalar("x", 1.0, step=0)
+    """
+
+    def __init__(self, loggers: Sequence[Logger]) -> None:
+        if not loggers:
+            raise ValueError("MultiLogger needs at least one logger.")
+        self.loggers = list(loggers)
+        super().__init__(exp_name=self.loggers[0].exp_name, log_dir=self.loggers[0].log_dir)
+
+    def _create_experiment(self):
+        return None
+
+    def log_scalar(self, name: str, value: float, step: int | None = None) -> None:
+        value = float(value)
+        for logger in self.loggers:
+            logger.log_scalar(name, value, step=step)
+
+    def log_video(self, name: str, video: torch.Tensor, step: int | None = None, **kwargs) -> None:
+        for logger in self.loggers:
+            logger.log_video(name, video, step=step, **kwargs)
+
+    def log_hparams(self, cfg) -> None:
+        for logger in self.loggers:
+            logger.log_hparams(cfg)
+
+    def log_histogram(self, name: str, data: Sequence, **kwargs):
+        for logger in self.loggers:
+            if not isinstance(logger, CSVLogger):  # CSVLogger refuses histograms
+                logger.log_histogram(name, data, **kwargs)
+
+    def flush(self, timeout: float | None = None) -> None:
+        for logger in self.loggers:
+            logger.flush()
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        for logger in self.loggers:
+            logger.shutdown()
+        self._service_shutdown = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loggers": [logger.state_dict() for logger in self.loggers]}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        states = state_dict["loggers"]
+        if len(states) != len(self.loggers):
+            raise ValueError(f"Checkpoint holds {len(states)} logger states, this MultiLogger has {len(self.loggers)}.")
+        for logger, state in zip(self.loggers, states):
+            logger.load_state_dict(state)
+
+    def truncate_after(self, step: int) -> None:
+        """Forgets what was logged after ``step`` (used when a killed run resumes from the checkpoint at ``step``).
+
+        CSV scalar files lose their rows with a larger step; TensorBoard is reopened with ``purge_step=step + 1``
+        so the events written after the checkpoint are hidden.
+        """
+        for logger in self.loggers:
+            if isinstance(logger, CSVLogger):
+                scalars = Path(logger.experiment.log_dir) / "scalars"
+                for file in scalars.rglob("*.csv"):
+                    handle = logger.experiment.files.pop(str(file), None)
+                    if handle is not None:
+                        handle.close()
+                    trim_csv_rows(file, step, header=False)
+                for name, rows in logger.experiment.scalars.items():
+                    rows[:] = [row for row in rows if row[0] <= step]
+            elif isinstance(logger, TensorboardLogger):
+                from torch.utils.tensorboard import SummaryWriter
+
+                logger.experiment.close()
+                logger.experiment = SummaryWriter(log_dir=logger.log_dir, purge_step=step + 1)
+
+    def __repr__(self) -> str:
+        return f"MultiLogger({self.loggers})"
+
+
+def trim_csv_rows(path: str | Path, step: int, *, header: bool) -> None:
+    """Rewrites a ``step,value...`` CSV file keeping only the rows whose step is ``<= step`` (atomically)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    with path.open(newline="") as file:
+        rows = list(csv.reader(file))
+    head, body = (rows[:1], rows[1:]) if header else ([], rows)
+    kept = [row for row in body if row and float(row[0]) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as file:
+        csv.writer(file).writerows(head + kept)
+    os.replace(tmp, path)
+
+
+def read_eval_csv(path: str | Path) -> list[tuple[int, float]]:
+    """Reads an ``eval.csv`` learning curve as ``[(step, return), ...]``."""
+    with Path(path).open(newline="") as file:
+        reader = csv.DictReader(file)
+        return [(int(float(row["step"])), float(row["return"])) for row in reader]
+
+
+class CollectorCountersState:
+    """Checkpoint view of a single-process :class:`~torchrl.collectors.Collector` without the policy weights.
+
+    ``Collector.state_dict()`` holds the policy's full state dict next to its frame counter and trajectory-id
+    pool. The planner's weights are the world model's, which the Trainer already checkpoints through its loss
+    module, so storing them again would double the checkpoint of a large model. This view keeps the counters
+    (``frames``, ``iter``, ``traj_pool``: resumed trajectory ids stay unique) and the env transforms' state.
+
+    Other collectors (multi-process, Ray) are checkpointed whole.
+    """
+
+    def __init__(self, collector: Collector) -> None:
+        self.collector = collector
+
+    def state_dict(self) -> dict[str, Any]:
+        state = dict(self.collector.state_dict())
+        state.pop("policy_state_dict", None)
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        self.collector.load_state_dict(dict(state_dict), strict=False)
+
+
+class EpisodeReturnLogger(TrainerHookBase):
+    """Logs the return of every finished training episode (``train/episode_return``) at the frame it ends.
+
+    The Trainer's own ``_log`` keeps a value only when ``log_interval`` frames have passed since that key was
+    last logged, which would drop most episodes; this hook writes to the logger directly.
+
+    Args:
+        episode_reward_key (NestedKey): the env's running return (:class:`~torchrl.envs.RewardSum`).
+    """
+
+    def __init__(self, episode_reward_key=("next", "episode_reward"), done_key=("next", "done")) -> None:
+        self.episode_reward_key = episode_reward_key
+        self.done_key = done_key
+        self.episodes = 0
+        self._trainer: Trainer | None = None
+
+    def __call__(self, batch: TensorDictBase) -> None:
+        trainer = self._trainer
+        done = batch.get(self.done_key, None)
+        if done is None or trainer is None or not bool(done.any()):
+            return None
+        returns = batch.get(self.episode_reward_key, None)
+        if returns is None:
+            return None
+        finished = returns[done].reshape(-1)
+        self.episodes += finished.numel()
+        if trainer.logger is not None:
+            trainer.logger.log_scalar("train/episode_return", float(finished.mean()), step=trainer.collected_frames)
+            trainer.logger.log_scalar("train/episodes", float(self.episodes), step=trainer.collected_frames)
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"episodes": self.episodes}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        self.episodes = int(state_dict["episodes"])
+
+    def register(self, trainer: Trainer, name: str = "episode_return_logger") -> None:
+        self._trainer = trainer
+        trainer.register_op("pre_steps_log", self)
+        trainer.register_module(name, self)
+
+
+def _success_rate(traj_batch: TensorDictBase) -> dict[str, float]:
+    """Fraction of evaluation episodes whose ``success`` flag was set (Meta-World)."""
+    success = traj_batch.get(("next", "success"), None)
+    if success is None:
+        return {}
+    traj_ids = traj_batch.get(("collector", "traj_ids"), None)
+    success = success.reshape(traj_batch.shape[0], -1).any(-1)
+    if traj_ids is None:
+        return {"success": float(success.any())}
+    traj_ids = traj_ids.reshape(-1)
+    per_episode = [bool(success[traj_ids == i].any()) for i in traj_ids.unique()]
+    return {"success": sum(per_episode) / max(len(per_episode), 1)}
+
+
+class EvaluationHook(TrainerHookBase):
+    """Periodic evaluation through :class:`torchrl.collectors.Evaluator`, with an ``eval.csv`` learning curve.
+
+    At step 0 (``at_start``, as TD-MPC2), every ``interval`` collected frames, and at the last one, each named actor plays ``episodes`` full episodes in its own evaluation env, in
+    TorchRL's ``ExplorationType.DETERMINISTIC`` mode. Before each evaluation the env is reseeded with
+    ``seed``, so every evaluation (and every actor) starts from the same initial states.
+
+    The first actor is the training planner: its mean return is appended as a ``step,return`` row to
+    ``csv_path`` (``eval.csv``, the file the learning curve is plotted from). Other actors go to
+    ``eval_<name>.csv``. Every metric is also logged (``eval/return``, ``eval/return_std``, ``eval/ms_per_step``,
+    ``eval/success`` on Meta-World; ``eval/<name>/...`` for the other actors) and printed.
+
+    The actors run in this process on the very modules being trained (no weight copy). The evaluator toggles
+    ``actor.eval()`` / ``actor.train()`` around its rollouts; this hook restores the previous mode of every
+    submodule afterwards (the world model's included), because TD-MPC2 acts with the world model in eval mode
+    (Q dropout off) outside of updates.
+
+    Args:
+        actors (mapping str -> module): the actors to evaluate; the first one is the training planner.
+        create_env_fn (callable): builds one evaluation env per actor.
+        interval (int): frames between evaluations. ``0`` disables periodic evaluation.
+        episodes (int): episodes per evaluation.
+        seed (int): seed of the evaluation envs.
+        csv_path (str or Path, optional): the ``eval.csv`` file. ``None`` writes no CSV.
+        max_steps (int, optional): cap on the episode length (the task's own time limit applies anyway).
+        at_start (bool): also evaluate at step 0, before any training (TD-MPC2 does). Default ``True``.
+        verbose (bool): print one line per evaluation.
+    """
+
+    def __init__(
+        self,
+        actors: Mapping[str, Callable],
+        create_env_fn: Callable[[], Any],
+        *,
+        interval: int,
+        episodes: int,
+        seed: int,
+        csv_path: str | Path | None = None,
+        max_steps: int | None = None,
+        at_start: bool = True,
+        verbose: bool = True,
+    ) -> None:
+        if not actors:
+            raise ValueError("EvaluationHook needs at least one actor.")
+        if interval < 0 or episodes < 1:
+            raise ValueError(f"interval must be >= 0 and episodes >= 1, got interval={interval}, episodes={episodes}.")
+        self.actors = dict(actors)
+        self.names = list(self.actors)
+        self.interval = int(interval)
+        self.episodes = int(episodes)
+        self.seed = int(seed)
+        self.csv_path = None if csv_path is None else Path(csv_path)
+        self.verbose = verbose
+        self.at_start = bool(at_start)
+        self.envs = {name: create_env_fn() for name in self.names}
+        self.evaluators = {
+            name: Evaluator(
+                self.envs[name],
+                actor,
+                num_trajectories=self.episodes,
+                max_steps=max_steps,
+                collector_kwargs={"traj_format": "cat"},
+                log_prefix="eval",
+                metrics_fn=_success_rate,
+            )
+            for name, actor in self.actors.items()
+        }
+        for evaluator in self.evaluators.values():
+            # Build each evaluator's collector now (TorchRL builds it lazily on the first evaluation, resetting
+            # the env once more then): afterwards every evaluation sees the same seed -> reset sequence, so every
+            # evaluation, and every actor, starts from the same initial states.
+            ensure = getattr(getattr(evaluator, "_backend", None), "_ensure_collector", None)
+            if callable(ensure):
+                ensure()
+        self.next_eval = self.interval if self.interval else math.inf
+        self.last_eval_step = -1
+        self.history: list[tuple[int, dict[str, float]]] = []
+        self._trainer: Trainer | None = None
+
+    def csv_for(self, name: str) -> Path | None:
+        if self.csv_path is None:
+            return None
+        if name == self.names[0]:
+            return self.csv_path
+        return self.csv_path.with_name(f"{self.csv_path.stem}_{name}{self.csv_path.suffix}")
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict[str, dict[str, float]]:
+        """Evaluates every actor now and records the results at ``step``; returns ``{name: metrics}``."""
+        results = {}
+        for name in self.names:
+            actor, env = self.actors[name], self.envs[name]
+            # Every submodule's mode, the shared world model's included: Evaluator ends with policy.train(),
+            # which would otherwise leave the world model in train mode (Q dropout on) for the next training step.
+            modes = [(m, m.training) for m in actor.modules()] if isinstance(actor, nn.Module) else []
+            env.set_seed(self.seed)
+            start = time.perf_counter()
+            raw = self.evaluators[name].evaluate(step=step)
+            wall = time.perf_counter() - start
+            for module, training in modes:
+                module.training = training
+            fps = float(raw.get("eval/fps", float("nan")))
+            metrics = {
+                "return": float(raw["eval/reward"]),
+                "return_std": float(raw["eval/reward_std"]),
+                "episodes": float(raw["eval/num_episodes"]),
+                "episode_length": float(raw["eval/episode_length"]),
+                "ms_per_step": 1000.0 / fps if fps > 0 else float("nan"),
+                "wall_s": wall,
+            }
+            if "eval/success" in raw:
+                metrics["success"] = float(raw["eval/success"])
+            results[name] = metrics
+            self._record(name, step, metrics)
+        self.history.append((step, results[self.names[0]]))
+        self.last_eval_step = step
+        return results
+
+    def _record(self, name: str, step: int, metrics: dict[str, float]) -> None:
+        trainer = self._trainer
+        prefix = "eval" if name == self.names[0] else f"eval/{name}"
+        if trainer is not None and trainer.logger is not None:
+            for key, value in metrics.items():
+                trainer.logger.log_scalar(f"{prefix}/{key}", value, step=step)
+        path = self.csv_for(name)
+        if path is not None:
+            new = not path.exists()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a", newline="") as file:
+                writer = csv.writer(file)
+                if new:
+                    writer.writerow(["step", "return"])
+                writer.writerow([step, f"{metrics['return']:.6g}"])
+        if self.verbose:
+            success = f", success {metrics['success']:.2f}" if "success" in metrics else ""
+            print(
+                f"[eval] {name} step {step}: return {metrics['return']:.1f} ± {metrics['return_std']:.1f} over "
+                f"{int(metrics['episodes'])} episodes{success} ({metrics['ms_per_step']:.1f} ms/step)",
+                flush=True,
+            )
+
+    def __call__(self) -> None:
+        trainer = self._trainer
+        if trainer is None:
+            return
+        frames = trainer.collected_frames
+        # The last step is evaluated here, before the Trainer's final checkpoint, so that the checkpoint records
+        # it (a resumed finished run does not evaluate it twice).
+        if frames >= self.next_eval or (self.interval and frames >= trainer.total_frames
+                                        and frames != self.last_eval_step):
+            self.evaluate(frames)
+            self.next_eval = (frames // self.interval + 1) * self.interval
+
+    def initial(self) -> None:
+        """Evaluates the untrained agent at step 0, as TD-MPC2 does (setup hook; skipped by a resumed run)."""
+        trainer = self._trainer
+        if trainer is not None and self.at_start and self.interval and trainer.collected_frames == 0 \
+                and self.last_eval_step < 0:
+            self.evaluate(0)
+
+    def final(self) -> None:
+        """Evaluates at the last frame count unless that was just done (shutdown hook)."""
+        trainer = self._trainer
+        if trainer is not None and self.interval and trainer.collected_frames != self.last_eval_step:
+            self.evaluate(trainer.collected_frames)
+
+    def truncate_after(self, step: int) -> None:
+        """Drops ``eval*.csv`` rows recorded after ``step`` (a killed run resuming from the checkpoint at ``step``)."""
+        for name in self.names:
+            path = self.csv_for(name)
+            if path is not None:
+                trim_csv_rows(path, step, header=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "next_eval": None if math.isinf(self.next_eval) else int(self.next_eval),
+            "last_eval_step": self.last_eval_step,
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        next_eval = state_dict["next_eval"]
+        self.next_eval = math.inf if next_eval is None else int(next_eval)
+        self.last_eval_step = int(state_dict["last_eval_step"])
+
+    def register(self, trainer: Trainer, name: str = "evaluation") -> None:
+        self._trainer = trainer
+        trainer.register_op("setup", self.initial)
+        trainer.register_op("post_steps", self)
+        trainer.register_op("shutdown", self.final)
+        trainer.register_module(name, self)
+
+    def shutdown(self) -> None:
+        for evaluator in self.evaluators.values():
+            evaluator.shutdown()
+        for env in self.envs.values():
+            if not env.is_closed:
+                env.close()

@@ -1,0 +1,161 @@
+"""Replay of sub-trajectories for TD-MPC2: TorchRL's TensorDictReplayBuffer + SliceSampler, wired as a Trainer hook."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tensordict import TensorDictBase
+from tensordict.utils import NestedKey
+from torchrl.data import LazyMemmapStorage, LazyTensorStorage, SliceSampler, TensorDictReplayBuffer
+from torchrl.trainers import ReplayBufferTrainer, Trainer
+
+__all__ = ["REPLAY_KEYS", "STEP_KEY", "TRAJ_KEY", "make_replay_buffer", "SliceReplayBufferTrainer"]
+
+#: The trajectory id every TorchRL collector writes; the sampler cuts slices where it changes.
+TRAJ_KEY: tuple[str, str] = ("collector", "traj_ids")
+
+#: The step index within an episode (written by :class:`~torchrl.envs.StepCounter`); stored for multi-worker runs.
+STEP_KEY = "step_count"
+
+#: What the buffer stores of each collected transition: what :class:`~torchrl_dreammpc.objectives.TDMPC2Loss`
+#: reads, the end flags, and the trajectory id. The env's bookkeeping entries (``step_count``,
+#: ``episode_reward``, ``is_init``) are dropped: they would double the row size for nothing.
+REPLAY_KEYS: tuple[NestedKey, ...] = (
+    "observation",
+    "action",
+    ("next", "observation"),
+    ("next", "reward"),
+    ("next", "terminated"),
+    ("next", "truncated"),
+    ("next", "done"),
+    TRAJ_KEY,
+)
+
+
+def make_replay_buffer(
+    capacity: int,
+    horizon: int,
+    batch_size: int = 256,
+    *,
+    memmap: bool = False,
+    scratch_dir: str | Path | None = None,
+    traj_key: NestedKey = TRAJ_KEY,
+    fragmented: bool = False,
+    step_key: NestedKey = STEP_KEY,
+) -> TensorDictReplayBuffer:
+    """TD-MPC2's replay buffer: ``batch_size`` sub-trajectories of ``horizon`` transitions per sample.
+
+    A sample holds ``batch_size * horizon`` transitions, ``batch_size`` contiguous runs of ``horizon``, i.e.
+    ``horizon + 1`` observations each (``observation`` of the first row, then the ``("next", "observation")``
+    of every row) — what TD-MPC2 calls a sub-trajectory of length ``horizon + 1``. Reshape it to
+    ``[batch_size, horizon]`` for :class:`~torchrl_dreammpc.objectives.TDMPC2Loss` (the
+    :class:`SliceReplayBufferTrainer` hook does).
+
+    Slices never cross an episode end: TorchRL's :class:`~torchrl.data.SliceSampler` cuts the storage wherever
+    ``traj_key`` changes between two consecutive rows (and at the write cursor once the buffer wraps), and
+    ``strict_length=True`` drops the pieces shorter than ``horizon``. A slice may end on a terminal step
+    (``("next", "terminated")``), never contain one before its last row.
+
+    With several collector workers, consecutive rows come from different workers (a ``[workers, T]`` batch is
+    written worker after worker), so contiguous runs of one trajectory id can be as short as ``T`` rows.
+    ``fragmented=True`` makes the sampler rebuild each trajectory from ``(traj_key, step_key)`` pairs instead of
+    storage adjacency (TorchRL's documented remedy for multi-process collectors), at a few ms per write.
+
+    Args:
+        capacity (int): maximum number of stored transitions (TD-MPC2: ``min(steps, 1_000_000)``).
+        horizon (int): transitions per slice (TD-MPC2: 3).
+        batch_size (int): slices per sample (TD-MPC2: 256).
+
+    Keyword Args:
+        memmap (bool): store on disk (:class:`~torchrl.data.LazyMemmapStorage`) rather than in RAM
+            (:class:`~torchrl.data.LazyTensorStorage`). Defaults to ``False``.
+        scratch_dir (str or Path, optional): where a memmap storage lives.
+        traj_key (NestedKey): the trajectory-id entry. Defaults to ``("collector", "traj_ids")``.
+        fragmented (bool): rebuild trajectories from ``(traj_key, step_key)`` rather than storage order (for
+            multi-worker collection). Defaults to ``False``.
+        step_key (NestedKey): step index within the episode (:class:`~torchrl.envs.StepCounter`'s
+            ``"step_count"``); read only with ``fragmented=True``.
+
+    Examples:
+        >>> rb = make_replay_buffer(1000, horizon=3, batch_size=4)
+        >>> rb.sampler.slice_len, rb.batch_size
+        (3, 12)
+    """
+    if capacity < horizon:
+        raise ValueError(f"capacity ({capacity}) must hold at least one slice of horizon {horizon}.")
+    if horizon < 1 or batch_size < 1:
+        raise ValueError(f"horizon and batch_size must be >= 1, got horizon={horizon}, batch_size={batch_size}.")
+    if memmap:
+        storage = LazyMemmapStorage(capacity, scratch_dir=None if scratch_dir is None else str(scratch_dir))
+    else:
+        storage = LazyTensorStorage(capacity)
+    sampler = SliceSampler(
+        slice_len=horizon,
+        traj_key=traj_key,
+        strict_length=True,
+        fragmented=fragmented,
+        step_key=step_key,
+        # The boundaries are recomputed only after a write: the seed-phase pre-training (thousands of updates
+        # with no write in between) samples from the cache.
+        cache_values=not fragmented,
+        # TDMPC2Loss reads neither an is_init nor a truncated marker: writing them would cost a copy per sample.
+        truncated_key=None,
+        init_key=None,
+    )
+    return TensorDictReplayBuffer(storage=storage, sampler=sampler, batch_size=batch_size * horizon)
+
+
+class SliceReplayBufferTrainer(ReplayBufferTrainer):
+    """:class:`~torchrl.trainers.ReplayBufferTrainer` for sub-trajectory replay.
+
+    Differs from its parent in two places, both needed by TD-MPC2's loss:
+
+    - :meth:`extend` flattens collector batches (``[T]``, or ``[workers, T]`` for multi-worker collectors)
+      into rows without touching the end flags. The parent's ``flatten_tensordicts=True`` path marks the last
+      row of every batch as ``truncated``, which with one-frame batches (UTD 1) would mark every transition.
+      Only :data:`REPLAY_KEYS` are stored.
+    - :meth:`sample` reshapes the flat ``[B * H]`` sample into ``[B, H]`` sub-trajectories.
+
+    It registers :meth:`extend` as a ``batch_process`` op, :meth:`sample` as a ``process_optim_batch`` op, and
+    itself as the ``replay_buffer`` module (checkpointed with the Trainer); no ``post_loss`` priority update
+    (uniform sampling, as in TD-MPC2).
+
+    Args:
+        replay_buffer (TensorDictReplayBuffer): a buffer from :func:`make_replay_buffer`.
+        horizon (int): the slice length of its sampler.
+
+    Keyword Args:
+        device (torch.device, optional): where samples are moved. Defaults to ``None`` (stay on the storage's
+            device).
+        keys (sequence of NestedKey): entries stored. Defaults to :data:`REPLAY_KEYS`.
+    """
+
+    def __init__(
+        self,
+        replay_buffer: TensorDictReplayBuffer,
+        horizon: int,
+        *,
+        device: torch.device | str | None = None,
+        keys: Sequence[NestedKey] = REPLAY_KEYS,
+    ) -> None:
+        super().__init__(replay_buffer, batch_size=None, device=device, flatten_tensordicts=False)
+        self.horizon = horizon
+        self.keys = tuple(keys)
+
+    def extend(self, batch: TensorDictBase) -> TensorDictBase:
+        mask = batch.get(("collector", "mask"), None)
+        rows = batch[mask] if mask is not None else batch.reshape(-1)
+        if rows.numel():  # an empty write would leave the storage's cursor empty (and break its dump)
+            self.replay_buffer.extend(rows.select(*self.keys, strict=False))
+        return batch
+
+    def sample(self, batch: TensorDictBase | None = None) -> TensorDictBase:
+        sample = self.replay_buffer.sample()
+        sample = sample.reshape(-1, self.horizon)
+        return sample.to(self.device) if self.device is not None else sample
+
+    def register(self, trainer: Trainer, name: str = "replay_buffer") -> None:
+        trainer.register_op("batch_process", self.extend)
+        trainer.register_op("process_optim_batch", self.sample)
+        trainer.register_module(name, self)

@@ -1,0 +1,166 @@
+"""TD-MPC2's update as a TorchRL :class:`~torchrl.trainers.OptimizationStepper`."""
+from __future__ import annotations
+
+from typing import Any, TYPE_CHECKING
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torch import nn
+from torchrl.objectives import SoftUpdate
+
+from torchrl_dreammpc.objectives.tdmpc2 import TDMPC2Loss, TDMPC2PolicyLoss, make_tdmpc2_optimizers
+
+from torchrl.trainers import OptimizationStepper
+
+if TYPE_CHECKING:
+    from torchrl.trainers import Trainer
+
+__all__ = ["TDMPC2OptimizationStepper"]
+
+
+class TDMPC2OptimizationStepper(OptimizationStepper):
+    """One TD-MPC2 update: world model, then policy prior, then the soft target update.
+
+    TD-MPC2 steps two optimizers in sequence on every sampled batch, and TorchRL's
+    :class:`~torchrl.trainers.DefaultOptimizationStepper` owns a single one, so this stepper owns both (and the
+    policy loss with its running Q scale). One :meth:`step` runs exactly TD-MPC2's ``_update``:
+
+    1. ``world_model.train()``; ``out = loss(batch)``; the sum of every ``loss_*`` entry is back-propagated;
+       the world-model gradients are clipped to ``grad_clip`` (20); ``wm_optim.step()``; ``zero_grad``;
+    2. ``policy_loss(out["latents"])`` on the detached latent rollout (it sees the Qs *after* step 1),
+       back-propagated, the policy gradients clipped separately to ``grad_clip``; ``pi_optim.step()``;
+       ``zero_grad``;
+    3. the soft target-Q update (TorchRL's :class:`~torchrl.objectives.SoftUpdate`, ``tau=0.01``), after the
+       policy update as in TD-MPC2. It is stepped here rather than registered as the Trainer's
+       ``target_net_updater`` hook so that the order cannot be changed by hook registration;
+    4. ``world_model.eval()`` (planning runs with Q dropout off).
+
+    The returned tensordict holds detached scalars only (the ``[H+1, B, L]`` latents are dropped), ready for
+    the Trainer's logging.
+
+    Its state (both optimizers, the policy loss's running Q scale, the target updater's progress and the
+    update count) is what :meth:`state_dict` returns; registered on a Trainer (:meth:`register`), it is saved
+    with the Trainer's checkpoint under ``trainer_module.optimization_stepper``. The model weights are not part
+    of it: the Trainer checkpoints them through its ``loss_module``.
+
+    Args:
+        loss_module (TDMPC2Loss): the world-model loss (its ``world_model`` is trained).
+
+    Keyword Args:
+        policy_loss (TDMPC2PolicyLoss, optional): the policy-prior loss. Defaults to
+            ``TDMPC2PolicyLoss(loss_module.world_model)`` with TD-MPC2's coefficients.
+        lr (float): learning rate of both optimizers (TD-MPC2: 3e-4). Ignored if ``optimizers`` is given.
+        enc_lr_scale (float): encoder learning-rate factor (TD-MPC2: 0.3). Ignored if ``optimizers`` is given.
+        optimizers (tuple, optional): ``(world_model_optimizer, policy_optimizer)``; defaults to
+            :func:`~torchrl_dreammpc.objectives.make_tdmpc2_optimizers`.
+        grad_clip (float): max gradient norm, applied separately to the world-model and the policy parameters
+            (TD-MPC2: 20).
+        tau (float): soft target update rate (TD-MPC2: 0.01).
+
+    Examples:
+        >>> from torchrl_dreammpc.modules import TDMPC2WorldModel
+        >>> from torchrl_dreammpc.objectives import TDMPC2Loss
+        >>> wm = TDMPC2WorldModel(5, 1, model_size=1, enc_dim=32, mlp_dim=32, latent_dim=16)
+        >>> stepper = TDMPC2OptimizationStepper(TDMPC2Loss(wm))
+        >>> B, H = 8, 3
+        >>> batch = TensorDict({"observation": torch.randn(B, H, 5), "action": torch.rand(B, H, 1) * 2 - 1,
+        ...     "next": {"observation": torch.randn(B, H, 5), "reward": torch.randn(B, H, 1),
+        ...              "terminated": torch.zeros(B, H, 1, dtype=torch.bool)}}, [B, H])
+        >>> metrics = stepper.step(None, batch)
+        >>> sorted(metrics.keys())[:3]
+        ['consistency', 'grad_norm', 'loss_consistency']
+    """
+
+    def __init__(
+        self,
+        loss_module: TDMPC2Loss,
+        *,
+        policy_loss: TDMPC2PolicyLoss | None = None,
+        lr: float = 3e-4,
+        enc_lr_scale: float = 0.3,
+        optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer] | None = None,
+        grad_clip: float = 20.0,
+        tau: float = 0.01,
+    ) -> None:
+        if not isinstance(loss_module, TDMPC2Loss):
+            raise TypeError(f"loss_module must be a TDMPC2Loss, got {type(loss_module).__name__}.")
+        if not grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0, got {grad_clip}.")
+        if not 0 < tau <= 1:
+            raise ValueError(f"tau must be in (0, 1], got {tau}.")
+        self.loss_module = loss_module
+        self.world_model = loss_module.world_model
+        if policy_loss is None:
+            policy_loss = TDMPC2PolicyLoss(self.world_model)
+        elif policy_loss.world_model is not self.world_model:
+            raise ValueError("policy_loss and loss_module must train the same world model.")
+        self.policy_loss = policy_loss
+        if optimizers is None:
+            optimizers = make_tdmpc2_optimizers(self.world_model, lr=lr, enc_lr_scale=enc_lr_scale)
+        self.wm_optim, self.pi_optim = optimizers
+        self.grad_clip = float(grad_clip)
+        # Built once, before any checkpoint is restored: SoftUpdate.init_() copies the online Qs into the targets.
+        self.target_updater = SoftUpdate(loss_module, tau=tau)
+        # Flat parameter lists for the two clips (TD-MPC2 clips the world model and the policy separately).
+        self._wm_params = [p for group in self.wm_optim.param_groups for p in group["params"]]
+        self._pi_params = [p for group in self.pi_optim.param_groups for p in group["params"]]
+        self.num_updates = 0
+
+    @property
+    def optimizer_step_count(self) -> int:
+        """Completed updates (read by TorchRL hooks that act on an optimizer-step cadence)."""
+        return self.num_updates
+
+    def step(self, trainer: Trainer | None, sub_batch: TensorDictBase) -> TensorDictBase:
+        """Runs one TD-MPC2 update on a ``[B, H]`` batch of sub-trajectories and returns detached scalars.
+
+        Args:
+            trainer (Trainer or None): the owning trainer (must share this stepper's loss), or ``None`` in a
+                hand-written loop.
+            sub_batch (TensorDictBase): ``[B, H]`` sub-trajectories (see :class:`TDMPC2Loss`).
+        """
+        if trainer is not None and trainer.loss_module is not self.loss_module:
+            raise ValueError("The trainer and the stepper must share the same loss module.")
+        wm = self.world_model
+        wm.train()
+        out = self.loss_module(sub_batch)
+        loss = sum(value for key, value in out.items() if isinstance(key, str) and key.startswith("loss_"))
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(self._wm_params, self.grad_clip)
+        self.wm_optim.step()
+        self.wm_optim.zero_grad(set_to_none=True)
+
+        latents = out.get(self.loss_module.tensor_keys.latents)
+        pi_out = self.policy_loss(TensorDict({self.policy_loss.tensor_keys.latents: latents}, batch_size=[]))
+        pi_out["loss_pi"].backward()
+        pi_grad_norm = nn.utils.clip_grad_norm_(self._pi_params, self.grad_clip)
+        self.pi_optim.step()
+        self.pi_optim.zero_grad(set_to_none=True)
+
+        self.target_updater.step()
+        wm.eval()
+        self.num_updates += 1
+
+        metrics = out.exclude(self.loss_module.tensor_keys.latents).detach()
+        metrics.update(pi_out.detach())
+        metrics.set("grad_norm", grad_norm.detach())
+        metrics.set("pi_grad_norm", pi_grad_norm.detach())
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        # The policy loss's only own state is its running Q scale: its world-model weights are checkpointed by
+        # the Trainer's loss_module, so they are not stored a second time here.
+        return {
+            "wm_optim": self.wm_optim.state_dict(),
+            "pi_optim": self.pi_optim.state_dict(),
+            "q_scale": self.policy_loss.scale.state_dict(),
+            "target_updater": self.target_updater.state_dict(),
+            "num_updates": self.num_updates,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.wm_optim.load_state_dict(state_dict["wm_optim"])
+        self.pi_optim.load_state_dict(state_dict["pi_optim"])
+        self.policy_loss.scale.load_state_dict(state_dict["q_scale"])
+        self.target_updater.load_state_dict(state_dict["target_updater"])
+        self.num_updates = int(state_dict["num_updates"])
