@@ -201,6 +201,7 @@ def build_trainer(cfg: Mapping, *, checked: Mapping[str, Any] | None = None):
         enc_lr_scale=float(cfg["enc_lr_scale"]),
         grad_clip=float(cfg["grad_clip"]),
         tau=float(cfg["tau"]),
+        compile=cfg.get("compile", False),
         loss_kwargs=dict(cfg.get("loss") or {}),
         policy_loss_kwargs=dict(cfg.get("policy_loss") or {}),
         eval_interval=int(cfg["eval_interval"]),

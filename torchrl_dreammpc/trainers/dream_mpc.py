@@ -183,7 +183,8 @@ class DreamMPCTrainer(Trainer):
             ``seed_frames`` (TD-MPC2).
         utd_ratio (float): updates per collected step afterwards (TD-MPC2: 1).
         frames_per_batch (int): steps per collector batch and worker (1: act, then update, as TD-MPC2).
-        lr (float), enc_lr_scale (float), grad_clip (float), tau (float): see :class:`TDMPC2OptimizationStepper`.
+        lr (float), enc_lr_scale (float), grad_clip (float), tau (float), compile (bool or str): see
+            :class:`TDMPC2OptimizationStepper`.
         loss_kwargs (dict, optional): extra :class:`TDMPC2Loss` arguments (coefficients, rho).
         policy_loss_kwargs (dict, optional): extra :class:`TDMPC2PolicyLoss` arguments.
         eval_interval (int): steps between evaluations (``0``: none). Default 10_000.
@@ -244,6 +245,7 @@ class DreamMPCTrainer(Trainer):
         lr: float = 3e-4,
         enc_lr_scale: float = 0.3,
         grad_clip: float = 20.0,
+        compile: bool | str = False,
         tau: float = 0.01,
         loss_kwargs: Mapping[str, Any] | None = None,
         policy_loss_kwargs: Mapping[str, Any] | None = None,
@@ -374,7 +376,8 @@ class DreamMPCTrainer(Trainer):
         loss_module = TDMPC2Loss(world_model, **dict(loss_kwargs or {}))
         policy_loss = TDMPC2PolicyLoss(world_model, **dict(policy_loss_kwargs or {}))
         stepper = TDMPC2OptimizationStepper(
-            loss_module, policy_loss=policy_loss, lr=lr, enc_lr_scale=enc_lr_scale, grad_clip=grad_clip, tau=tau
+            loss_module, policy_loss=policy_loss, lr=lr, enc_lr_scale=enc_lr_scale, grad_clip=grad_clip, tau=tau,
+            compile=compile,
         )
 
         # -- logging ---------------------------------------------------------------------------------------
