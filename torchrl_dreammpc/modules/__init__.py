@@ -1,5 +1,6 @@
 from torchrl_dreammpc.modules.base import WorldModelBase
 from torchrl_dreammpc.modules.layers import EnsembleMLP, NormedLinear, SimNorm, mlp
+from torchrl_dreammpc.modules.planning import TDMPC2PlanningOps
 from torchrl_dreammpc.modules.two_hot import SymlogTwoHot
 from torchrl_dreammpc.modules.world_model import (
     MODEL_SIZES,
@@ -9,4 +10,4 @@ from torchrl_dreammpc.modules.world_model import (
 )
 
 __all__ = ["WorldModelBase", "EnsembleMLP", "NormedLinear", "SimNorm", "mlp", "SymlogTwoHot", "MODEL_SIZES",
-           "TDMPC2Config", "TDMPC2WorldModel", "discount_from_episode_length"]
+           "TDMPC2Config", "TDMPC2WorldModel", "TDMPC2PlanningOps", "discount_from_episode_length"]

@@ -60,3 +60,11 @@ class WorldModelBase(TensorDictModuleBase, abc.ABC):
     def termination(self, z: torch.Tensor) -> torch.Tensor | None:
         """Probability that the episode ends in ``z`` (``[*B, 1]``), or ``None`` for non-episodic models."""
         return None
+
+    def planning_ops(self):
+        """What the planners call in their inner loops: an object with this class's tensor methods (``encode``,
+        ``next``, ``reward``, ``policy``, ``value``, ``value_and_disagreement``, ``termination``) and attributes,
+        returning the same values, whose parameters never receive gradients. The default is the model itself; a
+        model may return a leaner functional view of itself (e.g. :class:`TDMPC2PlanningOps`). It is fetched once
+        per control step, so it may be cached."""
+        return self

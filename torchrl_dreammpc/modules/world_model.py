@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 
 import torch
 from tensordict import TensorDictBase
@@ -30,6 +31,20 @@ MODEL_SIZES: dict[int, dict[str, int]] = {
     48: dict(enc_dim=1792, mlp_dim=1792, latent_dim=768, num_enc_layers=4),
     317: dict(enc_dim=4096, mlp_dim=4096, latent_dim=1376, num_enc_layers=5, num_q=8),
 }
+
+
+# model -> (module epoch, weight slots, their storage pointers, TDMPC2PlanningOps); kept outside the module so that
+# it is never pickled or deep-copied with it.
+_PLANNING_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# Bumped whenever a submodule is assigned anywhere (a replaced layer invalidates the planning caches).
+_MODULE_EPOCH = [0]
+
+
+def _bump_module_epoch(module, name, submodule):
+    _MODULE_EPOCH[0] += 1
+
+
+nn.modules.module.register_module_module_registration_hook(_bump_module_epoch)
 
 
 def discount_from_episode_length(episode_length: int, denom: float = 5.0, low: float = 0.95,
@@ -195,6 +210,31 @@ class TDMPC2WorldModel(WorldModelBase):
         rest = [p for m in (self.dynamics, self.reward_head, self.termination_head, self.qvalue) if m is not None
                 for p in m.parameters()]
         return enc, rest
+
+    def planning_ops(self):
+        """A :class:`~torchrl_dreammpc.modules.planning.TDMPC2PlanningOps` view of this model (same tensor methods
+        and results, fewer kernels, weights detached) for the planners' inner loops; the model itself in
+        ``train()`` mode (the view has no dropout).
+
+        Cached: the cache is checked (a few microseconds) against the storage of every weight, so a weight
+        replaced or moved (``.to()``, ``param.data = ...``, a new ``Parameter``, a new submodule) rebuilds it,
+        and in-place updates (optimizer steps, ``load_state_dict``, target updates) are seen through it at once.
+        """
+        if self.training or self.q_ensemble.training:
+            return self
+        cache = _PLANNING_CACHE.get(self)
+        if cache is not None and cache[0] == _MODULE_EPOCH[0]:
+            _, slots, ptrs, ops = cache
+            if all(d[n].data_ptr() == p for (d, n), p in zip(slots, ptrs)):
+                return ops
+        from torchrl_dreammpc.modules.planning import TDMPC2PlanningOps
+
+        slots = [(m._parameters, n) for m in self.modules() for n, t in m._parameters.items() if t is not None]
+        slots.append((self.two_hot._buffers, "bins"))
+        with torch.inference_mode(False):
+            ops = TDMPC2PlanningOps(self)
+        _PLANNING_CACHE[self] = (_MODULE_EPOCH[0], slots, [d[n].data_ptr() for d, n in slots], ops)
+        return ops
 
     def policy_parameters(self):
         return list(self.policy_head.parameters())

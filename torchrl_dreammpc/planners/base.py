@@ -16,6 +16,7 @@ import abc
 import contextlib
 import math
 import numbers
+import types
 
 import torch
 from tensordict import NestedKey, TensorDictBase
@@ -46,6 +47,65 @@ def _check_float(name: str, value, low: float = None, high: float = None, low_op
     if high is not None and value > high:
         raise ValueError(f"{name} must be <= {high}, got {value!r}.")
     return value
+
+
+def _imagine(ops, z0: torch.Tensor, actions: torch.Tensor, terminal_eps: torch.Tensor | None,
+             weights: torch.Tensor, uncertainty: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:meth:`LatentPlannerBase.imagine` on the planning ops of a model (``weights``: discounts ``[H+1, 1, 1]``)."""
+    H, M = actions.shape[0], actions.shape[1]
+    fused = getattr(ops, "imagine", None)
+    if fused is not None:
+        out = fused(z0, actions, terminal_eps, weights, uncertainty=uncertainty)
+        if out is not NotImplemented:
+            return out
+    if z0.shape[0] != M:
+        z0 = z0.repeat_interleave(M // z0.shape[0], 0)
+    z = z0
+    zs = [z0]
+    for t in range(H):
+        z = ops.next(z, actions[t])
+        zs.append(z)
+    zs = torch.stack(zs)  # [H+1, M, L]
+    rewards = ops.reward(zs[:-1], actions)  # [H, M, 1]
+    a_H = _policy_action(ops, z, terminal_eps)
+    term = ops.termination(zs[1:])
+    alive = None
+    if term is not None:
+        ended = (term > 0.5).to(z0.dtype).cumsum(0).clamp(max=1.0)  # [H, M, 1]: ended at or before z_{t+1}
+        alive = 1.0 - torch.cat([torch.zeros_like(ended[:1]), ended])  # [H+1, M, 1]
+        weights = weights * alive
+    if uncertainty:
+        q, u = ops.value_and_disagreement(zs, torch.cat([actions, a_H.unsqueeze(0)]))  # [H+1, M, 1] each
+        q_H = q[-1]
+        unc = (u * alive).sum(0) if alive is not None else u.sum(0)
+    else:
+        q_H = ops.value(z, a_H, reduce="avg")
+        unc = None
+    ret = (weights[:-1] * rewards).sum(0) + weights[-1] * q_H
+    return ret, unc
+
+
+def _rollout_prior(ops, z0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """:meth:`LatentPlannerBase.rollout_prior` on the planning ops of a model."""
+    fused = getattr(ops, "rollout_policy", None)
+    if fused is not None:
+        return fused(z0, eps)
+    H, M = eps.shape[0], eps.shape[1]
+    z = z0 if z0.shape[0] == M else z0.repeat_interleave(M // z0.shape[0], 0)
+    acts = []
+    for t in range(H):
+        acts.append(_policy_action(ops, z, eps[t]))
+        if t < H - 1:
+            z = ops.next(z, acts[-1])
+    return torch.stack(acts)
+
+
+def _policy_action(ops, z: torch.Tensor, eps: torch.Tensor | None) -> torch.Tensor:
+    """The prior's action at ``z``: a sample with the given standard-normal ``eps``, or its mean for ``None``."""
+    fast = getattr(ops, "policy_action", None)
+    if fast is not None:
+        return fast(z, eps)
+    return ops.policy(z, deterministic=True)[0] if eps is None else ops.policy(z, eps=eps)[0]
 
 
 class LatentPlannerBase(TensorDictModuleBase, abc.ABC):
@@ -88,6 +148,11 @@ class LatentPlannerBase(TensorDictModuleBase, abc.ABC):
         diagnostics (bool): also write ``("planner", ...)`` entries (see the subclass). Default ``False``.
         generator (torch.Generator, optional): the RNG of the planning noise (on the model's device).
         check_finite (bool): also refuse NaN/inf observations (costs a device sync per step). Default ``False``.
+        compile (bool or str): ``torch.compile`` the model evaluations of a control step (:meth:`imagine` and
+            :meth:`rollout_prior`; their backward too, through AOTAutograd). A string is the compile mode. The first
+            call of each new batch size compiles (tens of seconds on a CPU); see docs/performance.md for when it
+            pays. Default ``False`` (eager). Randomness inside the model (the random pair of Q heads of TD-MPC2's
+            ``"avg"`` with more than two heads) then comes from the compiled RNG stream.
 
     Examples:
         >>> import torch
@@ -122,6 +187,7 @@ class LatentPlannerBase(TensorDictModuleBase, abc.ABC):
         diagnostics: bool = False,
         generator: torch.Generator | None = None,
         check_finite: bool = False,
+        compile: bool | str = False,
     ):
         super().__init__()
         if not isinstance(world_model, WorldModelBase):
@@ -134,6 +200,11 @@ class LatentPlannerBase(TensorDictModuleBase, abc.ABC):
         self.diagnostics = bool(diagnostics)
         self.generator = generator
         self.check_finite = bool(check_finite)
+        if not isinstance(compile, (bool, str)):
+            raise ValueError(f"compile must be a bool or a torch.compile mode string, got {compile!r}.")
+        self.compile_mode = compile  # (not ``self.compile``: that is nn.Module's method)
+        self._compiled: dict = {}
+        self._step_ops = None  # the model's planning ops, fetched once per forward call
         low_t, high_t = self._resolve_bounds(action_spec, low, high)
         # Buffers so that ``planner.to(device)`` moves them; non-persistent: they are configuration.
         self.register_buffer("action_low", low_t, persistent=False)
@@ -233,6 +304,31 @@ class LatentPlannerBase(TensorDictModuleBase, abc.ABC):
             self._discount_cache = (key, disc.to(dtype).view(-1, 1, 1))
         return self._discount_cache[1]
 
+    def __getstate__(self):
+        # Compiled functions and the per-call ops cache are not state (and cannot be pickled): rebuilt on use.
+        state = dict(super().__getstate__())
+        state["_compiled"], state["_step_ops"] = {}, None
+        return state
+
+    def _ops(self):
+        """The world model's :meth:`~WorldModelBase.planning_ops` (fetched once per control step)."""
+        ops = self._step_ops
+        return ops if ops is not None else self.world_model.planning_ops()
+
+    def _maybe_compiled(self, name: str, fn):
+        if not self.compile_mode:
+            return fn
+        compiled = self._compiled.get(name)
+        if compiled is None:
+            mode = None if self.compile_mode is True else self.compile_mode
+            # A code object of its own per planner: dynamo keeps its compiled graphs (one per batch size and
+            # per variant: with/without gradient, with/without the uncertainty) on the code object, with a
+            # small limit; planners of different configurations must not share it.
+            own = types.FunctionType(fn.__code__.replace(co_name=f"{fn.__name__}_{id(self):x}"), fn.__globals__,
+                                     fn.__name__, fn.__defaults__, fn.__closure__)
+            compiled = self._compiled[name] = torch.compile(own, mode=mode, dynamic=False)
+        return compiled
+
     def imagine(self, z0: torch.Tensor, actions: torch.Tensor, terminal_eps: torch.Tensor | None,
                 uncertainty: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Imagined return of action sequences, and optionally their ensemble disagreement.
@@ -247,7 +343,9 @@ class LatentPlannerBase(TensorDictModuleBase, abc.ABC):
         ensemble evaluations are one ``value_and_disagreement`` call.
 
         Args:
-            z0 (Tensor): start latents ``[M, L]``.
+            z0 (Tensor): start latents ``[M, L]``, or ``[R, L]`` with each latent shared by ``M / R`` consecutive
+                rows of ``actions`` (every candidate of an env starts from the same latent: the model may then
+                compute what depends on it once).
             actions (Tensor): ``[H, M, A]`` (may require grad: the result is differentiable w.r.t. it).
             terminal_eps (Tensor or None): standard-normal noise ``[M, A]`` for the sample ``π(z_H)`` (``None``:
                 the prior's mean action).
@@ -256,35 +354,22 @@ class LatentPlannerBase(TensorDictModuleBase, abc.ABC):
         Returns:
             ``(ret [M, 1], unc [M, 1] or None)``.
         """
-        wm = self.world_model
-        H = actions.shape[0]
-        z = z0
-        zs = [z0]
-        for t in range(H):
-            z = wm.next(z, actions[t])
-            zs.append(z)
-        zs = torch.stack(zs)  # [H+1, M, L]
-        rewards = wm.reward(zs[:-1], actions)  # [H, M, 1]
-        if terminal_eps is None:
-            a_H = wm.policy(z, deterministic=True)[0]
-        else:
-            a_H = wm.policy(z, eps=terminal_eps)[0]
-        weights = self._discounts(H, z0.device, z0.dtype)  # [H+1, 1, 1]
-        term = wm.termination(zs[1:])
-        alive = None
-        if term is not None:
-            ended = (term > 0.5).to(z0.dtype).cumsum(0).clamp(max=1.0)  # [H, M, 1]: ended at or before z_{t+1}
-            alive = 1.0 - torch.cat([torch.zeros_like(ended[:1]), ended])  # [H+1, M, 1]
-            weights = weights * alive
-        if uncertainty:
-            q, u = wm.value_and_disagreement(zs, torch.cat([actions, a_H.unsqueeze(0)]))  # [H+1, M, 1] each
-            q_H = q[-1]
-            unc = (u * alive).sum(0) if alive is not None else u.sum(0)
-        else:
-            q_H = wm.value(z, a_H, reduce="avg")
-            unc = None
-        ret = (weights[:-1] * rewards).sum(0) + weights[-1] * q_H
-        return ret, unc
+        weights = self._discounts(actions.shape[0], z0.device, z0.dtype)  # [H+1, 1, 1]
+        fn = self._maybe_compiled("imagine", _imagine)
+        return fn(self._ops(), z0, actions, terminal_eps, weights, uncertainty)
+
+    def rollout_prior(self, z0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """Sampled rollouts of the policy prior in the model: ``a_t = π(z_t)`` (noise ``eps[t]``), ``z_{t+1} =
+        next(z_t, a_t)``; ``H`` prior calls and ``H-1`` model steps, as TD-MPC2 samples its policy trajectories.
+
+        Args:
+            z0 (Tensor): start latents ``[R, L]``, each shared by ``M / R`` consecutive rollouts.
+            eps (Tensor): standard normals ``[H, M, A]``.
+
+        Returns:
+            actions ``[H, M, A]``.
+        """
+        return self._maybe_compiled("rollout", _rollout_prior)(self._ops(), z0, eps)
 
     def clamp_action(self, action: torch.Tensor) -> torch.Tensor:
         return torch.clamp(action, self.action_low, self.action_high)
@@ -354,9 +439,13 @@ class LatentPlannerBase(TensorDictModuleBase, abc.ABC):
             if inference:
                 flat = flat.clone()
                 warm = warm.clone() if warm is not None else None
-            with torch.no_grad():
-                z0 = self.world_model.encode(flat)
-            action, diag = self.plan(z0, warm, explore)
+            self._step_ops = ops = self.world_model.planning_ops()
+            try:
+                with torch.no_grad():
+                    z0 = ops.encode(flat)
+                action, diag = self.plan(z0, warm, explore)
+            finally:
+                self._step_ops = None
             self._has_prev = torch.ones(B, dtype=torch.bool, device=device)
         tensordict.set(self.action_key, action.reshape(*batch_shape, self.action_dim).to(obs.device))
         if self.diagnostics:

@@ -109,7 +109,6 @@ class GradientMPCPlanner(LatentPlannerBase):
         return None if self._prev is None else self._prev.permute(1, 2, 0, 3)
 
     def plan(self, z0: torch.Tensor, warm: torch.Tensor | None, explore: bool):
-        wm = self.world_model
         B, L = z0.shape
         N, H, A = self.num_candidates, self.horizon, self.action_dim
         M = B * N  # candidates of all envs in one batch, env-major: row b*N + n
@@ -118,17 +117,10 @@ class GradientMPCPlanner(LatentPlannerBase):
         n_roll = H * N * A
         eps_roll = noise[:, :n_roll].view(B, H, N, A).transpose(0, 1).reshape(H, M, A)
         eps_H = noise[:, n_roll:n_roll + N * A].reshape(M, A)
-        zN = z0.unsqueeze(1).expand(B, N, L).reshape(M, L)
 
         with torch.no_grad():
             # 1. candidates: sampled rollouts of the policy prior (TD-MPC2 style: H prior calls, H-1 model steps).
-            z, acts = zN, []
-            for t in range(H):
-                a_t = wm.policy(z, eps=eps_roll[t])[0]
-                acts.append(a_t)
-                if t < H - 1:
-                    z = wm.next(z, a_t)
-            a = torch.stack(acts)  # [H, M, A]
+            a = self.rollout_prior(z0, eps_roll)  # [H, M, A]
             # 2. amortization: blend with the shifted previous solution where the env continues its episode.
             if warm is not None and self.warm_start_weight > 0:
                 prev = self._prev  # [H, B, N, A]
@@ -144,22 +136,24 @@ class GradientMPCPlanner(LatentPlannerBase):
             with_unc = lam > 0 and (self.uncertainty_grad or (self.diagnostics and i == 0))
             with torch.enable_grad():
                 a_var = a.detach().requires_grad_(True)
-                ret, unc = self.imagine(zN, a_var, eps_H, uncertainty=with_unc)
-                objective = ret - lam * unc if (unc is not None and self.uncertainty_grad) else ret
+                ret, unc = self.imagine(z0, a_var, eps_H, uncertainty=with_unc)
+                objective = torch.sub(ret, unc, alpha=lam) if (unc is not None and self.uncertainty_grad) else ret
                 (grad,) = torch.autograd.grad(objective.sum(), a_var)
             with torch.no_grad():
                 if i == 0 and self.diagnostics:
-                    J_before = (ret - lam * unc) if unc is not None else ret
+                    J_before = torch.sub(ret, unc, alpha=lam) if unc is not None else ret
                 if self.max_grad_norm is not None:
                     # Per-candidate clip: rows are independent, so each candidate's gradient is its own.
-                    norm = grad.square().sum((0, 2), keepdim=True).sqrt()  # [1, M, 1]
-                    grad = grad * (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
-                a = self.clamp_action(a + self.lr * grad)
+                    norm = torch.linalg.vector_norm(grad, dim=(0, 2), keepdim=True)  # [1, M, 1]
+                    scale = torch.clamp_max(self.max_grad_norm / (norm + 1e-6), 1.0)
+                    a = self.clamp_action(torch.addcmul(a, grad, scale, value=self.lr))
+                else:
+                    a = self.clamp_action(torch.add(a, grad, alpha=self.lr))
 
         # 4. re-evaluate, execute the best candidate's first action, keep every candidate.
         with torch.no_grad():
-            ret, unc = self.imagine(zN, a, eps_H, uncertainty=lam > 0 or self.diagnostics)
-            J = (ret - lam * unc) if lam > 0 else ret
+            ret, unc = self.imagine(z0, a, eps_H, uncertainty=lam > 0 or self.diagnostics)
+            J = torch.sub(ret, unc, alpha=lam) if lam > 0 else ret
             J = J.view(B, N).nan_to_num(nan=float("-inf"))
             idx = J.argmax(1, keepdim=True)  # [B, 1]
             a4 = a.view(H, B, N, A)

@@ -112,7 +112,6 @@ class MPPIPlanner(LatentPlannerBase):
         return None if self._prev is None else self._prev.transpose(0, 1)
 
     def plan(self, z0: torch.Tensor, warm: torch.Tensor | None, explore: bool):
-        wm = self.world_model
         B, L = z0.shape
         S, E, P, H, A = self.num_samples, self.num_elites, self.num_pi_trajs, self.horizon, self.action_dim
         R = S - P  # sampled (non-prior) sequences
@@ -127,20 +126,13 @@ class MPPIPlanner(LatentPlannerBase):
             pi_actions = None
             if P > 0:
                 eps = noise[:, :offset].view(B, H, P, A).transpose(0, 1).reshape(H, B * P, A)
-                z, acts = z0.unsqueeze(1).expand(B, P, L).reshape(B * P, L), []
-                for t in range(H):
-                    a_t = wm.policy(z, eps=eps[t])[0]
-                    acts.append(a_t)
-                    if t < H - 1:
-                        z = wm.next(z, a_t)
-                pi_actions = torch.stack(acts).view(H, B, P, A)
+                pi_actions = self.rollout_prior(z0, eps).view(H, B, P, A)
             # 2. the Gaussian, warm-started from the shifted previous mean (last step 0, as TD-MPC2).
             mean = z0.new_zeros(H, B, A)
             if warm is not None:
                 shifted = torch.cat([self._prev[1:], torch.zeros_like(self._prev[:1])])
                 mean = shifted * warm.view(1, B, 1)
             std = torch.full_like(mean, self.max_std)
-            zS = z0.unsqueeze(1).expand(B, S, L).reshape(M, L)
             low, high = self.action_low.view(1, 1, 1, A), self.action_high.view(1, 1, 1, A)
 
             # 3. MPPI iterations.
@@ -151,7 +143,7 @@ class MPPIPlanner(LatentPlannerBase):
                 eps_H = it_noise[:, H * R * A:].reshape(M, A)
                 sampled = torch.clamp(mean.unsqueeze(2) + std.unsqueeze(2) * r, low, high)  # [H, B, R, A]
                 actions = torch.cat([pi_actions, sampled], dim=2) if P > 0 else sampled  # [H, B, S, A]
-                ret, unc = self.imagine(zS, actions.view(H, M, A), eps_H, uncertainty=lam > 0)
+                ret, unc = self.imagine(z0, actions.view(H, M, A), eps_H, uncertainty=lam > 0)
                 value = ret if unc is None else ret - lam * unc
                 value = value.view(B, S).nan_to_num(0.0)
                 elite_value, elite_idx = value.topk(E, dim=1)  # sorted, best first

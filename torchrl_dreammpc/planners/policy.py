@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from torchrl_dreammpc.planners.base import LatentPlannerBase
+from torchrl_dreammpc.planners.base import LatentPlannerBase, _policy_action
 
 __all__ = ["PolicyActor"]
 
@@ -43,9 +43,7 @@ class PolicyActor(LatentPlannerBase):
 
     def plan(self, z0: torch.Tensor, warm: torch.Tensor | None, explore: bool):
         with torch.no_grad():
-            if explore:
-                eps = self.draw_noise(z0.shape[0], z0.device, z0.dtype)
-                action = self.world_model.policy(z0, eps=eps)[0]
-            else:
-                action = self.world_model.policy(z0, deterministic=True)[0]
+            ops = self._ops()
+            eps = self.draw_noise(z0.shape[0], z0.device, z0.dtype) if explore else None
+            action = _policy_action(ops, z0, eps)
             return self.clamp_action(action), {}
