@@ -407,7 +407,7 @@ def test_compiled_update_matches_eager_after_three_steps():
     from torchrl_dreammpc.trainers import TDMPC2OptimizationStepper
 
     torch.manual_seed(0)
-    wm_eager = TDMPC2WorldModel(5, 1, model_size=1, enc_dim=32, mlp_dim=32, latent_dim=16, dropout=0.0)
+    wm_eager = TDMPC2WorldModel(5, 1, model_size=1, enc_dim=32, mlp_dim=32, latent_dim=16)  # with Q dropout
     wm_comp = copy.deepcopy(wm_eager)
     g = torch.Generator().manual_seed(1)
     B, H = 16, 3

@@ -217,3 +217,33 @@ def test_policy_entropy_matches_gaussian_formula():
     gauss = dist.log_prob(pre).sum(-1, keepdim=True)
     assert torch.allclose(scaled, -logp * (2 * gauss) / (logp + 1e-8), rtol=1e-4, atol=1e-4)
     assert math.isfinite(float(scaled.mean()))
+
+
+def test_dropout_mask_is_bernoulli():
+    """The geometric-gap mask has the distribution of i.i.d. Bernoulli drops (rate, scale, no correlation)."""
+    from torchrl_dreammpc.modules.layers import dropout, dropout_mask
+
+    torch.manual_seed(0)
+    for p in (0.01, 0.3):
+        m = dropout_mask(torch.empty(400, 2500), p).flatten()
+        n = m.numel()
+        torch.testing.assert_close(m.unique(), torch.tensor([0.0, 1 / (1 - p)]))
+        dropped = (m == 0).double()
+        sd = math.sqrt(p * (1 - p) / n)
+        assert abs(dropped.mean().item() - p) < 5 * sd, (p, dropped.mean().item())
+        # independence: neighbours (and elements 7 apart) are both dropped at rate p^2
+        for lag in (1, 7):
+            both = (dropped[lag:] * dropped[:-lag]).mean().item()
+            assert abs(both - p * p) < 5 * math.sqrt(p * p * (1 - p * p) / n), (p, lag, both)
+        # the first and the last element are dropped too (no edge effect of the gap walk)
+        first_last = torch.stack([(dropout_mask(torch.empty(50), p)[[0, -1]] == 0) for _ in range(4000)]).double()
+        assert (first_last.mean(0) - p).abs().max() < 5 * math.sqrt(p * (1 - p) / 4000)
+    x = torch.randn(64, 32, requires_grad=True)
+    y = dropout(x, 0.3)
+    y.sum().backward()
+    kept = y.detach() != 0
+    torch.testing.assert_close(y.detach()[kept], x.detach()[kept] / 0.7)
+    torch.testing.assert_close(x.grad, kept.float() / 0.7)  # gradient flows through kept elements only
+    assert dropout(x, 0.3, training=False) is x
+    with pytest.raises(ValueError, match="dropout probability"):
+        dropout(x, 1.0)

@@ -8,6 +8,8 @@ from torchrl_dreammpc.checkpoints import from_tdmpc2_checkpoint, load_any, load_
 from torchrl_dreammpc.envs import make_env, task_info
 from torchrl_dreammpc.modules import TDMPC2WorldModel, WorldModelBase
 from torchrl_dreammpc.objectives import TDMPC2Loss, TDMPC2PolicyLoss, make_tdmpc2_optimizers
+from torchrl_dreammpc.planners import GradientMPCPlanner, LatentPlannerBase, MPPIPlanner, PolicyActor
+from torchrl_dreammpc.trainers import DreamMPCTrainer, TDMPC2OptimizationStepper
 
 __all__ = [
     "make_env",
@@ -17,6 +19,12 @@ __all__ = [
     "TDMPC2Loss",
     "TDMPC2PolicyLoss",
     "make_tdmpc2_optimizers",
+    "GradientMPCPlanner",
+    "MPPIPlanner",
+    "PolicyActor",
+    "LatentPlannerBase",
+    "DreamMPCTrainer",
+    "TDMPC2OptimizationStepper",
     "from_tdmpc2_checkpoint",
     "load_any",
     "load_world_model",
