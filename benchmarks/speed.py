@@ -27,7 +27,7 @@ Writes ``docs/results/speed.json`` and the ``speed`` and ``speed_ablation`` sect
 Run::
 
     python benchmarks/speed.py                       # 1M and 5M, CPU (several minutes on 2 shared cores)
-    python benchmarks/speed.py --sizes 1 --mppi-rounds 3 --no-compile --no-ablation --no-docs   # a quick look
+    python benchmarks/speed.py --sizes 1 --rounds 3 --no-compile --no-ablation --no-docs   # a quick look
     python benchmarks/speed.py --device cuda          # on a GPU (times synchronize the device)
 """
 from __future__ import annotations
@@ -74,8 +74,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved(fns: dict, rounds: int, device: torch.device, warmup: int = 1) -> dict:
-    """Wall time (s) of each callable, called round-robin ``rounds`` times (the order alternates every round)."""
+def interleaved(fns: dict, rounds: int, device: torch.device, warmup: int = 1, clock=time.perf_counter) -> dict:
+    """Time of each callable (``clock``: wall time by default), called round-robin ``rounds`` times (the order
+    alternates every round)."""
     names = list(fns)
     for _ in range(warmup):
         for n in names:
@@ -85,11 +86,22 @@ def interleaved(fns: dict, rounds: int, device: torch.device, warmup: int = 1) -
     for r in range(rounds):
         for n in (names if r % 2 == 0 else names[::-1]):
             _sync(device)
-            t = time.perf_counter()
+            t = clock()
             fns[n]()
             _sync(device)
-            times[n].append(time.perf_counter() - t)
+            times[n].append(clock() - t)
     return {n: {"min_ms": 1e3 * min(v), "median_ms": 1e3 * statistics.median(v), "n": len(v)} for n, v in times.items()}
+
+
+@contextlib.contextmanager
+def single_thread():
+    """One intra-op thread (for the CPU-time measurements only; restored afterwards)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 class _NoModuleTracker:
@@ -222,9 +234,10 @@ def obs_td(obs: torch.Tensor, is_init: bool) -> TensorDict:
 
 
 # ---------------------------------------------------------------------------------------------- one model size
-def run_size(size: int, args, peer, device, peak: float, log) -> list[dict]:
+def run_size(size: int, args, peer, device, peak: float, log) -> tuple[list[dict], list[dict]]:
+    """Every row of one model size. All the timed calls (both sides, every row) run in one round-robin loop:
+    a slow period of the shared machine then costs each row a few samples, not a whole row."""
     torch.manual_seed(0)
-    rows = []
     agent = peer.make_agent(size, OBS_DIM, ACTION_DIM) if peer is not None else None
     if agent is not None:
         from torchrl_dreammpc.checkpoints import from_tdmpc2_checkpoint
@@ -242,139 +255,132 @@ def run_size(size: int, args, peer, device, peak: float, log) -> list[dict]:
         peer_batch = random_batch(device)
     params = fresh_model().num_params
 
-    def row(name, ours, ref=None, flops_ours=None, flops_ref=None, **extra):
-        r = {"model_size": size, "params": params, "row": name, "ours": ours, "ref": ref,
-             "flops_ours": flops_ours, "flops_ref": flops_ref, **extra}
-        if ref is not None:
-            r["ratio_min"] = ref["min_ms"] / ours["min_ms"]
-            r["ratio_median"] = ref["median_ms"] / ours["median_ms"]
-        for side, fl, t in (("ours", flops_ours, ours), ("ref", flops_ref, ref)):
-            if fl is not None and t is not None:
-                r[f"peak_fraction_{side}"] = fl / (t["min_ms"] * 1e-3) / peak
-        t = TARGETS[name][size] if isinstance(TARGETS[name], dict) else TARGETS[name]
-        r["target"] = t
-        rows.append(r)
-        ref_txt = "" if ref is None else (f" | ref {ref['min_ms']:.1f} (med {ref['median_ms']:.1f}) ms | "
-                                          f"ratio {r['ratio_min']:.2f}x (med {r['ratio_median']:.2f}x)")
-        log(f"  {size}M {name:18s} ours {ours['min_ms']:.2f} (med {ours['median_ms']:.2f}) ms{ref_txt}")
-        return r
-
-    # ---- one full update --------------------------------------------------------------------------------------
+    # ---- the timed calls ----------------------------------------------------------------------------------------
+    tasks: dict = {}  # name -> (callable, inner calls per round: each timed alone)
+    flops: dict = {}
+    extra: dict = {}
     if not args.skip_update:
         td = our_batch(peer_batch, device)
-        wm_e = fresh_model()
-        upd_e, impl = make_updater(wm_e)
-        fns = {"ours": lambda: upd_e.step(None, td)}
+        upd_e, impl = make_updater(fresh_model())
+        tasks["update"] = (lambda: upd_e.step(None, td), 1)
+        extra["update"] = {"implementation": impl}
         if agent is not None:
-            fns["ref"] = lambda: agent._update(*peer_batch)
-        fl_ours = count_flops(lambda: upd_e.step(None, td))
-        fl_ref = count_flops(lambda: agent._update(*peer_batch)) if agent is not None else None
-        t = interleaved(fns, args.update_rounds, device, warmup=2)
-        row("update", t["ours"], t.get("ref"), fl_ours, fl_ref, implementation=impl)
+            tasks["ref update"] = (lambda: agent._update(*peer_batch), 1)
         if not args.no_compile:
-            wm_c = fresh_model()
-            upd_c, impl_c = make_updater(wm_c, "max-autotune-no-cudagraphs")
+            upd_c, impl_c = make_updater(fresh_model(), "max-autotune-no-cudagraphs")
             t0 = time.perf_counter()
             upd_c.step(None, td)
             upd_c.step(None, td)
-            compile_s = time.perf_counter() - t0
-            fns = {"ours": lambda: upd_c.step(None, td)}
-            if agent is not None:
-                fns["ref"] = lambda: agent._update(*peer_batch)
-            t = interleaved(fns, args.update_rounds, device, warmup=1)
-            row("update (compiled)", t["ours"], t.get("ref"), fl_ours, fl_ref, implementation=impl_c,
-                compile_s=compile_s)
+            extra["update (compiled)"] = {"implementation": impl_c, "compile_s": time.perf_counter() - t0}
+            tasks["update (compiled)"] = (lambda: upd_c.step(None, td), 1)
+        for name in ("update", "ref update"):
+            if name in tasks:
+                tasks[name][0]()  # warm-up
+                flops[name] = count_flops(tasks[name][0])
+        flops["update (compiled)"] = flops["update"]
 
-    # ---- planners ---------------------------------------------------------------------------------------------
     wm = fresh_model()
     gen = torch.Generator().manual_seed(1)
     obs1 = torch.randn(1, OBS_DIM, generator=gen).to(device)
     obs8 = torch.randn(8, OBS_DIM, generator=gen).to(device)
     ref_obs = obs1[0].cpu()
-    mppi, dream, dream8 = MPPIPlanner(wm, **MPPI_KW), GradientMPCPlanner(wm, **DREAM_KW), GradientMPCPlanner(wm, **DREAM_KW)
+    planners = {"mppi": MPPIPlanner(wm, **MPPI_KW), "dream-mpc": GradientMPCPlanner(wm, **DREAM_KW)}
+    if not args.no_compile:
+        planners["mppi (compiled)"] = MPPIPlanner(wm, compile=True, **MPPI_KW)
+        planners["dream-mpc (compiled)"] = GradientMPCPlanner(wm, compile=True, **DREAM_KW)
+    dream8 = GradientMPCPlanner(wm, **DREAM_KW)
     singles = [GradientMPCPlanner(wm, **DREAM_KW) for _ in range(8)]
-    with set_exploration_type(ExplorationType.RANDOM), torch.no_grad():
-        # First step of an episode, then every timed call continues it (warm start on, as in TD-MPC2's act).
-        for p in (mppi, dream):
+
+    def eight_singles():
+        for b, p in enumerate(singles):
+            p(obs_td(obs8[b:b + 1], False))
+
+    with set_exploration_type(ExplorationType.RANDOM):
+        # First step of an episode (compiles the compiled planners), then every timed call continues it (warm start
+        # on, as in the reference's act after t0).
+        for name, p in planners.items():
+            t0 = time.perf_counter()
             p(obs_td(obs1, True))
+            p(obs_td(obs1, False))
+            if "compiled" in name:
+                extra[name] = {"compile_s": time.perf_counter() - t0}
+            tasks[name] = ((lambda p=p: p(obs_td(obs1, False))), args.dream_per_round if "dream" in name else 1)
+            flops[name] = count_flops(tasks[name][0])
         dream8(obs_td(obs8, True))
         for b, p in enumerate(singles):
             p(obs_td(obs8[b:b + 1], True))
-        ref_act = None
+        tasks["batched"] = (lambda: dream8(obs_td(obs8, False)), 1)
+        tasks["singles"] = (eight_singles, 1)
+        flops["batched"], flops["singles"] = count_flops(tasks["batched"][0]), count_flops(eight_singles)
         if agent is not None:
             agent.act(ref_obs, t0=True)
-            ref_act = lambda: agent.act(ref_obs)  # noqa: E731
-        step_mppi = lambda: mppi(obs_td(obs1, False))  # noqa: E731
-        step_dream = lambda: dream(obs_td(obs1, False))  # noqa: E731
-        fl_mppi, fl_dream = count_flops(step_mppi), count_flops(step_dream)
-        fl_ref_act = count_flops(ref_act) if agent is not None else None
+            tasks["ref act"] = (lambda: agent.act(ref_obs), 1)
+            flops["ref act"] = count_flops(tasks["ref act"][0])
 
-        fns = {"ours": step_mppi}
-        if ref_act is not None:
-            fns["ref"] = ref_act
-        t = interleaved(fns, args.mppi_rounds, device)
-        row("mppi", t["ours"], t.get("ref"), fl_mppi, fl_ref_act)
+        def measure(names, rounds, clock):
+            samples = {n: [] for n in names}
+            for r in range(rounds):
+                for n in (names if r % 2 == 0 else names[::-1]):
+                    fn, inner = tasks[n]
+                    for _ in range(inner):
+                        _sync(device)
+                        c = clock()
+                        fn()
+                        _sync(device)
+                        samples[n].append(clock() - c)
+            return {n: {"min_ms": 1e3 * min(v), "median_ms": 1e3 * statistics.median(v), "n": len(v)}
+                    for n, v in samples.items()}
 
-        # Dream-MPC: several of our steps per reference step (ours is ~50x shorter), each timed alone.
-        def dream_row(name, step, **extra):
-            times = []
+        names = list(tasks)
+        measure(names, 1, time.perf_counter)  # warm-up
+        t = measure(names, args.rounds, time.perf_counter)
 
-            def block():
-                for _ in range(args.dream_per_round):
-                    s = time.perf_counter()
-                    step()
-                    _sync(device)
-                    times.append(time.perf_counter() - s)
+        pairs = [("update", "ref update"), ("update (compiled)", "ref update"), ("mppi", "ref act"),
+                 ("mppi (compiled)", "ref act"), ("dream-mpc", "ref act"), ("dream-mpc (compiled)", "ref act"),
+                 ("batched", "singles")]
 
-            block()
-            times.clear()
-            fns = {"ours": block}
-            if ref_act is not None:
-                fns["ref"] = ref_act
-            t = interleaved(fns, args.mppi_rounds, device, warmup=0)
-            ours = {"min_ms": 1e3 * min(times), "median_ms": 1e3 * statistics.median(times), "n": len(times)}
-            return row(name, ours, t.get("ref"), fl_dream, fl_ref_act, **extra)
+        def make_rows(t, clock_name, with_flops):
+            rows = []
+            for ours, ref in pairs:
+                if ours not in t:
+                    continue
+                r = {"model_size": size, "params": params, "row": ours, "ours": t[ours], "ref": t.get(ref),
+                     "clock": clock_name, **extra.get(ours, {})}
+                if with_flops:
+                    r["flops_ours"], r["flops_ref"] = flops.get(ours), flops.get(ref)
+                    for side, fl, tt in (("ours", r["flops_ours"], r["ours"]), ("ref", r["flops_ref"], r["ref"])):
+                        if fl is not None and tt is not None:
+                            r[f"peak_fraction_{side}"] = fl / (tt["min_ms"] * 1e-3) / peak
+                if r["ref"] is not None:
+                    r["ratio_min"] = r["ref"]["min_ms"] / r["ours"]["min_ms"]
+                    r["ratio_median"] = r["ref"]["median_ms"] / r["ours"]["median_ms"]
+                r["target"] = TARGETS[ours][size] if isinstance(TARGETS[ours], dict) else TARGETS[ours]
+                rows.append(r)
+                log(f"  {size}M {ours:20s} [{clock_name}] ours {r['ours']['min_ms']:.2f} (med "
+                    f"{r['ours']['median_ms']:.2f}) ms" + ("" if r["ref"] is None else
+                    f" | ref {r['ref']['min_ms']:.2f} (med {r['ref']['median_ms']:.2f}) ms | ratio "
+                    f"{r['ratio_min']:.2f}x (med {r['ratio_median']:.2f}x)"))
+            return rows
 
-        dream_row("dream-mpc", step_dream)
+        rows = make_rows(t, "wall time, default threads", True)
 
-        if not args.no_compile:
-            # The same planners with compile=True (eager fallback is the default); compile time of the first steps.
-            for name, make, n_first in (("dream-mpc (compiled)", lambda: GradientMPCPlanner(wm, compile=True,
-                                                                                              **DREAM_KW), 2),
-                                        ("mppi (compiled)", lambda: MPPIPlanner(wm, compile=True, **MPPI_KW), 2)):
-                planner = make()
-                t0 = time.perf_counter()
-                planner(obs_td(obs1, True))
-                for _ in range(n_first - 1):
-                    planner(obs_td(obs1, False))
-                compile_s = time.perf_counter() - t0
-                step = (lambda p=planner: p(obs_td(obs1, False)))
-                if name.startswith("dream"):
-                    dream_row(name, step, compile_s=compile_s)
-                else:
-                    fns = {"ours": step}
-                    if ref_act is not None:
-                        fns["ref"] = ref_act
-                    t = interleaved(fns, args.mppi_rounds, device)
-                    row(name, t["ours"], t.get("ref"), fl_mppi, fl_ref_act, compile_s=compile_s)
-
-        # Batched planning: 8 envs in one call vs 8 single-env calls (each env its own planner and warm start).
-        def eight_singles():
-            for b, p in enumerate(singles):
-                p(obs_td(obs8[b:b + 1], False))
-
-        t = interleaved({"batched": lambda: dream8(obs_td(obs8, False)), "singles": eight_singles},
-                        args.batched_rounds, device, warmup=2)
-        row("batched", t["batched"], t["singles"], count_flops(lambda: dream8(obs_td(obs8, False))),
-            count_flops(eight_singles), envs=8, planner="dream-mpc")
-
-        prof = op_profile(step_dream) if device.type == "cpu" else None
-        if prof is not None:
+        if device.type == "cpu":
+            prof = op_profile(tasks["dream-mpc"][0])
             dream_r = next(r for r in rows if r["row"] == "dream-mpc")
             dream_r["profile"] = prof
-            if ref_act is not None:
-                dream_r["profile_ref_aten_ops_per_call"] = op_profile(ref_act, steps=2)["aten_ops_per_call"]
-    return rows
+            if agent is not None:
+                dream_r["profile_ref_aten_ops_per_call"] = op_profile(tasks["ref act"][0], steps=2)["aten_ops_per_call"]
+
+        # The same comparisons in CPU time of the calling thread, ONE thread on both sides: immune to the load of
+        # a shared machine (the default-thread wall times above swing several-fold with it).
+        cpu_rows = []
+        if device.type == "cpu" and args.cpu_time_rounds > 0:
+            with single_thread():
+                cpu_names = [n for n in names if "compiled" not in n]
+                measure(cpu_names, 1, time.thread_time)
+                cpu_rows = make_rows(measure(cpu_names, args.cpu_time_rounds, time.thread_time),
+                                     "thread CPU time, 1 thread (both sides)", False)
+    return rows, cpu_rows
 
 
 # ---------------------------------------------------------------------------------------------- ablation
@@ -401,7 +407,7 @@ ABLATIONS = {
 
 @contextlib.contextmanager
 def ablated(patch: dict):
-    from torchrl_dreammpc.modules import planning
+    from torchrl_dreammpc.modules import layers, planning
 
     saved = []
     try:
@@ -414,8 +420,9 @@ def ablated(patch: dict):
                     saved.append((planning.TDMPC2PlanningOps, name, getattr(planning.TDMPC2PlanningOps, name)))
                     setattr(planning.TDMPC2PlanningOps, name, None)
             else:
-                saved.append((planning, key, getattr(planning, key)))
-                setattr(planning, key, value)
+                module = layers if key.startswith("_FAST_MISH") else planning  # Mish lives in layers.py
+                saved.append((module, key, getattr(module, key)))
+                setattr(module, key, value)
         yield
     finally:
         for obj, name, value in reversed(saved):
@@ -445,14 +452,17 @@ def run_ablation(size: int, args, device, log) -> list[dict]:
                     p(obs_td(obs, False))
 
             fns[name] = step
-        with set_exploration_type(ExplorationType.RANDOM), torch.no_grad():
+        cpu = device.type == "cpu"
+        with set_exploration_type(ExplorationType.RANDOM), torch.no_grad(), \
+                (single_thread() if cpu else contextlib.nullcontext()):
             for name, (_, patch) in ABLATIONS.items():
                 with ablated(patch):
                     planners[name](obs_td(obs, True))
-            t = interleaved(fns, rounds, device, warmup=1)
+            t = interleaved(fns, rounds, device, warmup=1, clock=time.thread_time if cpu else time.perf_counter)
         base = t["all optimizations"]
         for name, r in t.items():
             rows.append({"model_size": size, "case": case, "variant": name, **r,
+                         "clock": "thread CPU time, 1 thread" if cpu else "wall time",
                          "slowdown_min": r["min_ms"] / base["min_ms"],
                          "slowdown_median": r["median_ms"] / base["median_ms"]})
         log(f"  {size}M {case}: " + ", ".join(f"{n} {r['min_ms']:.1f}" for n, r in t.items()))
@@ -470,7 +480,10 @@ def render_ablation(payload: dict) -> str:
         f"{tuple(round(x, 2) for x in la)}.  ",
         "Each variant switches ONE optimization off; all variants are timed in the same process, interleaved round "
         "by round, on the same model and observations (1M/5M TD-MPC2 models, walker sizes). Cells: best (median) "
-        "ms per control step, and that time relative to all optimizations on (>1: the optimization helps).",
+        "ms per control step, and that time relative to all optimizations on (>1: the optimization helps). "
+        "Clock: " + (res[0].get("clock", "wall time") if res else "") + " — on the shared 2-core machine the wall "
+        "time of 2 threads swings several-fold with the other jobs' load, far more than the effects measured here; "
+        "the CPU time of one thread does not (this table compares our code with itself: no reference side).",
         "",
         "The planning path (`torchrl_dreammpc/modules/planning.py`, `TDMPC2WorldModel.planning_ops()`): the planners "
         "evaluate the model through a functional view of it with detached weights (no `nn.Module`/tensordict calls, "
@@ -509,9 +522,11 @@ def render(payload: dict) -> str:
         f"{info['threads']} torch threads (the default, the same on both sides), python {info['python']}.  ",
         f"Matmul peak measured in this run: {payload['peak_gflops']:.0f} GFLOP/s (best fp32 2048³ matmul).  ",
         f"Load average (1/5/15 min) before {tuple(round(x, 2) for x in lb)}, after "
-        f"{tuple(round(x, 2) for x in la)}: the cores were shared with other jobs, so single calls are sometimes "
-        "slowed down several-fold; the two sides' calls were interleaved round by round and each cell is "
-        "`best (median)` of its calls.  ",
+        f"{tuple(round(x, 2) for x in la)}: the cores were shared with other jobs, so calls are often slowed down "
+        "several-fold (for minutes at a time). Every timed call of both sides and of all rows of a model size ran "
+        f"in one round-robin loop ({payload.get('rounds', '?')} rounds; Dream-MPC: {payload.get('dream_per_round', '?')} "
+        "steps per round, each timed), so a slow period costs every row a few samples; each cell is "
+        "`best (median)` of its calls, ratios of bests and of medians.  ",
         ("Reference: " + peer + "; same weights (loaded into our model), same update batch.") if peer else
         "**Reference not available** (`../shared/peers/` absent): our side only, no ratios.",
         "",
@@ -546,6 +561,19 @@ def render(payload: dict) -> str:
         lines.append(f"| {r['model_size']}M ({r['params'] / 1e6:.2f}M) | {labels[r['row']]} | {ms(r['ours'])} | "
                      f"{ms(r['ref'])} | {ratio} | {ratio_m} | {r['target']} | {fl(r['flops_ours'])} | "
                      f"{fl(r['flops_ref'])} | {pct(r.get('peak_fraction_ours'))} | {pct(r.get('peak_fraction_ref'))} |")
+    cpu = payload.get("results_cpu_time") or []
+    if cpu:
+        lines += ["", "The same comparisons in **CPU time of the calling thread with one torch thread on both sides** "
+                  "(`time.thread_time`; not what the targets ask — default threads, wall time — but immune to the "
+                  "load of the shared machine, which the wall times above are not):", "",
+                  "| model | what | ours ms | reference ms | ratio (best) | ratio (median) | target |",
+                  "|---|---|---:|---:|---:|---:|---|"]
+        for r in cpu:
+            ratio = "–" if r.get("ratio_min") is None else f"{r['ratio_min']:.2f}x"
+            ratio_m = "–" if r.get("ratio_median") is None else f"{r['ratio_median']:.2f}x"
+            t = TARGETS[r["row"]][r["model_size"]] if isinstance(TARGETS[r["row"]], dict) else TARGETS[r["row"]]
+            lines.append(f"| {r['model_size']}M | {labels[r['row']]} | {ms(r['ours'])} | {ms(r['ref'])} | {ratio} | "
+                         f"{ratio_m} | {t} |")
     comp = [r for r in res if r.get("compile_s") is not None]
     if comp:
         lines += ["", "Compile time (the first two calls, which compile; once per process and batch size): " +
@@ -571,11 +599,12 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 5])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--update-rounds", type=int, default=10)
-    parser.add_argument("--mppi-rounds", type=int, default=12)
-    parser.add_argument("--dream-per-round", type=int, default=10)
-    parser.add_argument("--batched-rounds", type=int, default=20)
-    parser.add_argument("--ablation-rounds", type=int, default=4, help="rounds of the leave-one-out ablation")
+    parser.add_argument("--rounds", type=int, default=12,
+                        help="round-robin rounds over every timed call (both sides, all rows)")
+    parser.add_argument("--dream-per-round", type=int, default=10, help="Dream-MPC steps per round (each timed)")
+    parser.add_argument("--ablation-rounds", type=int, default=6, help="rounds of the leave-one-out ablation")
+    parser.add_argument("--cpu-time-rounds", type=int, default=5,
+                        help="rounds of the supplementary 1-thread CPU-time comparison (0: skip)")
     parser.add_argument("--no-ablation", action="store_true")
     parser.add_argument("--skip-update", action="store_true")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled update and planners")
@@ -602,9 +631,11 @@ def main(argv=None) -> dict:
     load_before = os.getloadavg()
     peak = matmul_peak(device)
     print(f"matmul peak {peak / 1e9:.0f} GFLOP/s", flush=True)
-    results, ablation = [], []
+    results, cpu_results, ablation = [], [], []
     for size in args.sizes:
-        results += run_size(size, args, peer, device, peak, lambda s: print(s, flush=True))
+        rows, cpu_rows = run_size(size, args, peer, device, peak, lambda s: print(s, flush=True))
+        results += rows
+        cpu_results += cpu_rows
     if not args.no_ablation:
         for size in args.sizes:
             ablation += run_ablation(size, args, device, lambda s: print(s, flush=True))
@@ -619,7 +650,8 @@ def main(argv=None) -> dict:
                "load_average_before_after": [load_before, os.getloadavg()],
                "setting": {"obs_dim": OBS_DIM, "action_dim": ACTION_DIM, "batch": BATCH, "horizon": HORIZON,
                            "mppi": MPPI_KW, "dream_mpc": DREAM_KW},
-               "results": results, "ablation": ablation}
+               "rounds": args.rounds, "dream_per_round": args.dream_per_round,
+               "results": results, "results_cpu_time": cpu_results, "ablation": ablation}
     md = render(payload)
     md_ablation = render_ablation(payload) if ablation else None
     print(md)

@@ -131,9 +131,10 @@ def test_matches_tdmpc2_reference_outputs(reference, name):
     for key, expected in outputs.items():
         assert ours[key].shape == expected.shape, key
         # Decoded values go through symexp, whose slope is e^|symlog q| (≈44 at q≈43): float32 rounding of the
-        # logits (our batched addmm/baddbmm vs TD-MPC2's vmapped linear, ~3e-6) is amplified accordingly, so they
-        # get a relative term on top of the 1e-5 absolute tolerance.
-        rtol = 1e-6 if key in ("reward", "q") else 0.0
+        # logits (our batched addmm/baddbmm vs TD-MPC2's vmapped linear, ~3e-6, and Mish's one-sigmoid form vs
+        # ATen's kernel, < 2e-6) is amplified accordingly, so they get a relative term on top of the 1e-5 absolute
+        # tolerance (2e-6 relative: ~16 float32 ulps at q≈43).
+        rtol = 2e-6 if key in ("reward", "q") else 0.0
         torch.testing.assert_close(ours[key], expected, atol=1e-5, rtol=rtol, msg=lambda m: f"{name}/{key}: {m}")
     # Targets really are distinct tensors in the fixture, so the test above exercises the target mapping.
     assert (outputs["q_logits"] - outputs["target_q_logits"]).abs().max() > 0.1

@@ -12,7 +12,8 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from torchrl_dreammpc.modules import TDMPC2WorldModel
 from torchrl_dreammpc.modules import planning
-from torchrl_dreammpc.modules.planning import TDMPC2PlanningOps, _mish, simnorm
+from torchrl_dreammpc.modules.layers import mish as _mish
+from torchrl_dreammpc.modules.planning import TDMPC2PlanningOps, simnorm
 from torchrl_dreammpc.planners import GradientMPCPlanner, MPPIPlanner, PolicyActor
 
 SMALL = dict(enc_dim=32, mlp_dim=48, latent_dim=16)

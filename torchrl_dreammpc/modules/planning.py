@@ -18,7 +18,7 @@ launches and small matrix products, not FLOPs; an MPPI step is FLOP-bound, with 
   device); on a CPU only those two members are evaluated, on views of their weights (no gather of the stacked
   ensemble weights); with many rows on a CPU the ensemble runs member by member (intermediates stay in L2);
 - SimNorm as a softmax over the transposed groups (:func:`simnorm`: ATen's softmax over a last dim of 8 is
-  ~150 ns per group), Mish in its sigmoid form for large tensors outside autograd (:func:`_mish`), two-hot
+  ~150 ns per group), Mish in its sigmoid form for large tensors outside autograd (:func:`~torchrl_dreammpc.modules.layers.mish`), two-hot
   decoding ``softmax → @ bins → copysign(expm1(|x|), x)`` (three kernels for ``symexp`` instead of six).
 
 On the same inputs and RNG state the results agree with the module path to float rounding (tests/test_speed.py).
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from torchrl_dreammpc.modules.layers import mish
 
+
 __all__ = ["TDMPC2PlanningOps", "simnorm"]
 
 # Below this many rows a latent shared by several rows (the start latent of every candidate) is simply repeated:
@@ -41,62 +42,10 @@ _SHARED_ROWS_FROM = 64
 _PER_HEAD_ROWS = 256
 # On a CPU, evaluate only the two random Q heads of reduce="avg"/"min" (their indices read on the host: no sync).
 _HOST_PAIR = True
-# Elements from which Mish (outside autograd) switches to its sigmoid form, in place (see ``_mish``)...
-_FAST_MISH_FROM = 4096
-# ... and inside autograd (a custom function: its Python overhead pays from ~20 rows of 384).
-_FAST_MISH_GRAD_FROM = 8192
-
-
 def _symexp(x: torch.Tensor) -> torch.Tensor:
     # sign(x) * (exp(|x|) - 1) in three kernels. (Its derivative at exactly 0 is 0 rather than 1: unreachable in
     # practice, since a decoded two-hot expectation is exactly 0 only for a constant — zero-initialized — head.)
     return torch.expm1(x.abs()).copysign(x)
-
-
-def _mish_parts(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(mish(h), t, s)`` with ``t = tanh(softplus(h)) = n/(2-n)``, ``n = s(2-s)``, ``s = sigmoid(h)`` (exact
-    algebra: ``tanh(softplus(x)) = ((1+eˣ)² - 1)/((1+eˣ)² + 1)``): one transcendental instead of ATen's three
-    (|difference to ATen| < 2e-6)."""
-    s = torch.sigmoid(h)
-    t = torch.rsub(s, 2.0).mul_(s)  # n = s (2 - s)
-    d = torch.rsub(t, 2.0)  # 2 - n
-    t.div_(d)
-    return h * t, t, s
-
-
-class _FastMish(torch.autograd.Function):
-    """Mish in the sigmoid form, with the backward ``g · (t + x·s·(1-s)²·(1+t)²)``: ``1 - t² = (1-s)²(1+t)²``
-    (no cancellation where ``t → 1``)."""
-
-    @staticmethod
-    def forward(ctx, h):
-        y, t, s = _mish_parts(h)
-        ctx.save_for_backward(h, t, s)
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        h, t, s = ctx.saved_tensors
-        v = torch.add(t, 1.0).mul_(torch.rsub(s, 1.0)).square_()  # (1+t)²(1-s)² = 1 - t²
-        return v.mul_(s).mul_(h).add_(t).mul_(g)
-
-
-def _mish(h: torch.Tensor) -> torch.Tensor:
-    """Mish. On a CPU, for tensors of ``_FAST_MISH_FROM`` elements or more: the sigmoid form (:func:`_mish_parts`,
-    in place outside autograd, a custom autograd function inside), ~4x faster than ATen's mish, whose
-    tanh/log1p/exp cost ~4 ns per element on CPU. Smaller tensors: ``F.mish`` (one kernel)."""
-    if torch.compiler.is_compiling():
-        return mish(h)  # the fusable form
-    grad = h.requires_grad and torch.is_grad_enabled()
-    if h.device.type != "cpu" or h.numel() < (_FAST_MISH_GRAD_FROM if grad else _FAST_MISH_FROM):
-        return F.mish(h)
-    if grad:
-        return _FastMish.apply(h)
-    s = torch.sigmoid(h)
-    d = torch.rsub(s, 2.0)  # 2 - s
-    s.mul_(d)  # n = s (2 - s)
-    torch.neg(s, out=d).add_(2.0)  # 2 - n
-    return s.mul_(h).div_(d)
 
 
 def simnorm(x: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -165,7 +114,7 @@ class _MLP:
             return h
         h = F.layer_norm(h, (h.shape[-1],), lw, lb, eps)
         if act == "mish":
-            return _mish(h)
+            return mish(h)
         if type(act) is tuple:
             return simnorm(h, act[1])
         return act(h)
@@ -247,12 +196,12 @@ class _Ensemble:
             rest = [tuple(t.index_select(0, members) for t in ts) for ts in self.rest_layers]
         N = z2.shape[0]
         h = torch.addmm(b0, z2, w0z_t).addmm_(a2, w0a_t).view(N, K, -1)  # [N, K, out]
-        h = _mish(torch.addcmul(lb, F.layer_norm(h, (h.shape[-1],)), lw))
+        h = mish(torch.addcmul(lb, F.layer_norm(h, (h.shape[-1],)), lw))
         h = h.transpose(0, 1)  # [K, N, out]
         for ts in rest:
             h = torch.baddbmm(ts[1], h, ts[0])
             if len(ts) > 2:
-                h = _mish(torch.addcmul(ts[3].unsqueeze(1), F.layer_norm(h, (h.shape[-1],)), ts[2].unsqueeze(1)))
+                h = mish(torch.addcmul(ts[3].unsqueeze(1), F.layer_norm(h, (h.shape[-1],)), ts[2].unsqueeze(1)))
         return h.reshape(K, *batch, h.shape[-1])
 
     def some(self, z: torch.Tensor, a: torch.Tensor, heads: list[int]) -> torch.Tensor:
@@ -264,11 +213,11 @@ class _Ensemble:
         for k in heads:
             (w0z_t, w0a_t, b0, lw0, lb0), rest = self.members[k]
             h = torch.addmm(b0, z2, w0z_t).addmm_(a2, w0a_t)
-            h = _mish(F.layer_norm(h, (h.shape[-1],), lw0, lb0))
+            h = mish(F.layer_norm(h, (h.shape[-1],), lw0, lb0))
             for ts in rest:
                 h = torch.addmm(ts[1], h, ts[0])
                 if len(ts) > 2:
-                    h = _mish(F.layer_norm(h, (h.shape[-1],), ts[2], ts[3]))
+                    h = mish(F.layer_norm(h, (h.shape[-1],), ts[2], ts[3]))
             outs.append(h)
         return torch.stack(outs).view(len(heads), *batch, outs[0].shape[-1])
 
