@@ -48,6 +48,12 @@ class WorldModelBase(TensorDictModuleBase, abc.ABC):
         """Policy prior: returns ``(action, mean, log_std)``; actions squashed to [-1, 1]. ``deterministic``
         returns the squashed mean; ``eps`` (standard normal noise) may be passed in to fix the sample."""
 
+    @property
+    def value_ensemble_size(self) -> int | None:
+        """Members of the value ensemble that :meth:`value_disagreement` is measured over (``None``: unknown).
+        Planners that penalize disagreement refuse a model with fewer than two."""
+        return None
+
     def value_disagreement(self, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """Uncertainty penalized by Dream-MPC: ``mean_k(Q_k) * std_k(Q_k)`` over the value ensemble."""
         q = self.value(z, a, reduce="all")

@@ -240,6 +240,10 @@ class TDMPC2WorldModel(WorldModelBase):
         return list(self.policy_head.parameters())
 
     @property
+    def value_ensemble_size(self) -> int:
+        return self.config.num_q
+
+    @property
     def num_params(self) -> int:
         return param_count(self)
 
