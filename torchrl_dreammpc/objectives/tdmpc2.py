@@ -303,6 +303,9 @@ def make_tdmpc2_optimizers(world_model: TDMPC2WorldModel, lr: float = 3e-4, enc_
     """TD-MPC2's optimizer recipe: Adam(lr) on the world model with the encoder at ``lr * enc_lr_scale``, and a
     separate Adam(lr, eps=1e-5) on the policy prior. Gradient clipping (20) is applied by the update step.
 
+    Both use torch's fused Adam kernel when the parameters live on a CPU or a CUDA device (the same update up to
+    float rounding; on a CPU 0.8 ms instead of 3.2 ms per step for the 1M model, docs/performance.md).
+
     Returns:
         ``(world_model_optimizer, policy_optimizer)``.
     """
@@ -311,6 +314,8 @@ def make_tdmpc2_optimizers(world_model: TDMPC2WorldModel, lr: float = 3e-4, enc_
     if enc_lr_scale <= 0:
         raise ValueError(f"enc_lr_scale must be > 0, got {enc_lr_scale}")
     enc, rest = world_model.world_model_parameters()
-    wm_optim = torch.optim.Adam([{"params": enc, "lr": lr * enc_lr_scale}, {"params": rest}], lr=lr)
-    pi_optim = torch.optim.Adam(world_model.policy_parameters(), lr=lr, eps=pi_eps)
+    pi_params = list(world_model.policy_parameters())
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in [*enc, *rest, *pi_params]) or None
+    wm_optim = torch.optim.Adam([{"params": enc, "lr": lr * enc_lr_scale}, {"params": rest}], lr=lr, fused=fused)
+    pi_optim = torch.optim.Adam(pi_params, lr=lr, eps=pi_eps, fused=fused)
     return wm_optim, pi_optim
