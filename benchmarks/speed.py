@@ -582,6 +582,13 @@ def render(payload: dict) -> str:
     impl = {r.get("implementation") for r in res if r.get("implementation")}
     if impl:
         lines += ["", "Our update: " + ", ".join(sorted(impl)) + "."]
+    upd = [r for r in res if r["row"] in ("update", "update (compiled)")]
+    if upd:
+        lines += ["", "Updates per second (1000 / best ms; batch 256, H 3): " + "; ".join(
+            f"{r['model_size']}M {'compiled' if 'compiled' in r['row'] else 'eager'} "
+            f"{1e3 / r['ours']['min_ms']:.1f} (reference {1e3 / r['ref']['min_ms']:.1f})" if r.get("ref") else
+            f"{r['model_size']}M {'compiled' if 'compiled' in r['row'] else 'eager'} {1e3 / r['ours']['min_ms']:.1f}"
+            for r in upd) + "."]
     profs = [r for r in res if r.get("profile")]
     if profs:
         lines += ["", "Ops launched by one Dream-MPC step (torch.profiler, CPU), top ops by self time:", ""]
