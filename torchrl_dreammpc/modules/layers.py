@@ -115,11 +115,14 @@ def _(like, p):
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """``F.dropout`` with the same distribution, drawn with :func:`dropout_mask` (fast for small ``p``)."""
+    """``F.dropout`` with the same distribution; on a CPU drawn with :func:`dropout_mask` (fast for small ``p``).
+    Other devices keep ``F.dropout``: their RNG kernels are fast, and the gap walk would sync the device."""
     if not training or p == 0.0:
         return x
     if not 0.0 < p < 1.0:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    if x.device.type != "cpu":
+        return F.dropout(x, p, training=True)
     return x * dropout_mask(x.detach(), p)
 
 
