@@ -43,6 +43,11 @@ def default_mujoco_gl(*, headless_only: bool) -> None:
     os.environ["MUJOCO_GL"] = "egl"
 
 
+def gym_space_dims(sim: Any) -> tuple[int, int]:
+    """``(observation width, action width)`` of a gymnasium-style simulator (flat Box spaces)."""
+    return int(np.prod(sim.observation_space.shape)), int(np.prod(sim.action_space.shape))
+
+
 class UnknownTaskError(ValueError):
     """Raised for a task name that no suite knows; the message lists the closest known names."""
 

@@ -16,7 +16,7 @@ import re
 import numpy as np
 import torch
 
-from ._base import SimStep, SuiteEnv, TaskInfo, TaskNotAvailableError, default_mujoco_gl
+from ._base import SimStep, SuiteEnv, TaskInfo, TaskNotAvailableError, default_mujoco_gl, gym_space_dims
 
 __all__ = ["INSTALL_HINT", "HumanoidBenchTaskEnv", "lookup", "task_names"]
 
@@ -205,14 +205,7 @@ class HumanoidBenchTaskEnv(SuiteEnv):
         sim = _make_simulator(info.task)
         self._pending_seed = None
         # HumanoidBench takes normalised actions in [-1, 1] and rescales them to the actuator ranges itself.
-        super().__init__(
-            info,
-            int(np.prod(sim.observation_space.shape)),
-            int(np.prod(sim.action_space.shape)),
-            device=device,
-            seed=seed,
-            sim=sim,
-        )
+        super().__init__(info, *gym_space_dims(sim), device=device, seed=seed, sim=sim)
 
     def _sim_reset(self) -> np.ndarray:
         # gymnasium seeds through reset(seed=...); a seed given with set_seed applies to the next reset.

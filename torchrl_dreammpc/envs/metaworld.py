@@ -17,7 +17,7 @@ import functools
 import numpy as np
 import torch
 
-from ._base import SimStep, SuiteEnv, TaskInfo
+from ._base import SimStep, SuiteEnv, TaskInfo, gym_space_dims
 
 __all__ = ["ACTION_REPEAT", "EPISODE_LENGTH", "MetaWorldTaskEnv", "lookup", "task_names"]
 
@@ -87,14 +87,7 @@ class MetaWorldTaskEnv(SuiteEnv):
         # the env's own generator (seeded_rand_vec) rather than NumPy's global one makes seeds reproducible.
         sim._freeze_rand_vec = False
         sim.seeded_rand_vec = True
-        super().__init__(
-            info,
-            int(np.prod(sim.observation_space.shape)),
-            int(np.prod(sim.action_space.shape)),
-            device=device,
-            seed=seed,
-            sim=sim,
-        )
+        super().__init__(info, *gym_space_dims(sim), device=device, seed=seed, sim=sim)
 
     def _sim_reset(self) -> np.ndarray:
         observation, _ = self.sim.reset()
