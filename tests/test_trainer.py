@@ -378,9 +378,15 @@ def test_multi_worker_collector_collects(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None,
                     reason="Ray is not installed (optional extra: pip install 'torchrl_dreammpc[ray]')")
-def test_ray_collector_collects(tmp_path):
-    import ray
+def test_ray_collector_collects(tmp_path, monkeypatch):
+    import datetime
 
+    import ray
+    import torchrl.weight_update._ray as ray_weight_sync
+
+    # TorchRL's weight-sync rendezvous waits 60 s for the Ray workers to start; on a loaded 2-core machine
+    # (a training run beside the tests) starting them takes longer, which is not what this test checks.
+    monkeypatch.setattr(ray_weight_sync, "_DIST_TIMEOUT", datetime.timedelta(seconds=600))
     wm = tiny_world_model()
     trainer = make_trainer(tmp_path, world_model=wm, actor=PolicyActor(wm), total_frames=40, seed_frames=20,
                            pretrain_updates=2, collector_backend="ray", checkpoints=False, log_dir=None,
