@@ -536,5 +536,7 @@ def test_uncertainty_penalty_needs_two_q_heads():
     one_head = TDMPC2WorldModel(5, 2, model_size=1, enc_dim=16, mlp_dim=16, latent_dim=16, num_q=1).eval()
     with pytest.raises(ValueError, match=r"uncertainty_weight=0.01 needs a value ensemble of at least 2.*num_q=1"):
         GradientMPCPlanner(one_head, uncertainty_weight=0.01)
+    with pytest.raises(ValueError, match=r"uncertainty_weight=0.5 needs a value ensemble of at least 2.*num_q=1"):
+        MPPIPlanner(one_head, uncertainty_weight=0.5)
     planner = GradientMPCPlanner(one_head, uncertainty_weight=0.0)  # no penalty: a single head is fine
     assert torch.isfinite(planner(obs_td(torch.randn(3, 5)))["action"]).all()

@@ -315,6 +315,17 @@ class LatentPlannerBase(TensorDictModuleBase, abc.ABC):
         ops = self._step_ops
         return ops if ops is not None else self.world_model.planning_ops()
 
+    def _check_uncertainty_weight(self, value) -> float:
+        """λ of the ensemble-disagreement penalty: >= 0, and > 0 only with at least two value-ensemble members
+        (the std of a single head is undefined: NaN would rank every candidate)."""
+        value = _check_float("uncertainty_weight", value, low=0.0)
+        members = self.world_model.value_ensemble_size
+        if value > 0 and members is not None and members < 2:
+            raise ValueError(f"uncertainty_weight={value} needs a value ensemble of at least 2 members to measure "
+                             f"disagreement; this world model has {members} (num_q={members}). Use a model with "
+                             "num_q >= 2 or set uncertainty_weight=0.")
+        return value
+
     def _maybe_compiled(self, name: str, fn):
         if not self.compile_mode:
             return fn

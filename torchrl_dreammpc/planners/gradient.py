@@ -92,13 +92,7 @@ class GradientMPCPlanner(LatentPlannerBase):
         self.iterations = _check_int("iterations", iterations, 0)
         self.lr = _check_float("lr", lr, low=0.0, low_open=True)
         self.warm_start_weight = _check_float("warm_start_weight", warm_start_weight, low=0.0, high=1.0)
-        self.uncertainty_weight = _check_float("uncertainty_weight", uncertainty_weight, low=0.0)
-        members = world_model.value_ensemble_size
-        if self.uncertainty_weight > 0 and members is not None and members < 2:
-            # the disagreement (std over the ensemble) of a single head is undefined: NaN would rank every candidate
-            raise ValueError(f"uncertainty_weight={uncertainty_weight} needs a value ensemble of at least 2 members "
-                             f"to measure disagreement; this world model has {members} (num_q={members}). "
-                             "Use a model with num_q >= 2 or set uncertainty_weight=0.")
+        self.uncertainty_weight = self._check_uncertainty_weight(uncertainty_weight)
         self.max_grad_norm = (None if max_grad_norm is None
                               else _check_float("max_grad_norm", max_grad_norm, low=0.0, low_open=True))
         self.uncertainty_grad = bool(uncertainty_grad)

@@ -99,7 +99,7 @@ class MPPIPlanner(LatentPlannerBase):
         if eval_selection not in _EVAL_SELECTIONS:
             raise ValueError(f"eval_selection must be one of {_EVAL_SELECTIONS}, got {eval_selection!r}.")
         self.eval_selection = eval_selection
-        self.uncertainty_weight = _check_float("uncertainty_weight", uncertainty_weight, low=0.0)
+        self.uncertainty_weight = self._check_uncertainty_weight(uncertainty_weight)
 
     @property
     def noise_per_env(self) -> int:
