@@ -65,16 +65,19 @@ def main() -> None:
         ref = read_reference(args.reference, args.xmax)
         steps = sorted(ref)
         means = [sum(ref[s]) / len(ref[s]) for s in steps]
-        ax.plot(steps, means, "k--", label="TD-MPC2 (published, mean of 3 seeds)")
-        for s in steps:
-            ax.scatter([s] * len(ref[s]), ref[s], color="k", s=6, alpha=0.4)
+        # The published file has points every 100k steps only: markers (mean, and min-max of the seeds), no line,
+        # so the plot does not suggest a linear rise in between.
+        lo = [m - min(ref[s]) for s, m in zip(steps, means)]
+        hi = [max(ref[s]) - m for s, m in zip(steps, means)]
+        ax.errorbar(steps, means, yerr=[lo, hi], fmt="ks", capsize=4, ms=5,
+                    label="TD-MPC2 (published: mean, min-max of 3 seeds)")
         last = curve[-1][0]
         near = min(steps, key=lambda s: abs(s - last))
         ref_note = (f"TD-MPC2 at step {near}: " + ", ".join(f"{v:.1f}" for v in ref[near]) + " (3 seeds)")
     ax.plot([s for s, _ in curve], [r for _, r in curve], "o-", label="ours (eval return)")
     ax.set_xlabel("agent steps")
     ax.set_ylabel("episode return")
-    ax.set_xlim(0, args.xmax)
+    ax.set_xlim(-0.02 * args.xmax, 1.04 * args.xmax)  # room for the markers at 0 and at xmax
     ax.set_title(args.name)
     ax.legend()
     ax.grid(alpha=0.3)
