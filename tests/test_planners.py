@@ -17,13 +17,7 @@ EVAL = ExplorationType.DETERMINISTIC
 RANDOM = ExplorationType.RANDOM
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The models here are tiny: intra-op threads only add synchronization, which on shared cores costs seconds.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_model(obs_dim=5, action_dim=2, **kw):

@@ -20,12 +20,7 @@ SMALL = dict(enc_dim=32, mlp_dim=48, latent_dim=16)
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def model(num_q=2, episodic=False, obs_dim=5, action_dim=2, **kw):

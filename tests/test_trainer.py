@@ -29,13 +29,7 @@ TINY = dict(enc_dim=32, mlp_dim=32, latent_dim=16)
 TASK = "cartpole-swingup"  # observation width 5, action width 1, 500-step episodes
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small matmuls on a shared 2-core machine: one intra-op thread is several times faster than two.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_world_model(obs_dim=5, action_dim=1, seed=0, **overrides) -> TDMPC2WorldModel:
