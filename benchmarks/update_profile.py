@@ -19,6 +19,7 @@ Run::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -178,7 +179,7 @@ def main(argv=None) -> dict:
     import torch._inductor.config as inductor_config
 
     inductor_config.cpp.enable_kernel_profile = True  # each fused kernel under its own name in the profile
-    load_before = [round(v, 2) for v in __import__("os").getloadavg()]
+    load_before = [round(v, 2) for v in os.getloadavg()]
     runs = [profile_update(args.size, None, args.steps, warmup=3)]
     if not args.no_compile:
         runs.append(profile_update(args.size, args.compile_mode, args.steps, warmup=3))
@@ -187,7 +188,7 @@ def main(argv=None) -> dict:
         columns += [c for c in r["categories"] if c not in columns]
     payload = {"machine": machine_info(), "threads": args.threads, "runs": runs, "columns": columns,
                "dropout": dropout_timing(args.size),
-               "load": [load_before, [round(v, 2) for v in __import__("os").getloadavg()]]}
+               "load": [load_before, [round(v, 2) for v in os.getloadavg()]]}
     text = render(payload)
     print(text)
     if not args.no_docs:
