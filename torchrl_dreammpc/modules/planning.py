@@ -38,10 +38,20 @@ __all__ = ["TDMPC2PlanningOps", "simnorm"]
 # Below this many rows a latent shared by several rows (the start latent of every candidate) is simply repeated:
 # the shared-row products only pay off in FLOPs when there are many rows (MPPI), and cost extra kernels.
 _SHARED_ROWS_FROM = 64
-# Rows from which the Q ensemble runs member by member on a CPU (smaller intermediates).
-_PER_HEAD_ROWS = 256
+# On a CPU the Q ensemble runs member by member once its hidden activations (rows x members x width floats) would
+# outgrow the L2 cache (2**18 floats = 1 MiB): each member's intermediates then stay in cache. A size, not a row
+# count: the 5M model's 5x512 members reach it at ~100 rows (a batched Dream-MPC ranking pass of 8 envs, 160 rows),
+# the 1M model's 2x384 at ~340 (MPPI).
+_PER_HEAD_ELEMS = 2 ** 18
 # On a CPU, evaluate only the two random Q heads of reduce="avg"/"min" (their indices read on the host: no sync).
 _HOST_PAIR = True
+# Where the pair's indices stay on the device (compiled code, GPUs): from this many rows gather the two members'
+# weights (one copy of 2/K of the ensemble) rather than evaluate all K members and drop K-2 of them (K/2 times the
+# Q products). Measured at 40 rows (5M model, K=5, compiled Dream-MPC call for 8 envs: 26.5 -> 23.8 ms); 16 sits
+# between that and a single-env call's 5 rows, which keeps evaluating all members.
+_GATHER_PAIR_ROWS = 16
+
+
 def _symexp(x: torch.Tensor) -> torch.Tensor:
     # sign(x) * (exp(|x|) - 1) in three kernels. (Its derivative at exactly 0 is 0 rather than 1: unreachable in
     # practice, since a decoded two-hot expectation is exactly 0 only for a constant — zero-initialized — head.)
@@ -157,6 +167,7 @@ class _Ensemble:
         self.k, self.num_layers, self.out_dim = ens.num_members, ens.num_layers, ens.out_dim
         w0, b0, lw0, lb0 = layers[0]
         K, out0 = w0.shape[0], w0.shape[1]
+        self.hidden = out0
         self.w0z_t = w0[:, :, :L].reshape(K * out0, L).t()  # [L, K*out]
         self.w0a_t = w0[:, :, L:].reshape(K * out0, -1).t()  # [A, K*out]
         self.b0 = b0.reshape(-1)
@@ -178,7 +189,7 @@ class _Ensemble:
             z, a = z.expand(*batch, z.shape[-1]), a.expand(*batch, a.shape[-1])
         batch = z.shape[:-1]
         z2, a2 = z.reshape(-1, z.shape[-1]), a.reshape(-1, a.shape[-1])
-        if (members is None and z2.shape[0] >= _PER_HEAD_ROWS and z2.device.type == "cpu"
+        if (members is None and z2.shape[0] * self.k * self.hidden >= _PER_HEAD_ELEMS and z2.device.type == "cpu"
                 and not torch.compiler.is_compiling()):
             # Many rows on a CPU: member by member keeps each intermediate within the L2 cache.
             return self.some(z, a, list(range(self.k)))
@@ -307,7 +318,7 @@ class TDMPC2PlanningOps:
               and not torch.compiler.is_compiling()):
             # The pair is known on the host without a sync: run just those two members, on views of their weights.
             q = self.decode(self._q.some(z, a, idx.tolist()))
-        elif max(z[..., 0].numel(), a[..., 0].numel()) >= _SHARED_ROWS_FROM:
+        elif max(z[..., 0].numel(), a[..., 0].numel()) >= _GATHER_PAIR_ROWS:
             q = self.decode(self._q(z, a, members=idx))
         else:
             q = self.decode(self._q(z, a)).index_select(0, idx)
