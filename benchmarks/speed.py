@@ -312,7 +312,8 @@ def run_size(size: int, args, peer, device, peak: float, log) -> tuple[list[dict
                 extra[name] = {"compile_s": time.perf_counter() - t0}
             tasks[name] = ((lambda p=p: p(obs_td(obs1, False))), args.dream_per_round if "dream" in name else 1)
             # Compiled functions are never run under FlopCounterMode: they run measurably slower afterwards (1M,
-            # 8 envs: 8.7 -> 11.0 ms); same computation, so they take the count of their eager twin.
+            # 8 envs: 9.8 -> 15.0 ms, benchmarks/planner_ab.py --flop-count); same computation, so they take the
+            # count of their eager twin.
             flops[name] = (flops[name.replace(" (compiled)", "")] if "compiled" in name
                            else count_flops(tasks[name][0]))
         for m in modes:

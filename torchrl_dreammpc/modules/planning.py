@@ -47,8 +47,8 @@ _PER_HEAD_ELEMS = 2 ** 18
 _HOST_PAIR = True
 # Where the pair's indices stay on the device (compiled code, GPUs): from this many rows gather the two members'
 # weights (one copy of 2/K of the ensemble) rather than evaluate all K members and drop K-2 of them (K/2 times the
-# Q products). Measured at 40 rows (5M model, K=5, compiled Dream-MPC call for 8 envs: 26.5 -> 23.8 ms); 16 sits
-# between that and a single-env call's 5 rows, which keeps evaluating all members.
+# Q products). Measured at 40 rows (5M model, K=5, compiled Dream-MPC call for 8 envs: 28.5 -> 25.8 ms,
+# benchmarks/planner_ab.py); 16 sits between that and a single-env call's 5 rows, which keeps evaluating all members.
 _GATHER_PAIR_ROWS = 16
 
 
