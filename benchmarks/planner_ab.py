@@ -19,17 +19,20 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
-from tensordict import TensorDict
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
-from torchrl_dreammpc.modules import TDMPC2WorldModel, planning
-from torchrl_dreammpc.planners import GradientMPCPlanner
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed import ACTION_DIM, DREAM_KW, OBS_DIM, obs_td  # noqa: E402  (the setting of speed.py's batched row)
 
-OBS_DIM, ACTION_DIM, ENVS = 24, 6, 8  # walker-sized task, as in benchmarks/speed.py
-DREAM_KW = dict(num_candidates=5, horizon=3, iterations=1, lr=0.1)
+from torchrl_dreammpc.modules import TDMPC2WorldModel, planning  # noqa: E402
+from torchrl_dreammpc.planners import GradientMPCPlanner  # noqa: E402
+
+ENVS = 8
 
 
 def parse_variant(spec: str) -> tuple[str, bool, dict]:
@@ -45,10 +48,6 @@ def parse_variant(spec: str) -> tuple[str, bool, dict]:
             raise SystemExit(f"planner_ab.py: unknown planning constant {key!r} in --variant {spec!r}")
         patch[key] = int(value)
     return name, compiled, patch
-
-
-def obs_td(obs: torch.Tensor, is_init: bool) -> TensorDict:
-    return TensorDict({"observation": obs, "is_init": torch.full((obs.shape[0], 1), is_init)}, [obs.shape[0]])
 
 
 def main() -> None:
