@@ -435,3 +435,41 @@ def test_compiled_update_matches_eager_after_three_steps():
     bad["observation"][0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN/inf"):
         compiled.step(None, bad)
+
+
+def test_algorithm_is_in_the_fingerprint_and_older_checkpoints_count_as_tdmpc2(tmp_path):
+    from torchrl.checkpoint import Checkpoint
+
+    make_trainer(tmp_path, total_frames=60).train()
+    latest = make_trainer(tmp_path, total_frames=100).latest_checkpoint()
+    manifest_path = latest / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert Checkpoint.manifest(latest)["metadata"]["fingerprint"]["algorithm"] == "tdmpc2"
+    # a checkpoint written before the algorithm entry existed resumes as a TD-MPC2 run
+    del manifest["metadata"]["fingerprint"]["algorithm"]
+    manifest_path.write_text(json.dumps(manifest))
+    trainer = make_trainer(tmp_path, total_frames=100)
+    assert trainer.resume() == latest and trainer.collected_frames == 60
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        make_trainer(tmp_path, algorithm="sac")
+
+
+def test_snapshots_every_interval_survive_rotation_and_resume(tmp_path):
+    from torchrl_dreammpc.checkpoints import load_world_model
+
+    trainer = make_trainer(tmp_path, total_frames=100, keep_checkpoints=1, snapshot_interval=50)
+    trainer.train()
+    snapshots = tmp_path / "run" / "snapshots"
+    assert sorted(p.name for p in snapshots.glob("*.pt")) == ["step_00000000.pt", "step_00000050.pt",
+                                                              "step_00000100.pt"]
+    assert len(list((tmp_path / "run" / "checkpoints").glob("checkpoint-*"))) == 1  # rotation kept one
+    final = load_world_model(snapshots / "step_00000100.pt")
+    assert all(torch.equal(final.state_dict()[k], v) for k, v in trainer.world_model.state_dict().items())
+    first = snapshots.joinpath("step_00000050.pt").read_bytes()
+    resumed = make_trainer(tmp_path, total_frames=150, keep_checkpoints=1, snapshot_interval=50)
+    resumed.resume()
+    resumed.train()
+    assert snapshots.joinpath("step_00000050.pt").read_bytes() == first  # never overwritten
+    assert snapshots.joinpath("step_00000150.pt").exists()
+    with pytest.raises(ValueError, match="snapshot_interval must be an integer >= 0"):
+        make_trainer(tmp_path, snapshot_interval=-5)

@@ -12,6 +12,7 @@ from torchrl_dreammpc.trainers.hooks import (
     EpisodeReturnLogger,
     EvaluationHook,
     MultiLogger,
+    WorldModelSnapshots,
     read_eval_csv,
 )
 from torchrl_dreammpc.trainers.replay import REPLAY_KEYS, TRAJ_KEY, SliceReplayBufferTrainer, make_replay_buffer
@@ -30,6 +31,7 @@ __all__ = [
     "SliceReplayBufferTrainer",
     "TDMPC2OptimizationStepper",
     "TRAJ_KEY",
+    "WorldModelSnapshots",
     "make_replay_buffer",
     "read_eval_csv",
     "read_fingerprint",

@@ -87,7 +87,7 @@ def resolve_seed_steps(cfg: Mapping, episode_length: int) -> int:
 def validate_train_config(cfg: Mapping) -> dict[str, Any]:
     """Checks a training config before anything is built; returns facts derived on the way.
 
-    Checks, in order: the planner name; the task (through :func:`~torchrl_dreammpc.envs.task_info`, whose
+    Checks, in order: the algorithm; the planner name; the task (through :func:`~torchrl_dreammpc.envs.task_info`, whose
     ``ValueError`` names the task); the model size; positive integers (steps, batch size, horizon, eval
     episodes, workers, intervals); a positive learning rate; that the run is longer than the seed phase; the
     collector backend; and the planner's own arguments (by building it over a tiny throw-away model).
@@ -100,6 +100,11 @@ def validate_train_config(cfg: Mapping) -> dict[str, Any]:
     """
     from torchrl_dreammpc.envs import task_info
 
+    from torchrl_dreammpc.trainers.dream_mpc import ALGORITHMS
+
+    algorithm = cfg.get("algorithm", "tdmpc2")
+    if algorithm not in ALGORITHMS:
+        raise ConfigError(f"Unknown algorithm {algorithm!r} (algorithm=...); choose one of {list(ALGORITHMS)}.")
     planner = _get(cfg, "planner.name")
     if planner not in PLANNERS:
         raise ConfigError(f"Unknown planner {planner!r} (planner=...); choose one of {sorted(PLANNERS)}.")
@@ -115,7 +120,7 @@ def validate_train_config(cfg: Mapping) -> dict[str, Any]:
         value = _get(cfg, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{key} must be a positive integer, got {value!r}.")
-    for key in ("eval_interval",):
+    for key in ("eval_interval", "snapshot_interval"):
         value = _get(cfg, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ConfigError(f"{key} must be an integer >= 0, got {value!r}.")
@@ -201,6 +206,7 @@ def build_trainer(cfg: Mapping, *, checked: Mapping[str, Any] | None = None):
         enc_lr_scale=float(cfg["enc_lr_scale"]),
         grad_clip=float(cfg["grad_clip"]),
         tau=float(cfg["tau"]),
+        algorithm=cfg.get("algorithm", "tdmpc2"),
         compile=cfg.get("compile", False),
         loss_kwargs=dict(cfg.get("loss") or {}),
         policy_loss_kwargs=dict(cfg.get("policy_loss") or {}),
@@ -213,6 +219,7 @@ def build_trainer(cfg: Mapping, *, checked: Mapping[str, Any] | None = None):
         checkpoint_dir=run_dir / "checkpoints",
         checkpoint_interval=int(cfg["checkpoint_interval"]),
         keep_checkpoints=int(cfg["keep_checkpoints"]),
+        snapshot_interval=int(cfg.get("snapshot_interval") or 0),
         num_workers=int(collector["num_workers"]),
         collector_backend=collector["backend"],
         ray_init_config=dict(collector.get("ray_init_config") or {}),

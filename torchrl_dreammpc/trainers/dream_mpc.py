@@ -26,6 +26,7 @@ from torchrl_dreammpc.trainers.hooks import (
     EpisodeReturnLogger,
     EvaluationHook,
     MultiLogger,
+    WorldModelSnapshots,
 )
 from torchrl_dreammpc.trainers.replay import REPLAY_KEYS, STEP_KEY, SliceReplayBufferTrainer, make_replay_buffer
 from torchrl_dreammpc.trainers.stepper import TDMPC2OptimizationStepper
@@ -40,8 +41,12 @@ __all__ = [
 ]
 
 #: Fingerprint entries that must agree between a checkpoint and the run resuming from it.
-FINGERPRINT_KEYS = ("task", "model_size", "obs_dim", "action_dim", "planner", "horizon", "batch_size",
-                    "buffer_capacity")
+FINGERPRINT_KEYS = ("task", "algorithm", "model_size", "obs_dim", "action_dim", "planner", "horizon",
+                    "batch_size", "buffer_capacity")
+#: Values of fingerprint entries added after checkpoints were first written (older checkpoints lack them).
+FINGERPRINT_DEFAULTS = {"algorithm": "tdmpc2"}
+#: Training algorithms (the update: losses and stepper) that :class:`DreamMPCTrainer` runs.
+ALGORITHMS = ("tdmpc2",)
 
 
 class ConfigMismatchError(ValueError):
@@ -185,6 +190,8 @@ class DreamMPCTrainer(Trainer):
         frames_per_batch (int): steps per collector batch and worker (1: act, then update, as TD-MPC2).
         lr (float), enc_lr_scale (float), grad_clip (float), tau (float), compile (bool or str): see
             :class:`TDMPC2OptimizationStepper`.
+        algorithm (str): the update, one of :data:`ALGORITHMS` (``"tdmpc2"``: TD-MPC2's losses and stepper).
+            Recorded in the checkpoint fingerprint. Default ``"tdmpc2"``.
         loss_kwargs (dict, optional): extra :class:`TDMPC2Loss` arguments (coefficients, rho).
         policy_loss_kwargs (dict, optional): extra :class:`TDMPC2PolicyLoss` arguments.
         eval_interval (int): steps between evaluations (``0``: none). Default 10_000.
@@ -202,6 +209,9 @@ class DreamMPCTrainer(Trainer):
         checkpoint_dir (str or Path, optional): where checkpoints rotate. ``None``: no checkpoints.
         checkpoint_interval (int): steps between checkpoints (on multiples of it). Default 10_000.
         keep_checkpoints (int): checkpoints kept. Default 3.
+        snapshot_interval (int): steps between world-model snapshots that rotation never deletes
+            (``<log_dir>/snapshots/step_<N>.pt``, also at step 0; :class:`WorldModelSnapshots`). ``0``: none
+            (default). Needs ``log_dir``.
         num_workers (int): collector workers. Default 1.
         collector_backend (str): ``"local"`` (in-process, or one process per worker) or ``"ray"``.
         ray_init_config (dict, optional): ``ray.init`` arguments of the Ray backend.
@@ -247,6 +257,7 @@ class DreamMPCTrainer(Trainer):
         grad_clip: float = 20.0,
         compile: bool | str = False,
         tau: float = 0.01,
+        algorithm: str = "tdmpc2",
         loss_kwargs: Mapping[str, Any] | None = None,
         policy_loss_kwargs: Mapping[str, Any] | None = None,
         eval_interval: int = 10_000,
@@ -260,6 +271,7 @@ class DreamMPCTrainer(Trainer):
         checkpoint_dir: str | Path | None = None,
         checkpoint_interval: int = 10_000,
         keep_checkpoints: int = 3,
+        snapshot_interval: int = 0,
         num_workers: int = 1,
         collector_backend: Literal["local", "ray"] = "local",
         ray_init_config: Mapping[str, Any] | None = None,
@@ -279,6 +291,8 @@ class DreamMPCTrainer(Trainer):
                 f"learner_backend={learner_backend!r} is not supported by DreamMPCTrainer (only 'local'); "
                 "see docs/scaling.md for what TorchRL's Ray learner would need."
             )
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}.")
         if collector_backend not in ("local", "ray"):
             raise ValueError(f"collector_backend must be 'local' or 'ray', got {collector_backend!r}.")
         _check_positive("total_frames", total_frames)
@@ -295,6 +309,10 @@ class DreamMPCTrainer(Trainer):
             raise ValueError(f"utd_ratio must be > 0, got {utd_ratio}.")
         if eval_interval < 0:
             raise ValueError(f"eval_interval must be >= 0, got {eval_interval}.")
+        if isinstance(snapshot_interval, bool) or not isinstance(snapshot_interval, int) or snapshot_interval < 0:
+            raise ValueError(f"snapshot_interval must be an integer >= 0, got {snapshot_interval!r}.")
+        if snapshot_interval and log_dir is None:
+            raise ValueError("snapshot_interval > 0 needs a log_dir (snapshots go to <log_dir>/snapshots).")
 
         # One env instance: specs are checked against the model, the seed phase is sized from its episode
         # length, and the single-process collector steps this very env.
@@ -341,6 +359,7 @@ class DreamMPCTrainer(Trainer):
         buffer_capacity = buffer_capacity or min(total_frames, 1_000_000)
         self.fingerprint = {
             "task": task,
+            "algorithm": algorithm,
             "model_size": world_model.config.model_size,
             "obs_dim": world_model.obs_dim,
             "action_dim": world_model.action_dim,
@@ -436,6 +455,9 @@ class DreamMPCTrainer(Trainer):
             self.register_op("setup", functools.partial(collector.update_policy_weights_, actor))
             UpdateWeights(collector, update_weights_interval=1).register(self)
         EpisodeReturnLogger().register(self)
+        if snapshot_interval:
+            # Registered before the evaluation hook: the snapshot of step N is the model evaluated at step N.
+            WorldModelSnapshots(world_model, self.log_dir / "snapshots", int(snapshot_interval)).register(self)
         self.evaluation = None
         if eval_interval or eval_actors:
             eval_actors = dict(eval_actors) if eval_actors else {planner_name: actor}
@@ -568,9 +590,10 @@ class DreamMPCTrainer(Trainer):
         """
         saved = read_fingerprint(path)
         diffs = [
-            f"{key}: checkpoint has {saved.get(key)!r}, this run has {self.fingerprint[key]!r}"
+            f"{key}: checkpoint has {saved.get(key, FINGERPRINT_DEFAULTS.get(key))!r}, this run has "
+            f"{self.fingerprint[key]!r}"
             for key in FINGERPRINT_KEYS
-            if saved.get(key) != self.fingerprint[key]
+            if saved.get(key, FINGERPRINT_DEFAULTS.get(key)) != self.fingerprint[key]
         ]
         saved_wm, wm = saved.get("world_model", {}), self.fingerprint["world_model"]
         diffs += [

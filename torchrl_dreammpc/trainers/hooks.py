@@ -21,6 +21,7 @@ __all__ = [
     "EpisodeReturnLogger",
     "EvaluationHook",
     "MultiLogger",
+    "WorldModelSnapshots",
     "read_eval_csv",
     "trim_csv_rows",
 ]
@@ -414,3 +415,52 @@ class EvaluationHook(TrainerHookBase):
         for env in self.envs.values():
             if not env.is_closed:
                 env.close()
+
+
+class WorldModelSnapshots(TrainerHookBase):
+    """Keeps a world-model-only file every ``interval`` steps (and at step 0), which checkpoint rotation never
+    deletes: ``<directory>/step_<N>.pt`` (:func:`~torchrl_dreammpc.checkpoints.save_world_model`, a few MB).
+
+    Trainer checkpoints rotate and hold the replay buffer and optimizers; a snapshot is what is needed to
+    evaluate the model of step ``N`` later (e.g. other planners on it: ``recipes/evaluate.py checkpoint=...``).
+    A snapshot that exists is never overwritten (a resumed run that passes the same step again keeps the first).
+
+    Args:
+        directory (str or Path): where the snapshots go.
+        interval (int): steps between two snapshots (on multiples of it).
+    """
+
+    def __init__(self, world_model: nn.Module, directory: str | Path, interval: int) -> None:
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"snapshot interval must be a positive integer, got {interval!r}.")
+        self.world_model = world_model
+        self.directory = Path(directory)
+        self.interval = interval
+        self._trainer: Trainer | None = None
+
+    @staticmethod
+    def path_for(directory: str | Path, step: int) -> Path:
+        return Path(directory) / f"step_{int(step):08d}.pt"
+
+    def save(self, step: int) -> Path | None:
+        from torchrl_dreammpc.checkpoints import save_world_model
+
+        path = self.path_for(self.directory, step)
+        if path.exists():
+            return None
+        return save_world_model(self.world_model, path)
+
+    def __call__(self) -> None:
+        trainer = self._trainer
+        if trainer is not None and trainer.collected_frames % self.interval == 0:
+            self.save(trainer.collected_frames)
+
+    def initial(self) -> None:
+        trainer = self._trainer
+        if trainer is not None and trainer.collected_frames == 0:
+            self.save(0)
+
+    def register(self, trainer: Trainer, name: str = "snapshots") -> None:
+        self._trainer = trainer
+        trainer.register_op("setup", self.initial)
+        trainer.register_op("post_steps", self)
