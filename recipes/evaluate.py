@@ -10,7 +10,7 @@ and only its weights are read), a ``world_model.pt`` written by ``save_world_mod
 TD-MPC2's public code. Every planner plays ``episodes`` episodes from the same initial states (the env is
 reseeded with ``seed`` before each planner), in TorchRL's DETERMINISTIC exploration mode. The table (mean ± std
 return, success rate on Meta-World, ms per step of acting, ms per env step overall) is printed and saved as
-``results.json`` and ``results.csv`` in ``output_dir``.
+``results.json`` (with every episode's return and success flag) and ``results.csv`` in ``output_dir``.
 """
 from __future__ import annotations
 
@@ -188,6 +188,8 @@ def main(cfg: DictConfig) -> None:
             "plan_ms_per_step": timers[name].ms,
             "ms_per_step": metrics["ms_per_step"],
             "episodes": int(metrics["episodes"]),
+            "episode_returns": metrics.get("episode_returns"),  # results.json only (paired comparisons)
+            "episode_successes": metrics.get("episode_successes"),
         })
     if cfg["video"]:
         for row in rows:
@@ -199,7 +201,8 @@ def main(cfg: DictConfig) -> None:
                "results": rows}
     (out_dir / "results.json").write_text(json.dumps(payload, indent=2))
     with (out_dir / "results.csv").open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(file, fieldnames=[key for key in rows[0] if not key.startswith("episode_")],
+                                extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 

@@ -15,6 +15,8 @@ With ``resume=true`` (the default) the run continues from its last complete chec
 """
 from __future__ import annotations
 
+import fcntl
+import os
 import re
 import sys
 from pathlib import Path
@@ -37,6 +39,23 @@ def quote_model_size(argv: list[str]) -> list[str]:
     return out
 
 
+def lock_run_dir(run_dir: Path):
+    """An exclusive lock on ``run_dir/.lock`` for this process's lifetime (the OS drops it when the process dies):
+    two trainings writing one run directory would interleave checkpoints and logs."""
+    handle = (run_dir / ".lock").open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        raise SystemExit(f"train.py: {run_dir} is being trained by another process ({handle.read().strip()}); "
+                         "wait for it to end or stop it.")
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    return handle
+
+
 @hydra.main(config_path="config", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     cfg = OmegaConf.to_container(cfg, resolve=True)
@@ -52,6 +71,8 @@ def main(cfg: DictConfig) -> float | None:
                          f"or choose another run_dir.")
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_run_dir(run_dir)  # noqa: F841  (held until the process ends)
 
     # 2. Build (collector, replay buffer, losses, stepper, evaluator, loggers, checkpoints) and resume.
     trainer, _ = build_trainer(cfg, checked=checked)
@@ -60,7 +81,6 @@ def main(cfg: DictConfig) -> float | None:
             trainer.resume()
         except ConfigMismatchError as err:
             raise SystemExit(f"train.py: {err}")
-    run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.create(cfg), run_dir / "config.yaml")
     print(f"[train] {checked['task_info'].task}, planner {cfg['planner']['name']}, model_size {cfg['model']['size']}, "
           f"{cfg['steps']} steps (seed phase {checked['seed_steps']}), run dir {run_dir}", flush=True)

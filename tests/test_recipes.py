@@ -166,6 +166,8 @@ def test_train_checkpoint_resume_evaluate_end_to_end(tmp_path):
     assert [row["planner"] for row in results["results"]] == ["policy", "mppi", "dream_mpc"]
     for row in results["results"]:
         assert row["episodes"] == 1 and row["plan_ms_per_step"] > 0 and row["return_mean"] >= 0
+        # every episode's return is kept (paired comparisons) and agrees with TorchRL's mean
+        assert row["episode_returns"] == [pytest.approx(row["return_mean"], rel=1e-5, abs=1e-4)]
     assert (out / "results.csv").read_text().splitlines()[0].startswith("planner,return_mean,return_std")
     # ... and the world-model file the run wrote at its end
     from_file = run(EVALUATE, f"checkpoint={run_dir / 'world_model.pt'}", "task=cartpole-swingup",
