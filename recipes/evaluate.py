@@ -110,13 +110,8 @@ def record_video(create_env, actor, path: Path, seed: int, size: tuple[int, int]
     env = create_env()
     base = env.base_env
     height, width = size
-    if callable(getattr(base, "render", None)):
-        render = functools.partial(base.render, height=height, width=width)
-    elif hasattr(getattr(base, "sim", None), "physics"):  # dm_control tasks: render the suite's camera 0
-        render = functools.partial(base.sim.physics.render, height=height, width=width, camera_id=0)
-    else:
-        raise RuntimeError(f"video=true: the {type(base).__name__} env of this task exposes no render(); video "
-                           "recording is not possible for it here.")
+    # every suite's env renders its own video camera (SuiteEnv.render: DMC, Meta-World, HumanoidBench)
+    render = functools.partial(base.render, height=height, width=width)
     env.set_seed(seed)
     frames = []
     try:
