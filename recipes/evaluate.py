@@ -10,7 +10,9 @@ and only its weights are read), a ``world_model.pt`` written by ``save_world_mod
 TD-MPC2's public code. Every planner plays ``episodes`` episodes from the same initial states (the env is
 reseeded with ``seed`` before each planner), in TorchRL's DETERMINISTIC exploration mode. The table (mean ± std
 return, success rate on Meta-World, ms per step of acting, ms per env step overall) is printed and saved as
-``results.json`` and ``results.csv`` in ``output_dir``.
+``results.json`` and ``results.csv`` in ``output_dir``. Every error a user can cause (a missing, truncated,
+corrupted or foreign file, another task's checkpoint, an unknown task or planner, a bad value, a missing optional
+suite) stops the script with one line, ``evaluate.py: <what>``, and exit status 1.
 """
 from __future__ import annotations
 
@@ -159,7 +161,7 @@ def record_video(create_env, actor, path: Path, seed: int, size: tuple[int, int]
         render = functools.partial(base.sim.physics.render, height=height, width=width, camera_id=0)
     else:
         raise UserError(f"video=true: the {type(base).__name__} env of this task exposes no render(); video "
-                           "recording is not possible for it here.")
+                        "recording is not possible for it here.")
     env.set_seed(seed)
     frames = []
     try:

@@ -43,7 +43,8 @@ def perturbed_model(**kw):
     wm = tiny_model(**kw)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for t in (wm.reward_head.module.net[-1].weight, getattr(wm.q_ensemble, f"weight_{wm.q_ensemble.num_layers - 1}")):
+        last_q = getattr(wm.q_ensemble, f"weight_{wm.q_ensemble.num_layers - 1}")
+        for t in (wm.reward_head.module.net[-1].weight, last_q):
             t.add_(0.5 * torch.randn(t.shape, generator=g))
     return wm
 

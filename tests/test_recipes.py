@@ -162,7 +162,6 @@ def test_eval_planners_become_eval_actors_with_their_csv(tmp_path):
     ("task=no-such-task", "'no-such-task'"),
     ("steps=100", "steps=100 must exceed the seed phase of 2500"),
     ("lr=-1", "lr must be a finite number > 0, got -1"),
-    ("model.latent_dim=12", "latent_dim must be a multiple of simnorm_dim=8"),  # was: a crash after config.yaml
 ])
 def test_cli_rejects_bad_values_before_any_work(tmp_path, override, message):
     run_dir = tmp_path / "run"

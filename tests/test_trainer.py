@@ -289,9 +289,9 @@ def test_collector_acts_with_the_trained_modules(tmp_path):
     assert "update_weights" not in trainer._modules
 
 
-@pytest.mark.parametrize("utd_ratio, after_seed", [(1.0, 70), (0.5, 35), (2.0, 140)])
+@pytest.mark.parametrize("utd_ratio, after_seed", [(1.0, 50), (0.5, 25), (2.0, 100)])
 def test_seed_phase_pretraining_then_utd_updates_per_step(tmp_path, utd_ratio, after_seed):
-    trainer = make_trainer(tmp_path, total_frames=120, seed_frames=50, pretrain_updates=10, checkpoints=False,
+    trainer = make_trainer(tmp_path, total_frames=100, seed_frames=50, pretrain_updates=10, checkpoints=False,
                            utd_ratio=utd_ratio)
     planner_calls = _count_calls(trainer.actor)
     updates = [0]
@@ -303,10 +303,10 @@ def test_seed_phase_pretraining_then_utd_updates_per_step(tmp_path, utd_ratio, a
 
     trainer.optimization_stepper.step = counting_step
     trainer.train()
-    assert trainer.collected_frames == 120
-    assert planner_calls[0] == 120 - 50  # random actions during the seed phase, the planner afterwards
+    assert trainer.collected_frames == 100
+    assert planner_calls[0] == 100 - 50  # random actions during the seed phase, the planner afterwards
     assert updates[0] == trainer._optim_count == 10 + after_seed  # pre-training burst, then utd_ratio per step
-    assert len(trainer.replay_buffer) == 120
+    assert len(trainer.replay_buffer) == 100
     assert seed_steps(500) == 2500 and seed_steps(100) == 1000  # TD-MPC2: max(1000, 5 * episode_length)
 
 

@@ -430,8 +430,8 @@ def from_tdmpc2_checkpoint(path_or_state_dict, obs_dim=None, action_dim=None, *,
     The discount is not stored in TD-MPC2 checkpoints. It is ``discount`` if given, else TD-MPC2's heuristic
     (:func:`~torchrl_dreammpc.modules.discount_from_episode_length`) applied to ``episode_length`` if given (500 →
     0.99, 1000 → 0.995; take it from :func:`~torchrl_dreammpc.envs.task_info`: 500 agent steps for DMC, the
-    length TD-MPC2 trains with), else the :class:`TDMPC2Config` default (0.99). Give the task's episode length to plan with
-    the discount the checkpoint's values were trained with.
+    length TD-MPC2 trains with), else the :class:`TDMPC2Config` default (0.99). Give the task's episode length to
+    plan with the discount the checkpoint's values were trained with.
 
     Args:
         path_or_state_dict: a file path, or what ``torch.load`` returned: ``{"model": state_dict}`` or a bare

@@ -102,7 +102,8 @@ def _positive_int(cfg: Mapping, key: str, minimum: int = 1, nullable: bool = Fal
     return value
 
 
-def _number(cfg: Mapping, key: str, low: float = 0.0, high: float | None = None, nullable: bool = False) -> float | None:
+def _number(cfg: Mapping, key: str, low: float = 0.0, high: float | None = None,
+            nullable: bool = False) -> float | None:
     """A finite number in ``(low, high]``: refuses bools, strings, NaN and ±inf."""
     value = _get(cfg, key)
     if value is None and nullable:
@@ -242,7 +243,8 @@ def _check_collector(cfg: Mapping) -> None:
     if backend not in ("local", "ray"):
         raise ConfigError(f"collector.backend must be 'local' or 'ray', got {backend!r}.")
     if backend == "ray" and importlib.util.find_spec("ray") is None:
-        raise ConfigError("collector.backend=ray needs Ray, which is not installed: pip install 'torchrl_dreammpc[ray]'.")
+        raise ConfigError("collector.backend=ray needs Ray, which is not installed: "
+                          "pip install 'torchrl_dreammpc[ray]'.")
     ray_init = _get(cfg, "collector.ray_init_config") or {}
     if not isinstance(ray_init, Mapping):
         raise ConfigError(f"collector.ray_init_config must be a mapping, got {ray_init!r}.")

@@ -372,8 +372,8 @@ class DreamMPCTrainer(Trainer):
         if buffer_capacity is not None:
             _check_positive("buffer_capacity", buffer_capacity)
             if buffer_capacity < horizon:
-                raise ValueError(f"buffer_capacity={buffer_capacity} cannot hold one sub-trajectory of horizon={horizon} "
-                                 "transitions.")
+                raise ValueError(f"buffer_capacity={buffer_capacity} cannot hold one sub-trajectory of "
+                                 f"horizon={horizon} transitions.")
         _check_plans_over("actor", actor, world_model)
         for name, eval_actor in dict(eval_actors or {}).items():
             _check_plans_over(f"eval_actors[{name!r}]", eval_actor, world_model)

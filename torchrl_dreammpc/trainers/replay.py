@@ -153,9 +153,10 @@ class SliceReplayBufferTrainer(ReplayBufferTrainer):
             missing = [key for key in self.keys if key not in present]
             if missing:
                 # Storing the rows without them would make every sample fail later, or worse, be read with a default.
-                raise MissingKeyError(f"The collected batch lacks {missing}, which the replay buffer stores for the loss "
-                               f"and the slice sampler (it has {sorted(map(str, present))}). Collect with an env that "
-                               "writes them (torchrl_dreammpc.envs.make_env does).")
+                raise MissingKeyError(
+                    f"The collected batch lacks {missing}, which the replay buffer stores for the loss and the slice "
+                    f"sampler (it has {sorted(map(str, present))}). Collect with an env that writes them "
+                    "(torchrl_dreammpc.envs.make_env does).")
             self.replay_buffer.extend(rows.select(*self.keys))
         return batch
 
