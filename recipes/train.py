@@ -24,8 +24,11 @@ from pathlib import Path
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torchrl.checkpoint import CheckpointError as TorchRLCheckpointError
 
-from torchrl_dreammpc.trainers import ConfigMismatchError, read_eval_csv
+from torchrl_dreammpc.checkpoints import CheckpointError
+from torchrl_dreammpc.planners import NonFiniteActionError
+from torchrl_dreammpc.trainers import ConfigMismatchError, NonFiniteUpdateError, read_eval_csv
 from torchrl_dreammpc.trainers.builders import ConfigError, build_trainer, validate_train_config
 
 
@@ -79,7 +82,7 @@ def main(cfg: DictConfig) -> float | None:
     if cfg["resume"]:
         try:
             trainer.resume()
-        except ConfigMismatchError as err:
+        except (ConfigMismatchError, CheckpointError, TorchRLCheckpointError) as err:
             raise SystemExit(f"train.py: {err}")
     OmegaConf.save(OmegaConf.create(cfg), run_dir / "config.yaml")
     print(f"[train] {checked['task_info'].task}, planner {cfg['planner']['name']}, model_size {cfg['model']['size']}, "
@@ -89,7 +92,10 @@ def main(cfg: DictConfig) -> float | None:
     if trainer.collected_frames >= trainer.total_frames:
         print(f"[train] already complete: {trainer.collected_frames} steps.", flush=True)
     else:
-        trainer.train()
+        try:
+            trainer.train()
+        except (NonFiniteUpdateError, NonFiniteActionError) as err:  # the message names the step and what to do
+            raise SystemExit(f"train.py: {err}")
     curve = read_eval_csv(run_dir / "eval.csv") if (run_dir / "eval.csv").exists() else []
     if curve:
         print("[train] eval returns: " + ", ".join(f"{step}: {ret:.1f}" for step, ret in curve), flush=True)

@@ -43,6 +43,7 @@ from torchrl_dreammpc.modules.world_model import (
 __all__ = [
     "CheckpointError",
     "FORMAT",
+    "check_finite_state",
     "FORMAT_VERSION",
     "convert_tdmpc2_state_dict",
     "from_tdmpc2_checkpoint",
@@ -396,7 +397,19 @@ def _expected_shapes(config: TDMPC2Config) -> dict[str, torch.Size]:
         return {k: v.shape for k, v in _build(config).state_dict().items()}
 
 
+def check_finite_state(state_dict: Mapping[str, torch.Tensor], where: str = "The checkpoint") -> None:
+    """Raises :class:`CheckpointError` naming the tensors that hold NaN/inf values: a model loaded with them would
+    plan with NaN scores (MPPI then picks actions at random without any error)."""
+    bad = [f"{key} ({int((~torch.isfinite(value)).sum())})" for key, value in state_dict.items()
+           if isinstance(value, torch.Tensor) and value.is_floating_point() and not value.is_meta
+           and not bool(torch.isfinite(value).all())]
+    if bad:
+        raise CheckpointError(f"{where} holds NaN/inf values in {len(bad)} tensor(s) (count in brackets): "
+                              f"{', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''}; refusing to load it.")
+
+
 def _finish(config: TDMPC2Config, state_dict: Mapping[str, torch.Tensor], device) -> TDMPC2WorldModel:
+    check_finite_state(state_dict)
     model = _build(config)
     model.load_state_dict(state_dict, strict=True)
     return model.to(device).eval()
@@ -416,8 +429,9 @@ def from_tdmpc2_checkpoint(path_or_state_dict, obs_dim=None, action_dim=None, *,
 
     The discount is not stored in TD-MPC2 checkpoints. It is ``discount`` if given, else TD-MPC2's heuristic
     (:func:`~torchrl_dreammpc.modules.discount_from_episode_length`) applied to ``episode_length`` if given (500 →
-    0.99, 1000 → 0.995), else the :class:`TDMPC2Config` default (0.99). Give the task's episode length to plan with
-    the discount the checkpoint's values were trained with.
+    0.99, 1000 → 0.995; take it from :func:`~torchrl_dreammpc.envs.task_info`: 500 agent steps for DMC, the
+    length TD-MPC2 trains with), else the :class:`TDMPC2Config` default (0.99). Give the task's episode length to
+    plan with the discount the checkpoint's values were trained with.
 
     Args:
         path_or_state_dict: a file path, or what ``torch.load`` returned: ``{"model": state_dict}`` or a bare
@@ -441,8 +455,9 @@ def from_tdmpc2_checkpoint(path_or_state_dict, obs_dim=None, action_dim=None, *,
             tensors. Nothing is built before the whole state dict has been validated.
 
     Examples:
-        >>> model = from_tdmpc2_checkpoint("walker-walk-1.pt", obs_dim=24, action_dim=6,
-        ...                                episode_length=1000)  # doctest: +SKIP
+        >>> from torchrl_dreammpc.envs import task_info
+        >>> model = from_tdmpc2_checkpoint("walker-walk-1.pt", obs_dim=24, action_dim=6,  # DMC: 500 steps, γ 0.99
+        ...                                episode_length=task_info("walker-walk").episode_length)  # doctest: +SKIP
         >>> z = model.encode(torch.zeros(1, 24))  # doctest: +SKIP
     """
     obj = _read(path_or_state_dict) if isinstance(path_or_state_dict, (str, os.PathLike)) else path_or_state_dict
@@ -521,8 +536,8 @@ def _from_ours(obj: Mapping, where: str, expect_config, obs_dim, action_dim, dev
         raise CheckpointError(f"{where} has unknown config field(s) {sorted(set(cfg_d) - names)}.")
     try:
         config = TDMPC2Config(**cfg_d)
-    except TypeError as err:
-        raise CheckpointError(f"{where} has an incomplete config: {err}") from err
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{where} has an incomplete or invalid config: {err}") from err
     obs_dim, action_dim = _spec_dim(obs_dim, "obs_dim"), _spec_dim(action_dim, "action_dim")
     if obs_dim is not None and obs_dim != config.obs_dim:
         raise CheckpointError(f"Checkpoint expects observation width {config.obs_dim}, the task gives {obs_dim}.")
@@ -599,7 +614,8 @@ def load_any(path_or_state_dict, obs_dim=None, action_dim=None, *, expect_config
 
     Examples:
         >>> model = load_any(cfg.checkpoint, obs_dim=env.observation_spec["observation"],
-        ...                  action_dim=env.action_spec, episode_length=1000)  # doctest: +SKIP
+        ...                  action_dim=env.action_spec,
+        ...                  episode_length=task_info(cfg.task).episode_length)  # doctest: +SKIP
     """
     is_path = isinstance(path_or_state_dict, (str, os.PathLike))
     obj = _read(path_or_state_dict) if is_path else path_or_state_dict

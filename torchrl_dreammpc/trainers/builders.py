@@ -6,19 +6,28 @@ lives here so that it is tested, and reused by ``recipes/evaluate.py``.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from torchrl_dreammpc.modules.world_model import MODEL_SIZES, TDMPC2WorldModel, discount_from_episode_length
+from torchrl_dreammpc._checks import check_compile
+from torchrl_dreammpc.modules.world_model import (
+    MODEL_SIZES,
+    TDMPC2Config,
+    TDMPC2WorldModel,
+    discount_from_episode_length,
+)
 from torchrl_dreammpc.planners import GradientMPCPlanner, MPPIPlanner, PolicyActor
 
 __all__ = [
     "PLANNERS",
     "ConfigError",
+    "check_device",
     "make_planner",
     "make_world_model",
     "resolve_seed_steps",
@@ -84,13 +93,85 @@ def resolve_seed_steps(cfg: Mapping, episode_length: int) -> int:
     return seed_steps(episode_length) if value is None else int(value)
 
 
-def validate_train_config(cfg: Mapping) -> dict[str, Any]:
-    """Checks a training config before anything is built; returns facts derived on the way.
+def _positive_int(cfg: Mapping, key: str, minimum: int = 1, nullable: bool = False) -> int | None:
+    value = _get(cfg, key)
+    if value is None and nullable:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key} must be an integer >= {minimum}{' (or null)' if nullable else ''}, got {value!r}.")
+    return value
 
-    Checks, in order: the algorithm; the planner name; the task (through :func:`~torchrl_dreammpc.envs.task_info`, whose
-    ``ValueError`` names the task); the model size; positive integers (steps, batch size, horizon, eval
-    episodes, workers, intervals); a positive learning rate; that the run is longer than the seed phase; the
-    collector backend; and the planner's own arguments (by building it over a tiny throw-away model).
+
+def _number(cfg: Mapping, key: str, low: float = 0.0, high: float | None = None,
+            nullable: bool = False) -> float | None:
+    """A finite number in ``(low, high]``: refuses bools, strings, NaN and ±inf."""
+    value = _get(cfg, key)
+    if value is None and nullable:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= low \
+            or (high is not None and value > high):
+        where = f"in ({low:g}, {high:g}]" if high is not None else f"> {low:g}"
+        raise ConfigError(f"{key} must be a finite number {where}{' (or null)' if nullable else ''}, got {value!r}.")
+    return float(value)
+
+
+def _boolean(cfg: Mapping, key: str) -> bool:
+    value = _get(cfg, key)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}.")
+    return value
+
+
+#: TDMPC2Config fields that a run derives itself (from the env, the task, ``model_size=`` and ``discount=``).
+_DERIVED_MODEL_FIELDS = {"obs_dim": "the env", "action_dim": "the env", "model_size": "model_size=",
+                         "episodic": "the task", "discount": "discount="}
+#: Eval-planner names become file names (``eval_<name>.csv``) and logger keys.
+_PLANNER_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def _check_model(cfg: Mapping, info) -> TDMPC2WorldModel:
+    """Checks the ``model`` node as :class:`TDMPC2Config` does, without allocating the model, and returns a tiny
+    throw-away model with the run's value-ensemble size and termination head (planners check against those)."""
+    model = dict(_get(cfg, "model") or {})
+    size = model.pop("size", None)
+    if size not in MODEL_SIZES:
+        raise ConfigError(f"Unknown model_size {size!r}; choose one of {sorted(MODEL_SIZES)}.")
+    overrides = {key: value for key, value in model.items() if value is not None}
+    for key, source in _DERIVED_MODEL_FIELDS.items():
+        if key in overrides:
+            raise ConfigError(f"model.{key} cannot be set: it comes from {source}.")
+    try:
+        config = TDMPC2Config.from_size(2, 1, size, **overrides)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model (model_size={size}): {err}") from err
+    return TDMPC2WorldModel(2, 1, model_size=size, enc_dim=8, mlp_dim=8, latent_dim=8, num_enc_layers=1,
+                            num_q=config.num_q, episodic=info.episodic)
+
+
+def _check_planner(label: str, planner_cfg, tiny) -> str:
+    if not isinstance(planner_cfg, Mapping):
+        raise ConfigError(f"{label} must be a planner config with a name (e.g. {{name: policy}}), got {planner_cfg!r}.")
+    name = planner_cfg.get("name")
+    if name not in PLANNERS:
+        raise ConfigError(f"Unknown planner {name!r} ({label}.name); choose one of {sorted(PLANNERS)}.")
+    try:  # the planner validates its own arguments: build it over the tiny model (milliseconds)
+        make_planner(planner_cfg, tiny)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{label}={name}: {err}") from err
+    return name
+
+
+def validate_train_config(cfg: Mapping) -> dict[str, Any]:
+    """Checks every value of a training config before anything is built or written; returns facts derived on the way.
+
+    Checks: the algorithm; the task (through :func:`~torchrl_dreammpc.envs.task_info`, whose ``ValueError`` names
+    the task); the ``model`` node (every :class:`~torchrl_dreammpc.modules.TDMPC2Config` field, e.g. a
+    ``latent_dim`` that is not a multiple of 8, without building the model); positive integers (steps, batch size,
+    horizon, eval episodes, workers, intervals, ``threads``, ``seed_steps``, ``buffer_size``); finite positive
+    numbers (``lr``, ``utd_ratio``, ``enc_lr_scale``, ``grad_clip``; ``tau`` and ``discount`` in (0, 1]); booleans;
+    ``compile`` and ``device``; that the run is longer than the seed phase; the collector backend (and Ray for
+    ``backend=ray``); the loss arguments (``loss.*``, ``policy_loss.*``, by building the losses over a tiny model)
+    and the planner's and every ``eval_planners`` entry's arguments (by building them over a tiny model).
 
     Returns:
         ``{"task_info": TaskInfo, "seed_steps": int}``.
@@ -99,7 +180,6 @@ def validate_train_config(cfg: Mapping) -> dict[str, Any]:
         ConfigError (a ``ValueError``): naming the offending key and value.
     """
     from torchrl_dreammpc.envs import task_info
-
     from torchrl_dreammpc.trainers.dream_mpc import ALGORITHMS
 
     algorithm = cfg.get("algorithm", "tdmpc2")
@@ -112,48 +192,104 @@ def validate_train_config(cfg: Mapping) -> dict[str, Any]:
         info = task_info(cfg["task"])
     except ValueError as err:  # UnknownTaskError / TaskNotAvailableError name the task
         raise ConfigError(f"task={cfg['task']!r}: {err}") from err
-    size = _get(cfg, "model.size")
-    if size not in MODEL_SIZES:
-        raise ConfigError(f"Unknown model_size {size!r}; choose one of {sorted(MODEL_SIZES)}.")
-    for key in ("steps", "batch_size", "horizon", "eval_episodes", "collector.num_workers",
-                "collector.frames_per_batch", "checkpoint_interval", "keep_checkpoints", "log_interval"):
-        value = _get(cfg, key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{key} must be a positive integer, got {value!r}.")
-    for key in ("eval_interval", "snapshot_interval"):
-        value = _get(cfg, key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ConfigError(f"{key} must be an integer >= 0, got {value!r}.")
-    for key in ("lr", "utd_ratio"):
-        value = _get(cfg, key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise ConfigError(f"{key} must be a positive number, got {value!r}.")
-    for key in ("enc_lr_scale", "grad_clip", "tau"):
-        value = _get(cfg, key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ConfigError(f"{key} must be a positive number, got {value!r}.")
+    tiny = _check_model(cfg, info)
+    _check_scalars(cfg)
     seed_steps = resolve_seed_steps(cfg, info.episode_length)
-    if seed_steps < 1:
-        raise ConfigError(f"seed_steps must be >= 1, got {seed_steps}.")
     if cfg["steps"] <= seed_steps:
         raise ConfigError(
             f"steps={cfg['steps']} must exceed the seed phase of {seed_steps} random-action steps "
             f"(seed_steps; TD-MPC2's max(1000, 5 * episode_length) = {max(1000, 5 * info.episode_length)} for "
             f"{info.task}): the planner would never act."
         )
-    pretrain = cfg.get("pretrain_updates")
-    if pretrain is not None and (isinstance(pretrain, bool) or not isinstance(pretrain, int) or pretrain < 0):
-        raise ConfigError(f"pretrain_updates must be an integer >= 0 (or null), got {pretrain!r}.")
+    _check_collector(cfg)
+    _check_losses(cfg, tiny, algorithm)
+    _check_planner("planner", cfg["planner"], tiny)
+    _check_eval_planners(cfg, planner, tiny)
+    return {"task_info": info, "seed_steps": seed_steps}
+
+
+def _check_scalars(cfg: Mapping) -> None:
+    """Integers, finite numbers, booleans, ``compile``, ``device``, ``run_dir``."""
+    for key in ("steps", "batch_size", "horizon", "eval_episodes", "collector.num_workers",
+                "collector.frames_per_batch", "checkpoint_interval", "keep_checkpoints", "log_interval"):
+        _positive_int(cfg, key)
+    for key in ("eval_interval", "snapshot_interval", "seed"):
+        _positive_int(cfg, key, minimum=0)
+    for key in ("threads", "seed_steps"):
+        _positive_int(cfg, key, nullable=True)
+    _positive_int(cfg, "pretrain_updates", minimum=0, nullable=True)
+    buffer_size = _positive_int(cfg, "buffer_size", nullable=True)
+    if buffer_size is not None and buffer_size < cfg["horizon"]:
+        raise ConfigError(f"buffer_size={buffer_size} cannot hold one sub-trajectory of horizon={cfg['horizon']}.")
+    for key in ("lr", "utd_ratio", "enc_lr_scale", "grad_clip"):
+        _number(cfg, key)
+    _number(cfg, "tau", high=1.0)
+    _number(cfg, "discount", high=1.0, nullable=True)
+    for key in ("resume", "eval_at_start", "replay_memmap", "progress_bar"):
+        if _get(cfg, key, False) is not False:  # optional keys: absent means false
+            _boolean(cfg, key)
+    try:
+        check_compile("compile", cfg.get("compile", False))
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    check_device(cfg.get("device") or "cpu")
+    run_dir = cfg.get("run_dir")
+    if not isinstance(run_dir, str) or not run_dir:
+        raise ConfigError(f"run_dir must be a non-empty path, got {run_dir!r}.")
+
+
+def _check_collector(cfg: Mapping) -> None:
     backend = _get(cfg, "collector.backend")
     if backend not in ("local", "ray"):
         raise ConfigError(f"collector.backend must be 'local' or 'ray', got {backend!r}.")
-    # The planner validates its own arguments: build it over a tiny model (milliseconds) before any real work.
-    tiny = TDMPC2WorldModel(2, 1, model_size=1, enc_dim=8, mlp_dim=8, latent_dim=8)
+    if backend == "ray" and importlib.util.find_spec("ray") is None:
+        raise ConfigError("collector.backend=ray needs Ray, which is not installed: "
+                          "pip install 'torchrl_dreammpc[ray]'.")
+    ray_init = _get(cfg, "collector.ray_init_config") or {}
+    if not isinstance(ray_init, Mapping):
+        raise ConfigError(f"collector.ray_init_config must be a mapping, got {ray_init!r}.")
+
+
+def _check_losses(cfg: Mapping, tiny, algorithm: str) -> None:
+    """``loss.*`` / ``policy_loss.*``: the loss constructors check their arguments; build them over ``tiny``."""
+    from torchrl_dreammpc.objectives import TDMPC2Loss, TDMPC2PolicyLoss
+
+    for key, cls in (("loss", TDMPC2Loss), ("policy_loss", TDMPC2PolicyLoss)):
+        kwargs = cfg.get(key) or {}
+        if not isinstance(kwargs, Mapping):
+            raise ConfigError(f"{key} must be a mapping of {cls.__name__} arguments, got {kwargs!r}.")
+        try:
+            cls(tiny, **kwargs)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{key} ({cls.__name__} of algorithm={algorithm}): {err}") from err
+
+
+def _check_eval_planners(cfg: Mapping, planner: str, tiny) -> None:
+    eval_planners = cfg.get("eval_planners") or {}
+    if not isinstance(eval_planners, Mapping):
+        raise ConfigError(f"eval_planners must be a mapping name -> planner config, got {eval_planners!r}.")
+    for label, planner_cfg in eval_planners.items():
+        if not isinstance(label, str) or not _PLANNER_LABEL.fullmatch(label):
+            raise ConfigError(f"eval_planners key {label!r} must be a name of letters, digits, '_', '.', '-' (it "
+                              "names eval_<name>.csv).")
+        if label == planner:
+            raise ConfigError(f"eval_planners.{label}: the training planner is already evaluated under {label!r} "
+                              "(eval.csv); give the extra planner another name.")
+        _check_planner(f"eval_planners.{label}", planner_cfg, tiny)
+
+
+def check_device(device) -> None:
+    """Refuses a device string torch cannot parse, or a CUDA device this machine does not have (ConfigError)."""
+    if device == "auto":
+        return
     try:
-        make_planner(cfg["planner"], tiny)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"planner={planner}: {err}") from err
-    return {"task_info": info, "seed_steps": seed_steps}
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:<index>', got {device!r}.") from err
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} but CUDA is not available here (use device=cpu or device=auto).")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ConfigError(f"device={device!r} but there are only {torch.cuda.device_count()} CUDA device(s).")
 
 
 def build_trainer(cfg: Mapping, *, checked: Mapping[str, Any] | None = None):

@@ -284,12 +284,17 @@ class EvaluationHook(TrainerHookBase):
         self.verbose = verbose
         self.at_start = bool(at_start)
         self.envs = {name: create_env_fn() for name in self.names}
+        # One collector batch of exactly `episodes` full episodes. (TorchRL's default batch is max_steps or 1000
+        # frames: 2 Meta-World episodes of 100 steps would play 10 and keep 2.)
+        length = max_steps or getattr(getattr(getattr(self.envs[self.names[0]], "base_env", None), "info", None),
+                                      "episode_length", None)
         self.evaluators = {
             name: Evaluator(
                 self.envs[name],
                 actor,
                 num_trajectories=self.episodes,
                 max_steps=max_steps,
+                frames_per_batch=None if length is None else self.episodes * int(length),
                 collector_kwargs={"traj_format": "cat"},
                 log_prefix="eval",
                 metrics_fn=_episode_metrics,
