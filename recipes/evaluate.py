@@ -8,7 +8,8 @@
 ``checkpoint`` is a trainer run dir or checkpoint dir (the world model, TD-MPC2's or DreamerV3's, is rebuilt from
 the config stored in it and only its weights are read), a ``world_model.pt`` written by ``save_world_model``, or a
 checkpoint of TD-MPC2's public code. A DreamerV3 model acts through its RSSM state estimator (the planners read
-its latent), in envs with its acting transforms. Every planner plays ``episodes`` episodes from the same initial states (the env is
+its latent), in envs with its acting transforms. Every planner plays ``episodes`` episodes from the same initial
+states (the env is
 reseeded with ``seed`` before each planner), in TorchRL's DETERMINISTIC exploration mode. The table (mean ± std
 return, success rate on Meta-World, ms per step of acting, ms per env step overall) is printed and saved as
 ``results.json`` and ``results.csv`` in ``output_dir``.

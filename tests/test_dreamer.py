@@ -449,3 +449,16 @@ def test_recipe_validation_names_dreamer_keys():
                               ("compile=true", "compile=true")]:
         with pytest.raises(ConfigError, match=message):
             validate_train_config(config("preset=dreamer_cpu", "steps=100000", override))
+
+
+def test_trainer_refuses_a_model_of_another_algorithm(tmp_path):
+    from torchrl_dreammpc.trainers import DreamMPCTrainer
+
+    wm = tiny_model()
+    common = dict(create_env_fn=functools.partial(make_env, TASK, seed=1), total_frames=100, seed_frames=50,
+                  eval_interval=0, eval_at_start=False, verbose=False)
+    with pytest.raises(TypeError, match="algorithm='dreamer_v3'"):
+        DreamMPCTrainer(world_model=wm, actor=wm.acting_module(PolicyActor(wm)), algorithm="tdmpc2", **common)
+    tdmpc2 = TDMPC2WorldModel(5, 1, model_size=1, enc_dim=16, mlp_dim=16, latent_dim=16)
+    with pytest.raises(TypeError, match="trains a DreamerV3WorldModel"):
+        DreamMPCTrainer(world_model=tdmpc2, actor=PolicyActor(tdmpc2), algorithm="dreamer_v3", **common)

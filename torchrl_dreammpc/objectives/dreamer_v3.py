@@ -124,7 +124,8 @@ class SlowCriticUpdate:
 
 
 class DreamerV3TrainingLoss(DreamerV3Loss):
-    """TorchRL's :class:`~torchrl.objectives.DreamerV3Loss` over a :class:`~torchrl_dreammpc.modules.DreamerV3WorldModel`.
+    """TorchRL's :class:`~torchrl.objectives.DreamerV3Loss` over a
+    :class:`~torchrl_dreammpc.modules.DreamerV3WorldModel`.
 
     Built from the model's tensordict views: :class:`~torchrl.objectives.DreamerV3ModelLoss` on
     ``world_model.sequence_model()`` (reconstruction of the symlog observation, two-hot reward, continue, and the

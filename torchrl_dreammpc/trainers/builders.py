@@ -118,7 +118,8 @@ def _validate_dreamer(cfg: Mapping) -> None:
 
     dreamer = cfg.get("dreamer")
     if not isinstance(dreamer, Mapping):
-        raise ConfigError("algorithm=dreamer_v3 needs its `dreamer` config node (recipes/config/algorithm/dreamer_v3.yaml).")
+        raise ConfigError("algorithm=dreamer_v3 needs its `dreamer` config node "
+                          "(recipes/config/algorithm/dreamer_v3.yaml).")
     if str(dreamer.get("model_size")) not in DREAMER_V3_SIZES:
         raise ConfigError(f"Unknown dreamer.model_size {dreamer.get('model_size')!r}; choose one of "
                           f"{list(DREAMER_V3_SIZES)}.")
@@ -174,8 +175,8 @@ def update_arguments(cfg: Mapping, checked: Mapping[str, Any]) -> dict[str, Any]
 def validate_train_config(cfg: Mapping) -> dict[str, Any]:
     """Checks a training config before anything is built; returns facts derived on the way.
 
-    Checks, in order: the algorithm (and, for ``dreamer_v3``, its ``dreamer`` node); the planner name; the task (through :func:`~torchrl_dreammpc.envs.task_info`, whose
-    ``ValueError`` names the task); the model size; positive integers (steps, batch size, horizon, eval
+    Checks, in order: the algorithm (and, for ``dreamer_v3``, its ``dreamer`` node); the planner name; the task
+    (through :func:`~torchrl_dreammpc.envs.task_info`, whose ``ValueError`` names the task); the model size; positive integers (steps, batch size, horizon, eval
     episodes, workers, intervals); a positive learning rate; that the run is longer than the seed phase; the
     collector backend; and the planner's own arguments (by building it over a tiny throw-away model).
 

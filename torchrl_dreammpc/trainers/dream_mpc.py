@@ -57,10 +57,14 @@ class ConfigMismatchError(ValueError):
 
 def _tdmpc2_update(world_model, *, lr, enc_lr_scale, grad_clip, tau, compile, loss_kwargs, policy_loss_kwargs):
     """TD-MPC2's update: :class:`TDMPC2Loss`, :class:`TDMPC2PolicyLoss`, :class:`TDMPC2OptimizationStepper`."""
+    if not isinstance(world_model, TDMPC2WorldModel):
+        raise TypeError(f"algorithm='tdmpc2' trains a TDMPC2WorldModel, got {type(world_model).__name__} (a "
+                        "DreamerV3WorldModel trains with algorithm='dreamer_v3').")
     loss_module = TDMPC2Loss(world_model, **loss_kwargs)
     policy_loss = TDMPC2PolicyLoss(world_model, **policy_loss_kwargs)
-    return loss_module, TDMPC2OptimizationStepper(loss_module, policy_loss=policy_loss, lr=lr, enc_lr_scale=enc_lr_scale,
-                                                  grad_clip=grad_clip, tau=tau, compile=compile)
+    stepper = TDMPC2OptimizationStepper(loss_module, policy_loss=policy_loss, lr=lr, enc_lr_scale=enc_lr_scale,
+                                        grad_clip=grad_clip, tau=tau, compile=compile)
+    return loss_module, stepper
 
 
 def _dreamer_v3_update(world_model, *, lr, enc_lr_scale, grad_clip, tau, compile, loss_kwargs, policy_loss_kwargs):
@@ -72,7 +76,8 @@ def _dreamer_v3_update(world_model, *, lr, enc_lr_scale, grad_clip, tau, compile
     if not isinstance(world_model, DreamerV3WorldModel):
         raise TypeError(f"algorithm='dreamer_v3' trains a DreamerV3WorldModel, got {type(world_model).__name__}.")
     if policy_loss_kwargs:
-        raise ValueError("algorithm='dreamer_v3' takes no policy_loss_kwargs: its actor loss arguments go in loss_kwargs.")
+        raise ValueError("algorithm='dreamer_v3' takes no policy_loss_kwargs: its actor loss arguments go in "
+                         "loss_kwargs.")
     return make_dreamer_v3_update(world_model, lr=lr, compile=compile, **loss_kwargs)
 
 
@@ -126,7 +131,8 @@ class _PrefixedState:
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         n = len(self.prefix)
-        self.module.load_state_dict({key[n:]: value for key, value in state_dict.items() if key.startswith(self.prefix)})
+        self.module.load_state_dict({key[n:]: value for key, value in state_dict.items()
+                                     if key.startswith(self.prefix)})
 
 
 def load_world_model_from_trainer_checkpoint(path: str | Path, device: str | torch.device = "cpu"
