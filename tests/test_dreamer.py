@@ -144,7 +144,8 @@ def test_config_errors_name_the_field():
 def test_acting_path_carries_the_rssm_state_and_resets_it(monkeypatch):
     wm = tiny_model(perturb=0.05)
     actor = wm.acting_module(GradientMPCPlanner(wm, horizon=2, num_candidates=3))
-    assert actor.module[3].latent_key == "latent" and "latent" in actor.module[3].in_keys
+    assert actor.planner.latent_key == "latent" and "latent" in actor.planner.in_keys
+    assert {"observation", "is_init", "state", "belief", "previous_action"} <= set(actor.in_keys)
     # a short time limit: episodes of 6 steps, so a rollout crosses resets
     env = acting_env(wm).append_transform(StepCounter(max_steps=6, step_count_key="short_count"))
     td = env.rollout(14, actor, break_when_any_done=False)

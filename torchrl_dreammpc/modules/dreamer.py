@@ -45,7 +45,7 @@ from torchrl.modules.functional import symexp, symlog
 from torchrl_dreammpc.modules.base import WorldModelBase
 from torchrl_dreammpc.modules.layers import param_count
 
-__all__ = ["DreamerV3WorldModel", "DreamerV3Config", "DREAMER_V3_SIZES"]
+__all__ = ["DreamerV3WorldModel", "DreamerV3Config", "DREAMER_V3_SIZES", "ActingPath"]
 
 #: Model sizes. ``"1m"`` ... ``"400m"`` are [DreamerV3]'s ``size*`` presets (configs.yaml: rssm ``deter``, ``hidden``,
 #: ``classes``; MLP ``units``); their names count the parameters of the image model, a state-observation model
@@ -230,6 +230,30 @@ class _Concat(nn.Module):
 class _Clone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.clone()
+
+
+class ActingPath(TensorDictModuleBase):
+    """The acting sequence of :meth:`DreamerV3WorldModel.acting_module`, run on the model's device.
+
+    Its inputs are moved to the device of the model's weights and its outputs back to the device of the
+    ``"observation"`` (an env on the CPU, a model on CUDA: TD-MPC2's planners move the observation themselves,
+    the estimator's modules would not); on one device it is a plain call. ``sequence`` is the
+    :class:`~tensordict.nn.TensorDictSequential`, ``planner`` the planner in it.
+    """
+
+    def __init__(self, sequence: TensorDictSequential, planner: TensorDictModuleBase, model: nn.Module):
+        super().__init__()
+        self.sequence, self.planner = sequence, planner
+        self.__dict__["_model"] = model  # not a submodule: the sequence holds its parts already
+        self.in_keys, self.out_keys = list(sequence.in_keys), list(sequence.out_keys)
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        device = next(self._model.parameters()).device
+        source = tensordict.get("observation").device
+        if source == device:
+            return self.sequence(tensordict)
+        outputs = self.sequence(tensordict.select(*self.in_keys, strict=False).to(device))
+        return tensordict.update(outputs.select(*self.out_keys, strict=False).to(source))
 
 
 def _mode_straight_through(logits: torch.Tensor, unimix: float) -> torch.Tensor:
@@ -451,9 +475,10 @@ class DreamerV3WorldModel(WorldModelBase):
                                  previous_action=Unbounded(self.action_dim), random=False, default_value=0.0,
                                  expand_specs=True)]
 
-    def acting_module(self, planner: TensorDictModuleBase) -> TensorDictSequential:
+    def acting_module(self, planner: TensorDictModuleBase) -> ActingPath:
         """The planner behind TorchRL's acting-time filter: one control step reads the carry and the observation,
-        writes ``"latent"`` and the action, and the new carry into ``("next", ...)``.
+        writes ``"latent"`` and the action, and the new carry into ``("next", ...)`` (an :class:`ActingPath`,
+        which also moves the tensordict to the model's device and back).
 
         1. ``"observation"`` → ``"encoded_latents"`` (the encoder);
         2. :class:`~torchrl.modules.RSSMStateEstimatorV3`: zero the carry where ``"is_init"``, one GRU step from
@@ -473,13 +498,13 @@ class DreamerV3WorldModel(WorldModelBase):
             self.prior, self.posterior,
             in_keys=["state", "belief", "previous_action", "encoded_latents", "is_init"],
             out_keys=[("next", "state"), ("next", "belief")])
-        return TensorDictSequential(
+        return ActingPath(TensorDictSequential(
             TensorDictModule(self.encoder, in_keys=["observation"], out_keys=["encoded_latents"]),
             estimator,
             TensorDictModule(_Concat(), in_keys=[("next", "state"), ("next", "belief")], out_keys=[self.latent_key]),
             planner,
             TensorDictModule(_Clone(), in_keys=[planner.action_key], out_keys=[("next", "previous_action")]),
-        )
+        ), planner, self)
 
     # ---- tensordict views for TorchRL's DreamerV3 losses (built on demand: the weights stay in this module) ---
     def sequence_model(self) -> TensorDictSequential:
@@ -537,18 +562,20 @@ class DreamerV3WorldModel(WorldModelBase):
 
     def imagination_env(self) -> DreamerEnv:
         """TorchRL's :class:`~torchrl.envs.model_based.DreamerEnv` over the prior (sampled transitions, as in
-        DreamerV3's imagination) and the reward head, with this model's specs."""
+        DreamerV3's imagination) and the reward head, with this model's specs, on the model's current device."""
         transition = TensorDictModule(self.prior, in_keys=["state", "belief", "action"],
                                       out_keys=["_prior_logits", "state", "belief"])
         reward = TensorDictSequential(
             TensorDictModule(self.reward_head, in_keys=["state", "belief"], out_keys=["reward_logits"]),
             TensorDictModule(self.two_hot, in_keys=["reward_logits"], out_keys=["reward"]))
+        device = next(self.parameters()).device  # the env's specs (and the rollout) live where the model is
         env = DreamerEnv(WorldModelWrapper(transition, reward), prior_shape=torch.Size([self.state_dim]),
-                         belief_shape=torch.Size([self.belief_dim]))
-        env.observation_spec = Composite(state=Unbounded(self.state_dim), belief=Unbounded(self.belief_dim))
+                         belief_shape=torch.Size([self.belief_dim]), device=device)
+        env.observation_spec = Composite(state=Unbounded(self.state_dim, device=device),
+                                         belief=Unbounded(self.belief_dim, device=device), device=device)
         env.state_spec = env.observation_spec.clone()
-        env.action_spec = Bounded(-1.0, 1.0, (self.action_dim,))
-        env.reward_spec = Unbounded((1,))
+        env.action_spec = Bounded(-1.0, 1.0, (self.action_dim,), device=device)
+        env.reward_spec = Unbounded((1,), device=device)
         return env
 
     # ---- the whole model as one TensorDictModule --------------------------------------------------------------

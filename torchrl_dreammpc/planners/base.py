@@ -444,7 +444,10 @@ class LatentPlannerBase(TensorDictModuleBase, abc.ABC):
             raise KeyError(f"{type(self).__name__} needs {key!r} in the input tensordict.{hint}")
         if obs.ndim == 0:
             raise ValueError(f"{key!r} must have shape [..., width], got a scalar.")
-        self._check_latent(obs) if reads_latent else self._check_observation(obs)
+        if reads_latent:
+            self._check_latent(obs)
+        else:
+            self._check_observation(obs)
         batch_shape = obs.shape[:-1]
         device, dtype = self._model_device_dtype()
         flat = obs.reshape(-1, obs.shape[-1]).to(device=device, dtype=dtype)
