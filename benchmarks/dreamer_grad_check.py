@@ -59,9 +59,9 @@ def tail_share(wm, z: torch.Tensor, a: torch.Tensor, limit: float = 100.0) -> to
     """Share of |dr/da| carried by the bins beyond |b| > limit (per row)."""
     a = a.detach().requires_grad_(True)
     z_next = wm.next(z, a)
-    logits = wm.reward_head(z_next)
+    logits = wm.reward_head(z_next).double()
     probs = torch.softmax(logits, -1)
-    bins = wm.two_hot.bins
+    bins = wm.two_hot.bins.double()
     outer = (bins.abs() > limit).to(probs.dtype)
     total = (probs * bins).sum(-1)
     inner_part = (probs * bins * (1 - outer)).sum(-1)
@@ -106,6 +106,8 @@ def measure(wm, latents: torch.Tensor, seed: int) -> dict:
         "step_norm_median": float(torch.linalg.vector_norm(a_new - a, dim=(0, 2)).median()),
         "J_gain": quantiles(gain.tolist()),
         "improved_share": float((gain > 0).float().mean()),
+        "worsened_share": float((gain < 0).float().mean()),
+        "J_gain_min": float(gain.min()),
         "J_median": float(J.detach().median()),
         "abs_dr_da": quantiles(dr.norm(dim=-1).tolist()),
         "abs_dQ_da": quantiles(dq.norm(dim=-1).tolist()),
@@ -136,11 +138,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     run = Path(args.run)
     final, fingerprint = load_world_model_from_trainer_checkpoint(run)
+    torch.manual_seed(args.seed)  # the acting path samples its posterior from the global RNG
     latents = episode_latents(final, args.task, args.steps, args.seed)
     models = {}
     for snapshot in sorted((run / "snapshots").glob("step_*.pt")):
         models[f"step {int(snapshot.stem.split('_')[1])}"] = load_world_model(snapshot)
-    models[f"final ({fingerprint['checkpoint'].rsplit('-', 1)[-1].lstrip('0') or '0'})"] = final
+    final_step = int(fingerprint["checkpoint"].rsplit("-", 1)[-1])
+    if f"step {final_step}" not in models:  # the run's last snapshot is the final model already
+        models[f"final ({final_step})"] = final
     if "step 0" in models:
         models["step 0, random output layers"] = random_output_layers(load_world_model(run / "snapshots" /
                                                                                        "step_00000000.pt"), args.seed)
@@ -148,13 +153,15 @@ def main() -> None:
     payload = {"machine": machine_info(), "run": str(run), "task": args.task, "steps": args.steps, "results": results}
     write_json(ROOT / "docs" / "results" / "dreamer_grad_check.json", payload)
 
-    rows = ["| model | ‖dJ/da‖ median / p90 / max | clipped (>20) | J(a') − J(a) median | improved | "
-            "‖dr/da‖ median / max | ‖dQ̄/da‖ median | tail share of dr/da | r̂ median |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| model | ‖dJ/da‖ median / p90 / max | clipped (>20) | step ‖Δa‖ median | J(a') − J(a) min / median / "
+            "max | improved / worse | ‖dr/da‖ median / max | ‖dQ̄/da‖ median | tail share of dr/da | r̂ median |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         g, dr = r["grad_norm"], r["abs_dr_da"]
+        gain = r["J_gain"]
         rows.append(f"| {name} | {g['median']:.3g} / {g['p90']:.3g} / {g['max']:.3g} | {r['clipped_share']:.0%} | "
-                    f"{r['J_gain']['median']:.3g} | {r['improved_share']:.0%} | {dr['median']:.3g} / {dr['max']:.3g} | "
+                    f"{r['step_norm_median']:.2g} | {r['J_gain_min']:.3g} / {gain['median']:.3g} / {gain['max']:.3g} | "
+                    f"{r['improved_share']:.0%} / {r['worsened_share']:.0%} | {dr['median']:.3g} / {dr['max']:.3g} | "
                     f"{r['abs_dQ_da']['median']:.3g} | {r['reward_tail_share_median']:.2g} | "
                     f"{r['reward_median']:.3g} |")
     info = payload["machine"]

@@ -141,6 +141,17 @@ def _validate_dreamer(cfg: Mapping) -> None:
         raise ConfigError(f"dreamer.optimizer.lr must be a positive number, got {lr!r}.")
     if cfg.get("compile"):
         raise ConfigError("compile=true is not supported with algorithm=dreamer_v3 (its update runs eagerly).")
+    import inspect
+
+    from torchrl_dreammpc.objectives.dreamer_v3 import DreamerV3TrainingLoss
+    from torchrl_dreammpc.trainers.dreamer_v3 import OPTIMIZER_DEFAULTS
+
+    known = {"loss": set(inspect.signature(DreamerV3TrainingLoss).parameters) - {"world_model"},
+             "optimizer": set(OPTIMIZER_DEFAULTS)}
+    for node, names in known.items():
+        unknown = sorted(set(dreamer.get(node) or {}) - names)
+        if unknown:
+            raise ConfigError(f"Unknown dreamer.{node} key(s) {unknown}; known: {sorted(names)}.")
     try:
         overrides = {key: value for key, value in dict(dreamer.get("model") or {}).items() if value is not None}
         DreamerV3Config.from_size(2, 1, str(dreamer["model_size"]), **overrides)
