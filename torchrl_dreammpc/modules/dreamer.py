@@ -523,9 +523,9 @@ class DreamerV3WorldModel(WorldModelBase):
         """The world model over ``[B, T]`` replayed sequences, for :class:`~torchrl.objectives.DreamerV3ModelLoss`.
 
         Reads ``"observation"`` (only the first row's: where the sequence starts, see :class:`_SliceStart`),
-        ``"action"`` and ``("next", "observation")``; writes ``("next", ...)``: ``prior_logits``, ``posterior_logits``, ``state``,
-        ``belief`` (:class:`~torchrl.modules.RSSMRolloutV3`), ``reco_observation``, ``reward_logits``, ``reward``,
-        ``continue_pred``. Row ``t``'s latent is that of the observation after its action, which its reward and
+        ``"action"`` and ``("next", "observation")``; writes ``("next", ...)``: ``prior_logits``,
+        ``posterior_logits``, ``state``, ``belief`` (:class:`~torchrl.modules.RSSMRolloutV3`), ``reco_observation``,
+        ``reward_logits``, ``reward``, ``continue_pred``. Row ``t``'s latent is that of the observation after its action, which its reward and
         end flags belong to.
         """
         nxt_latent = [("next", "state"), ("next", "belief")]

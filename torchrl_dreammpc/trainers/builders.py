@@ -187,9 +187,10 @@ def validate_train_config(cfg: Mapping) -> dict[str, Any]:
     """Checks a training config before anything is built; returns facts derived on the way.
 
     Checks, in order: the algorithm (and, for ``dreamer_v3``, its ``dreamer`` node); the planner name; the task
-    (through :func:`~torchrl_dreammpc.envs.task_info`, whose ``ValueError`` names the task); the model size; positive integers (steps, batch size, horizon, eval
-    episodes, workers, intervals); a positive learning rate; that the run is longer than the seed phase; the
-    collector backend; and the planner's own arguments (by building it over a tiny throw-away model).
+    (through :func:`~torchrl_dreammpc.envs.task_info`, whose ``ValueError`` names the task); the model size;
+    positive integers (steps, batch size, horizon, eval episodes, workers, intervals); a positive learning rate;
+    that the run is longer than the seed phase; the collector backend; and the planner's own arguments (by building
+    it over a tiny throw-away model).
 
     Returns:
         ``{"task_info": TaskInfo, "seed_steps": int}``.
