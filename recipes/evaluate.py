@@ -5,9 +5,11 @@
     python recipes/evaluate.py checkpoint=walker-walk-1.pt task=walker-walk model_size=1   # a TD-MPC2 checkpoint
     python recipes/evaluate.py checkpoint=<run dir> video=true                             # + one MP4 per planner
 
-``checkpoint`` is a trainer run dir or checkpoint dir (the world model is rebuilt from the config stored in it
-and only its weights are read), a ``world_model.pt`` written by ``save_world_model``, or a checkpoint of
-TD-MPC2's public code. Every planner plays ``episodes`` episodes from the same initial states (the env is
+``checkpoint`` is a trainer run dir or checkpoint dir (the world model, TD-MPC2's or DreamerV3's, is rebuilt from
+the config stored in it and only its weights are read), a ``world_model.pt`` written by ``save_world_model``, or a
+checkpoint of TD-MPC2's public code. A DreamerV3 model acts through its RSSM state estimator (the planners read
+its latent), in envs with its acting transforms. Every planner plays ``episodes`` episodes from the same initial
+states (the env is
 reseeded with ``seed`` before each planner), in TorchRL's DETERMINISTIC exploration mode. The table (mean ± std
 return, success rate on Meta-World, ms per step of acting, ms per env step overall) is printed and saved as
 ``results.json`` (with every episode's return and success flag) and ``results.csv`` in ``output_dir``. Every
@@ -37,7 +39,7 @@ from torchrl_dreammpc.trainers import (
     find_trainer_checkpoint,
     load_world_model_from_trainer_checkpoint,
 )
-from torchrl_dreammpc.trainers.builders import PLANNERS, ConfigError, check_device, make_planner
+from torchrl_dreammpc.trainers.builders import PLANNERS, ConfigError, check_device, make_actor
 
 CONFIG_DIR = Path(__file__).resolve().parent / "config"
 
@@ -200,7 +202,7 @@ def main(cfg: DictConfig) -> None:
 
 
 def evaluate(cfg: dict) -> None:
-    from torchrl_dreammpc.envs import make_env
+    from torchrl_dreammpc.envs import make_env, with_transforms
 
     check_config(cfg)
     if cfg.get("threads"):
@@ -209,21 +211,26 @@ def evaluate(cfg: dict) -> None:
     planner_cfgs = {name: planner_config(name, cfg["planner_args"] or {}) for name in names}
 
     world_model, task, source = load_model(cfg, cfg["device"])
-    create_env = functools.partial(make_env, task, seed=int(cfg["seed"]))
+    # A recurrent model (DreamerV3) carries its state in the env: its acting transforms are appended.
+    create_env = with_transforms(functools.partial(make_env, task, seed=int(cfg["seed"])),
+                                 world_model.acting_transforms())
     probe = create_env()
     action_spec = probe.action_spec
     probe.close()
     actors = {}
     for name in names:
         try:
-            actors[name] = make_planner(planner_cfgs[name], world_model, action_spec=action_spec)
+            actors[name] = make_actor(planner_cfgs[name], world_model, action_spec=action_spec)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"planner {name} (recipes/config/planner/{name}.yaml + planner_args.{name}): {err}")
     timers = {name: _Timer(actor) for name, actor in actors.items()}
 
     print(f"[evaluate] {task}: {source}; {cfg['episodes']} episodes per planner, seed {cfg['seed']}", flush=True)
+    max_steps = cfg.get("max_steps")
+    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
+        raise SystemExit(f"evaluate.py: max_steps must be a positive integer or null, got {max_steps!r}.")
     hook = EvaluationHook(actors, create_env, interval=0, episodes=int(cfg["episodes"]), seed=int(cfg["seed"]),
-                          verbose=False)
+                          max_steps=max_steps, verbose=False)
     results = hook.evaluate(step=0)
     hook.shutdown()
 

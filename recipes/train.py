@@ -1,9 +1,11 @@
-"""Train a TD-MPC2 world model online, acting with Dream-MPC (or MPPI, or the policy prior).
+"""Train a TD-MPC2 (or DreamerV3: algorithm=dreamer_v3) world model online, acting with Dream-MPC (or MPPI, or the
+policy prior).
 
     python recipes/train.py                                         # = preset=quickstart: a few minutes on 2 CPUs
     python recipes/train.py preset=quickstart seed=2                # the same, with overrides
     python recipes/train.py task=cartpole-swingup planner=dream_mpc model_size=1 steps=100000 seed=1 \
         run_dir=/data/runs/cartpole-dream-1M-s1 resume=true          # re-run the same command after a crash
+    python recipes/train.py preset=dreamer_cpu task=cartpole-swingup steps=100000 run_dir=runs/cartpole-dreamer-s1
 
 Every value is in recipes/config/train.yaml (published TD-MPC2 / Dream-MPC defaults, cited there); override any
 of them on the command line. Without any argument the script runs the quickstart preset (the README's command);
@@ -85,7 +87,8 @@ def main(cfg: DictConfig) -> float | None:
         except (ConfigMismatchError, CheckpointError, TorchRLCheckpointError) as err:
             raise SystemExit(f"train.py: {err}")
     OmegaConf.save(OmegaConf.create(cfg), run_dir / "config.yaml")
-    print(f"[train] {checked['task_info'].task}, planner {cfg['planner']['name']}, model_size {cfg['model']['size']}, "
+    print(f"[train] {checked['task_info'].task}, {trainer.fingerprint['algorithm']}, planner {cfg['planner']['name']}, "
+          f"model_size {trainer.fingerprint['model_size']}, "
           f"{cfg['steps']} steps (seed phase {checked['seed_steps']}), run dir {run_dir}", flush=True)
 
     # 3. Train.

@@ -52,7 +52,8 @@ def test_published_defaults_and_quickstart_preset():
     assert cfg["planner"] == {"name": "dream_mpc", "num_candidates": 5, "horizon": 3, "iterations": 1, "lr": 0.1,
                               "warm_start_weight": 0.1, "uncertainty_weight": 0.01, "max_grad_norm": 20.0,
                               "uncertainty_grad": False, "exploration_std": 0.0, "diagnostics": False,
-                              "check_finite": None, "compile": False}
+                              "check_finite": None, "compile": False,
+                              "latent_key": None}
     assert (cfg["batch_size"], cfg["horizon"], cfg["lr"], cfg["enc_lr_scale"], cfg["grad_clip"], cfg["tau"]) == \
         (256, 3, 3e-4, 0.3, 20.0, 0.01)
     assert cfg["seed_steps"] is None and cfg["pretrain_updates"] is None and cfg["utd_ratio"] == 1.0

@@ -12,7 +12,9 @@ Two on-disk formats are understood:
   ln.weight, ln.bias) and have no ``log_std_*`` entries. :func:`from_tdmpc2_checkpoint` reads both.
 * **Ours**: ``{"format": "torchrl_dreammpc.world_model", "version": 1, "config": asdict(model.config),
   "state_dict": model.state_dict()}``, written by :func:`save_world_model` and read by
-  :func:`load_world_model`. :func:`load_any` takes either.
+  :func:`load_world_model`. :func:`load_any` takes either. A model of another family than TD-MPC2's
+  (:class:`~torchrl_dreammpc.modules.DreamerV3WorldModel`) adds ``"family": "dreamer_v3"``; a file without that
+  entry is a TD-MPC2 model, so TD-MPC2 files keep exactly the layout they always had.
 
 Every loader validates the complete converted state dict (keys, shapes, data) against the architecture before a
 model is built, and raises :class:`CheckpointError` naming the problem; no partially loaded model is returned.
@@ -33,6 +35,7 @@ from typing import Any
 
 import torch
 
+from torchrl_dreammpc.modules.dreamer import DreamerV3Config, DreamerV3WorldModel
 from torchrl_dreammpc.modules.world_model import (
     MODEL_SIZES,
     TDMPC2Config,
@@ -54,6 +57,9 @@ __all__ = [
 
 FORMAT = "torchrl_dreammpc.world_model"
 FORMAT_VERSION = 1
+#: Model families of our format: name -> (config class, model class). A file without a "family" entry is
+#: "tdmpc2" (the only family when the format was defined).
+FAMILIES = {"tdmpc2": (TDMPC2Config, TDMPC2WorldModel), "dreamer_v3": (DreamerV3Config, DreamerV3WorldModel)}
 
 
 class CheckpointError(ValueError):
@@ -386,13 +392,20 @@ def _tdmpc2_name(ours: str) -> str:
     return ours
 
 
-def _build(config: TDMPC2Config) -> TDMPC2WorldModel:
+def _family(config) -> str:
+    for name, (config_cls, _) in FAMILIES.items():
+        if type(config) is config_cls:
+            return name
+    raise TypeError(f"Not the config of a known world-model family: {type(config).__name__}.")
+
+
+def _build(config: TDMPC2Config | DreamerV3Config) -> TDMPC2WorldModel | DreamerV3WorldModel:
     fields = dataclasses.asdict(config)
     obs_dim, action_dim, model_size = fields.pop("obs_dim"), fields.pop("action_dim"), fields.pop("model_size")
-    return TDMPC2WorldModel(obs_dim, action_dim, model_size=model_size, **fields)
+    return FAMILIES[_family(config)][1](obs_dim, action_dim, model_size=model_size, **fields)
 
 
-def _expected_shapes(config: TDMPC2Config) -> dict[str, torch.Size]:
+def _expected_shapes(config: TDMPC2Config | DreamerV3Config) -> dict[str, torch.Size]:
     with torch.device("meta"):  # shapes only: no memory, no initialization cost
         return {k: v.shape for k, v in _build(config).state_dict().items()}
 
@@ -408,7 +421,8 @@ def check_finite_state(state_dict: Mapping[str, torch.Tensor], where: str = "The
                               f"{', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''}; refusing to load it.")
 
 
-def _finish(config: TDMPC2Config, state_dict: Mapping[str, torch.Tensor], device) -> TDMPC2WorldModel:
+def _finish(config: TDMPC2Config | DreamerV3Config, state_dict: Mapping[str, torch.Tensor], device
+            ) -> TDMPC2WorldModel | DreamerV3WorldModel:
     check_finite_state(state_dict)
     model = _build(config)
     model.load_state_dict(state_dict, strict=True)
@@ -470,16 +484,18 @@ def from_tdmpc2_checkpoint(path_or_state_dict, obs_dim=None, action_dim=None, *,
 # ---------------------------------------------------------------------------------------------------------------
 # our own format
 # ---------------------------------------------------------------------------------------------------------------
-def save_world_model(model: TDMPC2WorldModel, path: str | os.PathLike) -> Path:
-    """Save a :class:`TDMPC2WorldModel` with its config, atomically.
+def save_world_model(model: TDMPC2WorldModel | DreamerV3WorldModel, path: str | os.PathLike) -> Path:
+    """Save a :class:`TDMPC2WorldModel` (or a :class:`~torchrl_dreammpc.modules.DreamerV3WorldModel`) with its
+    config, atomically.
 
     The file holds ``{"format": "torchrl_dreammpc.world_model", "version": 1, "config": asdict(model.config),
-    "state_dict": model.state_dict()}`` (tensors moved to CPU). It is written to a temporary file in the same
+    "state_dict": model.state_dict()}`` (tensors moved to CPU), plus ``"family": "dreamer_v3"`` for a DreamerV3
+    model. It is written to a temporary file in the same
     directory and moved into place with ``os.replace``, so an interrupted save never leaves a truncated checkpoint
     (an existing file at ``path`` stays intact until the new one is complete).
 
     Args:
-        model (TDMPC2WorldModel): the model (online and target Qs included).
+        model (TDMPC2WorldModel or DreamerV3WorldModel): the model (online and target Qs / critics included).
         path: destination file; parent directories are created.
 
     Returns:
@@ -491,13 +507,16 @@ def save_world_model(model: TDMPC2WorldModel, path: str | os.PathLike) -> Path:
         >>> wm2 = load_world_model(p, obs_dim=5, action_dim=1)  # doctest: +SKIP
     """
     config = getattr(model, "config", None)
-    if not isinstance(config, TDMPC2Config):
-        raise TypeError(f"save_world_model expects a TDMPC2WorldModel (with a TDMPC2Config), got "
-                        f"{type(model).__name__}.")
+    if not any(type(config) is config_cls for config_cls, _ in FAMILIES.values()):
+        raise TypeError(f"save_world_model expects a TDMPC2WorldModel or a DreamerV3WorldModel (with its config), "
+                        f"got {type(model).__name__}.")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "version": FORMAT_VERSION, "config": dataclasses.asdict(config),
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    family = _family(config)
+    if family != "tdmpc2":
+        payload["family"] = family
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -512,30 +531,36 @@ def save_world_model(model: TDMPC2WorldModel, path: str | os.PathLike) -> Path:
     return path
 
 
-def _config_diff(saved: TDMPC2Config, expect) -> list[str]:
-    if isinstance(expect, TDMPC2Config):
+def _config_diff(saved: TDMPC2Config | DreamerV3Config, expect) -> list[str]:
+    name = type(saved).__name__
+    if isinstance(expect, type(saved)):
         expect = dataclasses.asdict(expect)
     if not isinstance(expect, Mapping):
-        raise TypeError(f"expect_config must be a TDMPC2Config or a mapping of its fields, got {type(expect).__name__}")
+        raise TypeError(f"expect_config must be a {name} or a mapping of its fields, got {type(expect).__name__}")
     saved_d = dataclasses.asdict(saved)
     unknown = sorted(set(expect) - set(saved_d))
     if unknown:
-        raise TypeError(f"expect_config has unknown TDMPC2Config field(s) {unknown}")
+        raise TypeError(f"expect_config has unknown {name} field(s) {unknown}")
     return [f"{k}: checkpoint {saved_d[k]!r}, expected {v!r}" for k, v in expect.items() if saved_d[k] != v]
 
 
-def _from_ours(obj: Mapping, where: str, expect_config, obs_dim, action_dim, device) -> TDMPC2WorldModel:
+def _from_ours(obj: Mapping, where: str, expect_config, obs_dim, action_dim, device
+               ) -> TDMPC2WorldModel | DreamerV3WorldModel:
     version = obj.get("version")
     if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
         raise CheckpointError(f"{where} has {FORMAT} version {version!r}; this code reads version {FORMAT_VERSION}.")
+    family = obj.get("family", "tdmpc2")
+    if family not in FAMILIES:
+        raise CheckpointError(f"{where} holds a world model of family {family!r}; this code reads {sorted(FAMILIES)}.")
+    config_cls = FAMILIES[family][0]
     cfg_d, sd = obj.get("config"), obj.get("state_dict")
     if not isinstance(cfg_d, Mapping) or not isinstance(sd, Mapping):
         raise CheckpointError(f"{where} lacks its 'config' or 'state_dict' entry.")
-    names = {f.name for f in dataclasses.fields(TDMPC2Config)}
+    names = {f.name for f in dataclasses.fields(config_cls)}
     if set(cfg_d) - names:
         raise CheckpointError(f"{where} has unknown config field(s) {sorted(set(cfg_d) - names)}.")
     try:
-        config = TDMPC2Config(**cfg_d)
+        config = config_cls(**cfg_d)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{where} has an incomplete or invalid config: {err}") from err
     obs_dim, action_dim = _spec_dim(obs_dim, "obs_dim"), _spec_dim(action_dim, "action_dim")
@@ -562,23 +587,24 @@ def _from_ours(obj: Mapping, where: str, expect_config, obs_dim, action_dim, dev
     return _finish(config, sd, device)
 
 
-def load_world_model(path: str | os.PathLike, expect_config: TDMPC2Config | Mapping | None = None, *,
-                     obs_dim=None, action_dim=None, device: str | torch.device = "cpu") -> TDMPC2WorldModel:
+def load_world_model(path: str | os.PathLike, expect_config: TDMPC2Config | DreamerV3Config | Mapping | None = None,
+                     *, obs_dim=None, action_dim=None, device: str | torch.device = "cpu"
+                     ) -> TDMPC2WorldModel | DreamerV3WorldModel:
     """Load a model saved by :func:`save_world_model`.
 
     Args:
         path: the checkpoint file.
-        expect_config (TDMPC2Config or mapping, optional): refuse the checkpoint unless its config has these
-            values (all fields of a ``TDMPC2Config``; only the given keys of a mapping). The error names every
-            differing field.
+        expect_config (TDMPC2Config, DreamerV3Config or mapping, optional): refuse the checkpoint unless its
+            config has these values (all fields of a config object; only the given keys of a mapping). The error
+            names every differing field.
         obs_dim / action_dim (int or TorchRL spec, optional): refuse a checkpoint made for other sizes.
         device: where the returned model lives.
 
     Returns:
-        the model, in eval mode (call ``.train()`` to continue training).
+        the model (of the family the file holds), in eval mode (call ``.train()`` to continue training).
 
     Raises:
-        CheckpointError: unreadable file, wrong format tag or version (a TD-MPC2 checkpoint included: use
+        CheckpointError: unreadable file, wrong format tag, version or family (a TD-MPC2 checkpoint included: use
             :func:`load_any`), config mismatch, or a state dict that does not fit the config.
 
     Examples:

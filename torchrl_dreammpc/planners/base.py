@@ -134,6 +134,10 @@ class LatentPlannerBase(TensorDictModuleBase, abc.ABC):
         low, high (float or Tensor, optional): action bounds when no spec is given. Default ``[-1, 1]``
             (the policy prior is tanh-squashed into [-1, 1], as in TD-MPC2).
         observation_key (NestedKey): input key. Default ``"observation"``.
+        latent_key (NestedKey, optional): read the latent itself from this entry instead of encoding the
+            observation (``encode`` is then not called). Defaults to the world model's ``latent_key``: ``None``
+            for models that encode one observation (TD-MPC2), the state estimator's output for recurrent models
+            (DreamerV3, see :meth:`~torchrl_dreammpc.modules.WorldModelBase.acting_module`).
         action_key (NestedKey): output key. Default ``"action"``.
         is_init_key (NestedKey): episode-start flags. Default ``"is_init"``.
         diagnostics (bool): also write ``("planner", ...)`` entries (see the subclass). Default ``False``.
@@ -180,6 +184,7 @@ class LatentPlannerBase(TensorDictModuleBase, abc.ABC):
         low: float | torch.Tensor | None = None,
         high: float | torch.Tensor | None = None,
         observation_key: NestedKey = "observation",
+        latent_key: NestedKey | None = None,
         action_key: NestedKey = "action",
         is_init_key: NestedKey = "is_init",
         diagnostics: bool = False,
@@ -193,7 +198,8 @@ class LatentPlannerBase(TensorDictModuleBase, abc.ABC):
         self.world_model = world_model
         self.action_dim = _check_int("world_model.action_dim", world_model.action_dim, 1)
         self.observation_key, self.action_key, self.is_init_key = observation_key, action_key, is_init_key
-        self.in_keys = [observation_key, is_init_key]
+        self.latent_key = latent_key if latent_key is not None else getattr(world_model, "latent_key", None)
+        self.in_keys = [observation_key if self.latent_key is None else self.latent_key, is_init_key]
         self.out_keys = [action_key]
         self.diagnostics = _check_bool("diagnostics", diagnostics)
         if generator is not None and not isinstance(generator, torch.Generator):
@@ -459,13 +465,29 @@ class LatentPlannerBase(TensorDictModuleBase, abc.ABC):
         picked among unscorable ones, which a finite action alone would not reveal.
         """
 
+    def _check_latent(self, z: torch.Tensor) -> None:
+        latent_dim = self.world_model.latent_dim
+        if z.shape[-1] != latent_dim:
+            raise ValueError(f"{self.latent_key!r} has width {z.shape[-1]} (shape {tuple(z.shape)}) but the world "
+                             f"model's latent has width {latent_dim}.")
+        if self.check_finite and not bool(torch.isfinite(z).all()):
+            raise ValueError(f"{self.latent_key!r} contains NaN/inf values; refusing to plan from it.")
+
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
-        obs = tensordict.get(self.observation_key, None)
+        reads_latent = self.latent_key is not None
+        key = self.latent_key if reads_latent else self.observation_key
+        obs = tensordict.get(key, None)
         if obs is None:
-            raise KeyError(f"{type(self).__name__} needs {self.observation_key!r} in the input tensordict.")
+            hint = (" It is written by the world model's state estimator: act through "
+                    "world_model.acting_module(planner), in an env with world_model.acting_transforms()."
+                    if reads_latent else "")
+            raise KeyError(f"{type(self).__name__} needs {key!r} in the input tensordict.{hint}")
         if obs.ndim == 0:
-            raise ValueError("observation must have shape [..., obs_dim], got a scalar.")
-        self._check_observation(obs)
+            raise ValueError(f"{key!r} must have shape [..., width], got a scalar.")
+        if reads_latent:
+            self._check_latent(obs)
+        else:
+            self._check_observation(obs)
         batch_shape = obs.shape[:-1]
         device, dtype = self._model_device_dtype()
         flat = obs.reshape(-1, obs.shape[-1]).to(device=device, dtype=dtype)
@@ -494,7 +516,7 @@ class LatentPlannerBase(TensorDictModuleBase, abc.ABC):
             self._objective = None
             try:
                 with torch.no_grad():
-                    z0 = ops.encode(flat)
+                    z0 = flat.detach() if reads_latent else ops.encode(flat)
                 action, diag = self.plan(z0, warm, explore)
             finally:
                 self._step_ops = None

@@ -28,9 +28,12 @@ __all__ = [
     "PLANNERS",
     "ConfigError",
     "check_device",
+    "make_actor",
+    "make_dreamer_world_model",
     "make_planner",
     "make_world_model",
     "resolve_seed_steps",
+    "update_arguments",
     "validate_train_config",
     "build_trainer",
 ]
@@ -70,6 +73,25 @@ def make_planner(planner_cfg: Mapping, world_model, *, action_spec=None):
     return PLANNERS[name](world_model, action_spec=action_spec, **_planner_kwargs(planner_cfg))
 
 
+def make_actor(planner_cfg: Mapping, world_model, *, action_spec=None):
+    """The module that acts in an env: :func:`make_planner` behind the world model's acting path
+    (:meth:`~torchrl_dreammpc.modules.WorldModelBase.acting_module`: the planner itself for TD-MPC2, the RSSM state
+    estimator in front of it for DreamerV3)."""
+    return world_model.acting_module(make_planner(planner_cfg, world_model, action_spec=action_spec))
+
+
+def make_dreamer_world_model(dreamer_cfg: Mapping, obs_dim: int, action_dim: int, *,
+                             device: str | torch.device = "cpu"):
+    """A :class:`~torchrl_dreammpc.modules.DreamerV3WorldModel` from the ``dreamer`` config node (``model_size``,
+    ``horizon`` → ``discount = 1 - 1/horizon``, and any :class:`~torchrl_dreammpc.modules.DreamerV3Config` field
+    under ``model``)."""
+    from torchrl_dreammpc.modules.dreamer import DreamerV3WorldModel
+
+    overrides = {key: value for key, value in dict(dreamer_cfg.get("model") or {}).items() if value is not None}
+    overrides.setdefault("discount", 1.0 - 1.0 / float(dreamer_cfg["horizon"]))
+    return DreamerV3WorldModel(obs_dim, action_dim, model_size=str(dreamer_cfg["model_size"]), **overrides).to(device)
+
+
 def make_world_model(model_cfg: Mapping, obs_dim: int, action_dim: int, *, episode_length: int, episodic: bool,
                      discount: float | None = None, device: str | torch.device = "cpu") -> TDMPC2WorldModel:
     """A :class:`TDMPC2WorldModel` from the ``model`` config node (``size`` + any :class:`TDMPC2Config` field).
@@ -86,9 +108,15 @@ def make_world_model(model_cfg: Mapping, obs_dim: int, action_dim: int, *, episo
 
 
 def resolve_seed_steps(cfg: Mapping, episode_length: int) -> int:
-    """``cfg.seed_steps`` if set, else TD-MPC2's ``max(1000, 5 * episode_length)``."""
+    """``cfg.seed_steps`` if set, else TD-MPC2's ``max(1000, 5 * episode_length)``. With ``algorithm=dreamer_v3``:
+    ``dreamer.seed_steps`` if set, else one batch of sequences, ``batch_size * batch_length`` (the warm-up of
+    TorchRL's DreamerV3 DMC recipe)."""
     from torchrl_dreammpc.trainers.dream_mpc import seed_steps
 
+    if cfg.get("algorithm") == "dreamer_v3":
+        dreamer = cfg["dreamer"]
+        value = dreamer.get("seed_steps")
+        return int(dreamer["batch_size"]) * int(dreamer["batch_length"]) if value is None else int(value)
     value = cfg.get("seed_steps")
     return seed_steps(episode_length) if value is None else int(value)
 
@@ -161,10 +189,81 @@ def _check_planner(label: str, planner_cfg, tiny) -> str:
     return name
 
 
+def _validate_dreamer(cfg: Mapping) -> None:
+    """The ``dreamer`` node of ``algorithm=dreamer_v3`` (the model is checked by building its config)."""
+    from torchrl_dreammpc.modules.dreamer import DREAMER_V3_SIZES, DreamerV3Config
+
+    dreamer = cfg.get("dreamer")
+    if not isinstance(dreamer, Mapping):
+        raise ConfigError("algorithm=dreamer_v3 needs its `dreamer` config node "
+                          "(recipes/config/algorithm/dreamer_v3.yaml).")
+    if str(dreamer.get("model_size")) not in DREAMER_V3_SIZES:
+        raise ConfigError(f"Unknown dreamer.model_size {dreamer.get('model_size')!r}; choose one of "
+                          f"{list(DREAMER_V3_SIZES)}.")
+    for key in ("batch_size", "batch_length"):
+        value = dreamer.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"dreamer.{key} must be a positive integer, got {value!r}.")
+    for key in ("train_ratio", "horizon"):
+        value = dreamer.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"dreamer.{key} must be a positive number, got {value!r}.")
+    if dreamer["horizon"] <= 1:
+        raise ConfigError(f"dreamer.horizon must be > 1 (discount = 1 - 1/horizon), got {dreamer['horizon']!r}.")
+    pretrain = dreamer.get("pretrain_updates")
+    if isinstance(pretrain, bool) or not isinstance(pretrain, int) or pretrain < 0:
+        raise ConfigError(f"dreamer.pretrain_updates must be an integer >= 0, got {pretrain!r}.")
+    lr = (dreamer.get("optimizer") or {}).get("lr")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ConfigError(f"dreamer.optimizer.lr must be a positive number, got {lr!r}.")
+    if cfg.get("compile"):
+        raise ConfigError("compile=true is not supported with algorithm=dreamer_v3 (its update runs eagerly).")
+    import inspect
+
+    from torchrl_dreammpc.objectives.dreamer_v3 import DreamerV3TrainingLoss
+    from torchrl_dreammpc.trainers.dreamer_v3 import OPTIMIZER_DEFAULTS
+
+    known = {"loss": set(inspect.signature(DreamerV3TrainingLoss).parameters) - {"world_model"},
+             "optimizer": set(OPTIMIZER_DEFAULTS)}
+    for node, names in known.items():
+        unknown = sorted(set(dreamer.get(node) or {}) - names)
+        if unknown:
+            raise ConfigError(f"Unknown dreamer.{node} key(s) {unknown}; known: {sorted(names)}.")
+    try:
+        overrides = {key: value for key, value in dict(dreamer.get("model") or {}).items() if value is not None}
+        DreamerV3Config.from_size(2, 1, str(dreamer["model_size"]), **overrides)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"dreamer.model: {err}") from err
+
+
+def update_arguments(cfg: Mapping, checked: Mapping[str, Any]) -> dict[str, Any]:
+    """The :class:`DreamMPCTrainer` arguments of the update the config's ``algorithm`` describes.
+
+    ``tdmpc2``: the top-level keys (``batch_size``, ``horizon``, ``utd_ratio``, ``lr``...) and ``loss`` /
+    ``policy_loss``. ``dreamer_v3``: the ``dreamer`` node: ``batch_size`` sequences of ``batch_length`` steps,
+    ``train_ratio`` replayed steps per env step (so ``train_ratio / (batch_size * batch_length)`` updates per
+    step), the optimizer and the loss arguments.
+    """
+    algorithm = cfg.get("algorithm", "tdmpc2")
+    if algorithm == "dreamer_v3":
+        dreamer = cfg["dreamer"]
+        optimizer = dict(dreamer.get("optimizer") or {})
+        batch, length = int(dreamer["batch_size"]), int(dreamer["batch_length"])
+        return dict(batch_size=batch, horizon=length, seed_frames=checked["seed_steps"],
+                    pretrain_updates=int(dreamer["pretrain_updates"]),
+                    utd_ratio=float(dreamer["train_ratio"]) / (batch * length), lr=float(optimizer.pop("lr")),
+                    algorithm=algorithm, loss_kwargs={**optimizer, **dict(dreamer.get("loss") or {})})
+    return dict(batch_size=int(cfg["batch_size"]), horizon=int(cfg["horizon"]), seed_frames=checked["seed_steps"],
+                pretrain_updates=cfg.get("pretrain_updates"), utd_ratio=float(cfg["utd_ratio"]), lr=float(cfg["lr"]),
+                enc_lr_scale=float(cfg["enc_lr_scale"]), grad_clip=float(cfg["grad_clip"]), tau=float(cfg["tau"]),
+                algorithm=algorithm, compile=cfg.get("compile", False), loss_kwargs=dict(cfg.get("loss") or {}),
+                policy_loss_kwargs=dict(cfg.get("policy_loss") or {}))
+
+
 def validate_train_config(cfg: Mapping) -> dict[str, Any]:
     """Checks every value of a training config before anything is built or written; returns facts derived on the way.
 
-    Checks: the algorithm; the task (through :func:`~torchrl_dreammpc.envs.task_info`, whose ``ValueError`` names
+    Checks: the algorithm (and, for ``dreamer_v3``, its ``dreamer`` node); the task (through :func:`~torchrl_dreammpc.envs.task_info`, whose ``ValueError`` names
     the task); the ``model`` node (every :class:`~torchrl_dreammpc.modules.TDMPC2Config` field, e.g. a
     ``latent_dim`` that is not a multiple of 8, without building the model); positive integers (steps, batch size,
     horizon, eval episodes, workers, intervals, ``threads``, ``seed_steps``, ``buffer_size``); finite positive
@@ -185,6 +284,8 @@ def validate_train_config(cfg: Mapping) -> dict[str, Any]:
     algorithm = cfg.get("algorithm", "tdmpc2")
     if algorithm not in ALGORITHMS:
         raise ConfigError(f"Unknown algorithm {algorithm!r} (algorithm=...); choose one of {list(ALGORITHMS)}.")
+    if algorithm == "dreamer_v3":
+        _validate_dreamer(cfg)
     planner = _get(cfg, "planner.name")
     if planner not in PLANNERS:
         raise ConfigError(f"Unknown planner {planner!r} (planner=...); choose one of {sorted(PLANNERS)}.")
@@ -202,7 +303,8 @@ def validate_train_config(cfg: Mapping) -> dict[str, Any]:
             f"{info.task}): the planner would never act."
         )
     _check_collector(cfg)
-    _check_losses(cfg, tiny, algorithm)
+    if algorithm == "tdmpc2":  # dreamer_v3 keeps its loss arguments in its `dreamer` node (checked above)
+        _check_losses(cfg, tiny, algorithm)
     _check_planner("planner", cfg["planner"], tiny)
     _check_eval_planners(cfg, planner, tiny)
     return {"task_info": info, "seed_steps": seed_steps}
@@ -314,14 +416,17 @@ def build_trainer(cfg: Mapping, *, checked: Mapping[str, Any] | None = None):
     action_spec = probe.action_spec
     action_dim = int(action_spec.shape[-1])
     probe.close()
-    world_model = make_world_model(cfg["model"], obs_dim, action_dim, episode_length=info.episode_length,
-                                   episodic=info.episodic, discount=cfg.get("discount"), device=device)
-    actor = make_planner(cfg["planner"], world_model, action_spec=action_spec)
+    if cfg.get("algorithm") == "dreamer_v3":
+        world_model = make_dreamer_world_model(cfg["dreamer"], obs_dim, action_dim, device=device)
+    else:
+        world_model = make_world_model(cfg["model"], obs_dim, action_dim, episode_length=info.episode_length,
+                                       episodic=info.episodic, discount=cfg.get("discount"), device=device)
+    actor = make_actor(cfg["planner"], world_model, action_spec=action_spec)
     # Evaluation uses a second planner instance over the same model: the training planner's warm start (its
     # previous plan) must not leak into or out of evaluation episodes.
-    eval_actors = {cfg["planner"]["name"]: make_planner(cfg["planner"], world_model, action_spec=action_spec)}
+    eval_actors = {cfg["planner"]["name"]: make_actor(cfg["planner"], world_model, action_spec=action_spec)}
     for name, planner_cfg in (cfg.get("eval_planners") or {}).items():
-        eval_actors[name] = make_planner(planner_cfg, world_model, action_spec=action_spec)
+        eval_actors[name] = make_actor(planner_cfg, world_model, action_spec=action_spec)
     run_dir = Path(cfg["run_dir"])
     collector = cfg["collector"]
     trainer = DreamMPCTrainer(
@@ -329,23 +434,11 @@ def build_trainer(cfg: Mapping, *, checked: Mapping[str, Any] | None = None):
         world_model=world_model,
         actor=actor,
         total_frames=int(cfg["steps"]),
-        batch_size=int(cfg["batch_size"]),
-        horizon=int(cfg["horizon"]),
+        **update_arguments(cfg, checked),
         buffer_capacity=cfg.get("buffer_size"),
         seed=seed,
         episode_length=info.episode_length,
-        seed_frames=checked["seed_steps"],
-        pretrain_updates=cfg.get("pretrain_updates"),
-        utd_ratio=float(cfg["utd_ratio"]),
         frames_per_batch=int(collector["frames_per_batch"]),
-        lr=float(cfg["lr"]),
-        enc_lr_scale=float(cfg["enc_lr_scale"]),
-        grad_clip=float(cfg["grad_clip"]),
-        tau=float(cfg["tau"]),
-        algorithm=cfg.get("algorithm", "tdmpc2"),
-        compile=cfg.get("compile", False),
-        loss_kwargs=dict(cfg.get("loss") or {}),
-        policy_loss_kwargs=dict(cfg.get("policy_loss") or {}),
         eval_interval=int(cfg["eval_interval"]),
         eval_episodes=int(cfg["eval_episodes"]),
         eval_actors=eval_actors,

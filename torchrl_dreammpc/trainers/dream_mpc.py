@@ -22,6 +22,8 @@ from torchrl.record.loggers import CSVLogger, TensorboardLogger
 from torchrl.trainers import Trainer, TrainerHookBase, UpdateWeights
 
 from torchrl_dreammpc._checks import check_float
+from torchrl_dreammpc.envs import with_transforms
+from torchrl_dreammpc.modules.base import WorldModelBase
 from torchrl_dreammpc.modules.world_model import TDMPC2WorldModel
 from torchrl_dreammpc.objectives.tdmpc2 import TDMPC2Loss, TDMPC2PolicyLoss
 from torchrl_dreammpc.trainers.hooks import (
@@ -50,11 +52,41 @@ FINGERPRINT_KEYS = ("task", "algorithm", "model_size", "obs_dim", "action_dim", 
 #: Values of fingerprint entries added after checkpoints were first written (older checkpoints lack them).
 FINGERPRINT_DEFAULTS = {"algorithm": "tdmpc2"}
 #: Training algorithms (the update: losses and stepper) that :class:`DreamMPCTrainer` runs.
-ALGORITHMS = ("tdmpc2",)
+ALGORITHMS = ("tdmpc2", "dreamer_v3")
 
 
 class ConfigMismatchError(ValueError):
     """A checkpoint was written by a run with another task / model size / planner; the message names the field."""
+
+
+def _tdmpc2_update(world_model, *, lr, enc_lr_scale, grad_clip, tau, compile, loss_kwargs, policy_loss_kwargs):
+    """TD-MPC2's update: :class:`TDMPC2Loss`, :class:`TDMPC2PolicyLoss`, :class:`TDMPC2OptimizationStepper`."""
+    if not isinstance(world_model, TDMPC2WorldModel):
+        raise TypeError(f"algorithm='tdmpc2' trains a TDMPC2WorldModel, got {type(world_model).__name__} (a "
+                        "DreamerV3WorldModel trains with algorithm='dreamer_v3').")
+    loss_module = TDMPC2Loss(world_model, **loss_kwargs)
+    policy_loss = TDMPC2PolicyLoss(world_model, **policy_loss_kwargs)
+    stepper = TDMPC2OptimizationStepper(loss_module, policy_loss=policy_loss, lr=lr, enc_lr_scale=enc_lr_scale,
+                                        grad_clip=grad_clip, tau=tau, compile=compile)
+    return loss_module, stepper
+
+
+def _dreamer_v3_update(world_model, *, lr, enc_lr_scale, grad_clip, tau, compile, loss_kwargs, policy_loss_kwargs):
+    """DreamerV3's update (:func:`~torchrl_dreammpc.trainers.dreamer_v3.make_dreamer_v3_update`): ``loss_kwargs``
+    holds its optimizer and loss arguments; ``enc_lr_scale``, ``grad_clip`` and ``tau`` are TD-MPC2's and unused."""
+    from torchrl_dreammpc.modules.dreamer import DreamerV3WorldModel
+    from torchrl_dreammpc.trainers.dreamer_v3 import make_dreamer_v3_update
+
+    if not isinstance(world_model, DreamerV3WorldModel):
+        raise TypeError(f"algorithm='dreamer_v3' trains a DreamerV3WorldModel, got {type(world_model).__name__}.")
+    if policy_loss_kwargs:
+        raise ValueError("algorithm='dreamer_v3' takes no policy_loss_kwargs: its actor loss arguments go in "
+                         "loss_kwargs.")
+    return make_dreamer_v3_update(world_model, lr=lr, compile=compile, **loss_kwargs)
+
+
+#: Per algorithm, what builds its update: ``(world_model, **trainer arguments) -> (loss_module, stepper)``.
+UPDATE_BUILDERS = {"tdmpc2": _tdmpc2_update, "dreamer_v3": _dreamer_v3_update}
 
 
 def seed_steps(episode_length: int) -> int:
@@ -139,14 +171,28 @@ def verify_checkpoint_files(path: str | Path, components: Sequence[str] | None =
                     raise CheckpointError(
                         f"Checkpoint {path} is corrupted: {file.relative_to(path)} has {size} bytes, but its "
                         f"recorded shape {info['shape']} of {dtype} needs {expected} (a truncated copy?).")
+class _PrefixedState:
+    """Checkpoint view of a module stored inside a larger one under ``prefix`` (the other entries are ignored)."""
+
+    def __init__(self, module: torch.nn.Module, prefix: str) -> None:
+        self.module, self.prefix = module, prefix
+
+    def state_dict(self) -> dict[str, Any]:
+        return {self.prefix + key: value for key, value in self.module.state_dict().items()}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        n = len(self.prefix)
+        self.module.load_state_dict({key[n:]: value for key, value in state_dict.items()
+                                     if key.startswith(self.prefix)})
 
 
 def load_world_model_from_trainer_checkpoint(path: str | Path, device: str | torch.device = "cpu"
-                                             ) -> tuple[TDMPC2WorldModel, dict[str, Any]]:
+                                             ) -> tuple[WorldModelBase, dict[str, Any]]:
     """Rebuilds the world model of a :class:`DreamMPCTrainer` checkpoint (a run dir or a checkpoint dir).
 
-    The model is built from the config stored in the checkpoint's fingerprint, then only the ``loss_module``
-    component (the model's weights, target Qs included) is loaded; the replay buffer and the rest stay on disk.
+    The model (TD-MPC2's or DreamerV3's, by the fingerprint's ``algorithm``) is built from the config stored in the
+    checkpoint's fingerprint, then only its weights are read from the ``loss_module`` component (target Qs
+    included); the replay buffer and the rest stay on disk.
 
     Returns:
         ``(world_model in eval mode, fingerprint)``.
@@ -160,11 +206,19 @@ def load_world_model_from_trainer_checkpoint(path: str | Path, device: str | tor
     from torchrl_dreammpc.checkpoints import CheckpointError, check_finite_state
 
     try:
-        world_model = TDMPC2WorldModel(obs_dim, action_dim, model_size=size, **config)
+        if fingerprint.get("algorithm", FINGERPRINT_DEFAULTS["algorithm"]) == "dreamer_v3":
+            from torchrl_dreammpc.modules.dreamer import DreamerV3WorldModel
+
+            world_model = DreamerV3WorldModel(obs_dim, action_dim, model_size=size, **config)
+            # DreamerV3TrainingLoss registers the model as "world_model": only those weights are read.
+            loss_view = _PrefixedState(world_model, "world_model.")
+        else:
+            world_model = TDMPC2WorldModel(obs_dim, action_dim, model_size=size, **config)
+            loss_view = TDMPC2Loss(world_model)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{checkpoint_path} records an invalid world-model config: {err}") from err
     verify_checkpoint_files(checkpoint_path, ["loss_module"])
-    checkpoint = Checkpoint(loss_module=TDMPC2Loss(world_model))
+    checkpoint = Checkpoint(loss_module=loss_view)
     try:
         checkpoint.load(checkpoint_path, components=["loss_module"], map_location="cpu")
     except (TorchRLCheckpointError, RuntimeError, KeyError) as err:
@@ -235,7 +289,9 @@ class DreamMPCTrainer(Trainer):
     Args:
         create_env_fn (callable): builds the training env (``() -> EnvBase``), e.g.
             ``functools.partial(make_env, "cartpole-swingup", seed=1)``.
-        world_model (TDMPC2WorldModel): the model to train.
+        world_model (WorldModelBase): the model to train (:class:`TDMPC2WorldModel`, or a
+            :class:`~torchrl_dreammpc.modules.DreamerV3WorldModel` with ``algorithm="dreamer_v3"``; the envs then get
+            its :meth:`~torchrl_dreammpc.modules.WorldModelBase.acting_transforms`).
         actor (TensorDictModuleBase): the acting module, a planner over ``world_model`` itself (checked: an actor
             without ``world_model`` among its submodules is refused).
         total_frames (int): agent steps to train for.
@@ -254,10 +310,13 @@ class DreamMPCTrainer(Trainer):
         utd_ratio (float): updates per collected step afterwards (TD-MPC2: 1).
         frames_per_batch (int): steps per collector batch and worker (1: act, then update, as TD-MPC2).
         lr (float), enc_lr_scale (float), grad_clip (float), tau (float), compile (bool or str): see
-            :class:`TDMPC2OptimizationStepper`.
-        algorithm (str): the update, one of :data:`ALGORITHMS` (``"tdmpc2"``: TD-MPC2's losses and stepper).
-            Recorded in the checkpoint fingerprint. Default ``"tdmpc2"``.
-        loss_kwargs (dict, optional): extra :class:`TDMPC2Loss` arguments (coefficients, rho).
+            :class:`TDMPC2OptimizationStepper` (``"dreamer_v3"``: only ``lr``; ``compile`` must be ``False``).
+        algorithm (str): the update, one of :data:`ALGORITHMS` (:data:`UPDATE_BUILDERS`): ``"tdmpc2"``
+            (TD-MPC2's losses and stepper) or ``"dreamer_v3"`` (TorchRL's DreamerV3 losses and stepper, for a
+            :class:`~torchrl_dreammpc.modules.DreamerV3WorldModel`; ``horizon`` is then the replayed sequence
+            length). Recorded in the checkpoint fingerprint. Default ``"tdmpc2"``.
+        loss_kwargs (dict, optional): extra :class:`TDMPC2Loss` arguments (coefficients, rho); for
+            ``"dreamer_v3"`` the arguments of :func:`~torchrl_dreammpc.trainers.dreamer_v3.make_dreamer_v3_update`.
         policy_loss_kwargs (dict, optional): extra :class:`TDMPC2PolicyLoss` arguments.
         eval_interval (int): steps between evaluations (``0``: none). Default 10_000.
         eval_episodes (int): episodes per evaluation. Default 10.
@@ -306,7 +365,7 @@ class DreamMPCTrainer(Trainer):
         self,
         *,
         create_env_fn: Callable[[], EnvBase],
-        world_model: TDMPC2WorldModel,
+        world_model: WorldModelBase,
         actor: TensorDictModuleBase,
         total_frames: int,
         batch_size: int = 256,
@@ -386,6 +445,10 @@ class DreamMPCTrainer(Trainer):
         if snapshot_interval and log_dir is None:
             raise ValueError("snapshot_interval > 0 needs a log_dir (snapshots go to <log_dir>/snapshots).")
 
+        # A recurrent model carries its state in the env's tensordict: its envs need the model's transforms.
+        create_env_fn = with_transforms(create_env_fn, world_model.acting_transforms())
+        if create_eval_env_fn is not None:
+            create_eval_env_fn = with_transforms(create_eval_env_fn, world_model.acting_transforms())
         # One env instance: specs are checked against the model, the seed phase is sized from its episode
         # length, and the single-process collector steps this very env.
         env = create_env_fn()
@@ -470,12 +533,9 @@ class DreamMPCTrainer(Trainer):
             scratch_dir=scratch_dir,
             fragmented=fragmented,
         )
-        loss_module = TDMPC2Loss(world_model, **dict(loss_kwargs or {}))
-        policy_loss = TDMPC2PolicyLoss(world_model, **dict(policy_loss_kwargs or {}))
-        stepper = TDMPC2OptimizationStepper(
-            loss_module, policy_loss=policy_loss, lr=lr, enc_lr_scale=enc_lr_scale, grad_clip=grad_clip, tau=tau,
-            compile=compile,
-        )
+        loss_module, stepper = UPDATE_BUILDERS[algorithm](
+            world_model, lr=lr, enc_lr_scale=enc_lr_scale, grad_clip=grad_clip, tau=tau, compile=compile,
+            loss_kwargs=dict(loss_kwargs or {}), policy_loss_kwargs=dict(policy_loss_kwargs or {}))
 
         # -- logging ---------------------------------------------------------------------------------------
         logger = None
