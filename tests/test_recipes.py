@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from tensordict import TensorDict
 
 from torchrl_dreammpc.trainers import read_eval_csv
 from torchrl_dreammpc.trainers.builders import ConfigError, validate_train_config
@@ -47,11 +48,39 @@ def test_published_defaults_and_quickstart_preset():
         (256, 3, 3e-4, 0.3, 20.0, 0.01)
     assert cfg["seed_steps"] is None and cfg["pretrain_updates"] is None and cfg["utd_ratio"] == 1.0
     mppi = compose_train("planner=mppi")["planner"]
-    assert (mppi["num_samples"], mppi["num_elites"], mppi["iterations"], mppi["num_pi_trajs"]) == (512, 64, 6, 24)
+    # iterations: null is TD-MPC2's rule (6, +2 for actions of >= 20 dims), resolved by MPPIPlanner from the task.
+    assert (mppi["num_samples"], mppi["num_elites"], mppi["iterations"], mppi["num_pi_trajs"]) == (512, 64, None, 24)
     assert compose_train("model_size='19'")["model"] == {"size": 19, "enc_dim": 1024, "mlp_dim": 1024,
                                                           "latent_dim": 768, "num_enc_layers": 3, "num_q": 5}
     quick = compose_train("preset=quickstart")
     assert (quick["model"]["size"], quick["task"], quick["steps"]) == (1, "cartpole-swingup", 3000)
+
+
+def test_mppi_iterations_follow_tdmpc2_large_action_rule(one_thread):
+    """TD-MPC2 adds 2 MPPI iterations when the action has >= 20 dims (h1hand: 61); an explicit value wins."""
+    import torch
+    from torchrl.data import Bounded
+
+    from torchrl_dreammpc.modules import TDMPC2WorldModel
+    from torchrl_dreammpc.trainers.builders import make_planner
+
+    def planner(action_dim, *overrides):
+        wm = TDMPC2WorldModel(7, action_dim, model_size=1, enc_dim=16, mlp_dim=16, latent_dim=16).eval()
+        spec = Bounded(-torch.ones(action_dim), torch.ones(action_dim), (action_dim,))
+        cfg = compose_train("planner=mppi", *overrides)["planner"]
+        cfg.update(num_samples=16, num_elites=4, num_pi_trajs=2)  # small, for speed; iterations as configured
+        return make_planner(cfg, wm, action_spec=spec)
+
+    big = planner(61)  # HumanoidBench h1hand
+    assert big.iterations == 8
+    calls = []
+    original = big.imagine
+    big.imagine = lambda *a, **k: calls.append(1) or original(*a, **k)
+    action = big(TensorDict({"observation": torch.randn(7)}))["action"]
+    assert len(calls) == 8 and action.shape == (61,) and bool(torch.isfinite(action).all())
+    assert planner(20).iterations == 8 and planner(19).iterations == 6 and planner(6).iterations == 6
+    assert planner(61, "planner.iterations=6").iterations == 6  # explicit overrides the rule
+    assert planner(6, "planner.iterations=3").iterations == 3
 
 
 def test_validation_names_the_bad_value():
