@@ -196,6 +196,12 @@ def test_train_checkpoint_resume_evaluate_end_to_end(tmp_path):
     for row in results["results"]:
         assert row["episodes"] == 1 and row["plan_ms_per_step"] > 0 and row["return_mean"] >= 0
     assert (out / "results.csv").read_text().splitlines()[0].startswith("planner,return_mean,return_std")
+    # progress: not a terminal here, so one line per episode; each planner's row printed as soon as it is done
+    lines = evaluated.stdout.splitlines()
+    first = {key: next(i for i, line in enumerate(lines) if line.startswith(key))
+             for key in ("[eval] policy: episode 1/1, return", "policy ", "[eval] mppi: episode 1/1", "mppi ",
+                         "[eval] dream_mpc: episode 1/1", "dream_mpc ")}
+    assert list(first.values()) == sorted(first.values()), evaluated.stdout
     # ... and the world-model file the run wrote at its end
     from_file = run(EVALUATE, f"checkpoint={run_dir / 'world_model.pt'}", "task=cartpole-swingup",
                     "planners=[policy]", "episodes=1", "threads=1", f"output_dir={tmp_path / 'eval2'}")
