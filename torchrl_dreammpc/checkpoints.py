@@ -12,7 +12,9 @@ Two on-disk formats are understood:
   ln.weight, ln.bias) and have no ``log_std_*`` entries. :func:`from_tdmpc2_checkpoint` reads both.
 * **Ours**: ``{"format": "torchrl_dreammpc.world_model", "version": 1, "config": asdict(model.config),
   "state_dict": model.state_dict()}``, written by :func:`save_world_model` and read by
-  :func:`load_world_model`. :func:`load_any` takes either.
+  :func:`load_world_model`. :func:`load_any` takes either. A model of another family than TD-MPC2's
+  (:class:`~torchrl_dreammpc.modules.DreamerV3WorldModel`) adds ``"family": "dreamer_v3"``; a file without that
+  entry is a TD-MPC2 model, so TD-MPC2 files keep exactly the layout they always had.
 
 Every loader validates the complete converted state dict (keys, shapes, data) against the architecture before a
 model is built, and raises :class:`CheckpointError` naming the problem; no partially loaded model is returned.
@@ -33,6 +35,7 @@ from typing import Any
 
 import torch
 
+from torchrl_dreammpc.modules.dreamer import DreamerV3Config, DreamerV3WorldModel
 from torchrl_dreammpc.modules.world_model import (
     MODEL_SIZES,
     TDMPC2Config,
@@ -43,6 +46,7 @@ from torchrl_dreammpc.modules.world_model import (
 __all__ = [
     "CheckpointError",
     "FORMAT",
+    "check_finite_state",
     "FORMAT_VERSION",
     "convert_tdmpc2_state_dict",
     "from_tdmpc2_checkpoint",
@@ -56,6 +60,9 @@ __all__ = [
 
 FORMAT = "torchrl_dreammpc.world_model"
 FORMAT_VERSION = 1
+#: Model families of our format: name -> (config class, model class). A file without a "family" entry is
+#: "tdmpc2" (the only family when the format was defined).
+FAMILIES = {"tdmpc2": (TDMPC2Config, TDMPC2WorldModel), "dreamer_v3": (DreamerV3Config, DreamerV3WorldModel)}
 
 
 class CheckpointError(ValueError):
@@ -388,18 +395,38 @@ def _tdmpc2_name(ours: str) -> str:
     return ours
 
 
-def _build(config: TDMPC2Config) -> TDMPC2WorldModel:
+def _family(config) -> str:
+    for name, (config_cls, _) in FAMILIES.items():
+        if type(config) is config_cls:
+            return name
+    raise TypeError(f"Not the config of a known world-model family: {type(config).__name__}.")
+
+
+def _build(config: TDMPC2Config | DreamerV3Config) -> TDMPC2WorldModel | DreamerV3WorldModel:
     fields = dataclasses.asdict(config)
     obs_dim, action_dim, model_size = fields.pop("obs_dim"), fields.pop("action_dim"), fields.pop("model_size")
-    return TDMPC2WorldModel(obs_dim, action_dim, model_size=model_size, **fields)
+    return FAMILIES[_family(config)][1](obs_dim, action_dim, model_size=model_size, **fields)
 
 
-def _expected_shapes(config: TDMPC2Config) -> dict[str, torch.Size]:
+def _expected_shapes(config: TDMPC2Config | DreamerV3Config) -> dict[str, torch.Size]:
     with torch.device("meta"):  # shapes only: no memory, no initialization cost
         return {k: v.shape for k, v in _build(config).state_dict().items()}
 
 
-def _finish(config: TDMPC2Config, state_dict: Mapping[str, torch.Tensor], device) -> TDMPC2WorldModel:
+def check_finite_state(state_dict: Mapping[str, torch.Tensor], where: str = "The checkpoint") -> None:
+    """Raises :class:`CheckpointError` naming the tensors that hold NaN/inf values: a model loaded with them would
+    plan with NaN scores (MPPI then picks actions at random without any error)."""
+    bad = [f"{key} ({int((~torch.isfinite(value)).sum())})" for key, value in state_dict.items()
+           if isinstance(value, torch.Tensor) and value.is_floating_point() and not value.is_meta
+           and not bool(torch.isfinite(value).all())]
+    if bad:
+        raise CheckpointError(f"{where} holds NaN/inf values in {len(bad)} tensor(s) (count in brackets): "
+                              f"{', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''}; refusing to load it.")
+
+
+def _finish(config: TDMPC2Config | DreamerV3Config, state_dict: Mapping[str, torch.Tensor], device
+            ) -> TDMPC2WorldModel | DreamerV3WorldModel:
+    check_finite_state(state_dict)
     model = _build(config)
     model.load_state_dict(state_dict, strict=True)
     return model.to(device).eval()
@@ -419,8 +446,9 @@ def from_tdmpc2_checkpoint(path_or_state_dict, obs_dim=None, action_dim=None, *,
 
     The discount is not stored in TD-MPC2 checkpoints. It is ``discount`` if given, else TD-MPC2's heuristic
     (:func:`~torchrl_dreammpc.modules.discount_from_episode_length`) applied to ``episode_length`` if given (500 →
-    0.99, 1000 → 0.995), else the :class:`TDMPC2Config` default (0.99). Give the task's episode length to plan with
-    the discount the checkpoint's values were trained with.
+    0.99, 1000 → 0.995; take it from :func:`~torchrl_dreammpc.envs.task_info`: 500 agent steps for DMC, the
+    length TD-MPC2 trains with), else the :class:`TDMPC2Config` default (0.99). Give the task's episode length to
+    plan with the discount the checkpoint's values were trained with.
 
     Args:
         path_or_state_dict: a file path, or what ``torch.load`` returned: ``{"model": state_dict}`` or a bare
@@ -444,8 +472,9 @@ def from_tdmpc2_checkpoint(path_or_state_dict, obs_dim=None, action_dim=None, *,
             tensors. Nothing is built before the whole state dict has been validated.
 
     Examples:
-        >>> model = from_tdmpc2_checkpoint("walker-walk-1.pt", obs_dim=24, action_dim=6,
-        ...                                episode_length=1000)  # doctest: +SKIP
+        >>> from torchrl_dreammpc.envs import task_info
+        >>> model = from_tdmpc2_checkpoint("walker-walk-1.pt", obs_dim=24, action_dim=6,  # DMC: 500 steps, γ 0.99
+        ...                                episode_length=task_info("walker-walk").episode_length)  # doctest: +SKIP
         >>> z = model.encode(torch.zeros(1, 24))  # doctest: +SKIP
     """
     obj = _read(path_or_state_dict) if isinstance(path_or_state_dict, (str, os.PathLike)) else path_or_state_dict
@@ -567,16 +596,18 @@ def _atomic_save(payload: Any, path: str | os.PathLike) -> Path:
 # ---------------------------------------------------------------------------------------------------------------
 # our own format
 # ---------------------------------------------------------------------------------------------------------------
-def save_world_model(model: TDMPC2WorldModel, path: str | os.PathLike) -> Path:
-    """Save a :class:`TDMPC2WorldModel` with its config, atomically.
+def save_world_model(model: TDMPC2WorldModel | DreamerV3WorldModel, path: str | os.PathLike) -> Path:
+    """Save a :class:`TDMPC2WorldModel` (or a :class:`~torchrl_dreammpc.modules.DreamerV3WorldModel`) with its
+    config, atomically.
 
     The file holds ``{"format": "torchrl_dreammpc.world_model", "version": 1, "config": asdict(model.config),
-    "state_dict": model.state_dict()}`` (tensors moved to CPU). It is written to a temporary file in the same
+    "state_dict": model.state_dict()}`` (tensors moved to CPU), plus ``"family": "dreamer_v3"`` for a DreamerV3
+    model. It is written to a temporary file in the same
     directory and moved into place with ``os.replace``, so an interrupted save never leaves a truncated checkpoint
     (an existing file at ``path`` stays intact until the new one is complete).
 
     Args:
-        model (TDMPC2WorldModel): the model (online and target Qs included).
+        model (TDMPC2WorldModel or DreamerV3WorldModel): the model (online and target Qs / critics included).
         path: destination file; parent directories are created.
 
     Returns:
@@ -588,40 +619,49 @@ def save_world_model(model: TDMPC2WorldModel, path: str | os.PathLike) -> Path:
         >>> wm2 = load_world_model(p, obs_dim=5, action_dim=1)  # doctest: +SKIP
     """
     config = getattr(model, "config", None)
-    if not isinstance(config, TDMPC2Config):
-        raise TypeError(f"save_world_model expects a TDMPC2WorldModel (with a TDMPC2Config), got "
-                        f"{type(model).__name__}.")
+    if not any(type(config) is config_cls for config_cls, _ in FAMILIES.values()):
+        raise TypeError(f"save_world_model expects a TDMPC2WorldModel or a DreamerV3WorldModel (with its config), "
+                        f"got {type(model).__name__}.")
     payload = {"format": FORMAT, "version": FORMAT_VERSION, "config": dataclasses.asdict(config),
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    family = _family(config)
+    if family != "tdmpc2":
+        payload["family"] = family
     return _atomic_save(payload, path)
 
 
-def _config_diff(saved: TDMPC2Config, expect) -> list[str]:
-    if isinstance(expect, TDMPC2Config):
+def _config_diff(saved: TDMPC2Config | DreamerV3Config, expect) -> list[str]:
+    name = type(saved).__name__
+    if isinstance(expect, type(saved)):
         expect = dataclasses.asdict(expect)
     if not isinstance(expect, Mapping):
-        raise TypeError(f"expect_config must be a TDMPC2Config or a mapping of its fields, got {type(expect).__name__}")
+        raise TypeError(f"expect_config must be a {name} or a mapping of its fields, got {type(expect).__name__}")
     saved_d = dataclasses.asdict(saved)
     unknown = sorted(set(expect) - set(saved_d))
     if unknown:
-        raise TypeError(f"expect_config has unknown TDMPC2Config field(s) {unknown}")
+        raise TypeError(f"expect_config has unknown {name} field(s) {unknown}")
     return [f"{k}: checkpoint {saved_d[k]!r}, expected {v!r}" for k, v in expect.items() if saved_d[k] != v]
 
 
-def _from_ours(obj: Mapping, where: str, expect_config, obs_dim, action_dim, device) -> TDMPC2WorldModel:
+def _from_ours(obj: Mapping, where: str, expect_config, obs_dim, action_dim, device
+               ) -> TDMPC2WorldModel | DreamerV3WorldModel:
     version = obj.get("version")
     if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
         raise CheckpointError(f"{where} has {FORMAT} version {version!r}; this code reads version {FORMAT_VERSION}.")
+    family = obj.get("family", "tdmpc2")
+    if family not in FAMILIES:
+        raise CheckpointError(f"{where} holds a world model of family {family!r}; this code reads {sorted(FAMILIES)}.")
+    config_cls = FAMILIES[family][0]
     cfg_d, sd = obj.get("config"), obj.get("state_dict")
     if not isinstance(cfg_d, Mapping) or not isinstance(sd, Mapping):
         raise CheckpointError(f"{where} lacks its 'config' or 'state_dict' entry.")
-    names = {f.name for f in dataclasses.fields(TDMPC2Config)}
+    names = {f.name for f in dataclasses.fields(config_cls)}
     if set(cfg_d) - names:
         raise CheckpointError(f"{where} has unknown config field(s) {sorted(set(cfg_d) - names)}.")
     try:
-        config = TDMPC2Config(**cfg_d)
-    except TypeError as err:
-        raise CheckpointError(f"{where} has an incomplete config: {err}") from err
+        config = config_cls(**cfg_d)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{where} has an incomplete or invalid config: {err}") from err
     obs_dim, action_dim = _spec_dim(obs_dim, "obs_dim"), _spec_dim(action_dim, "action_dim")
     if obs_dim is not None and obs_dim != config.obs_dim:
         raise CheckpointError(f"Checkpoint expects observation width {config.obs_dim}, the task gives {obs_dim}.")
@@ -646,23 +686,24 @@ def _from_ours(obj: Mapping, where: str, expect_config, obs_dim, action_dim, dev
     return _finish(config, sd, device)
 
 
-def load_world_model(path: str | os.PathLike, expect_config: TDMPC2Config | Mapping | None = None, *,
-                     obs_dim=None, action_dim=None, device: str | torch.device = "cpu") -> TDMPC2WorldModel:
+def load_world_model(path: str | os.PathLike, expect_config: TDMPC2Config | DreamerV3Config | Mapping | None = None,
+                     *, obs_dim=None, action_dim=None, device: str | torch.device = "cpu"
+                     ) -> TDMPC2WorldModel | DreamerV3WorldModel:
     """Load a model saved by :func:`save_world_model`.
 
     Args:
         path: the checkpoint file.
-        expect_config (TDMPC2Config or mapping, optional): refuse the checkpoint unless its config has these
-            values (all fields of a ``TDMPC2Config``; only the given keys of a mapping). The error names every
-            differing field.
+        expect_config (TDMPC2Config, DreamerV3Config or mapping, optional): refuse the checkpoint unless its
+            config has these values (all fields of a config object; only the given keys of a mapping). The error
+            names every differing field.
         obs_dim / action_dim (int or TorchRL spec, optional): refuse a checkpoint made for other sizes.
         device: where the returned model lives.
 
     Returns:
-        the model, in eval mode (call ``.train()`` to continue training).
+        the model (of the family the file holds), in eval mode (call ``.train()`` to continue training).
 
     Raises:
-        CheckpointError: unreadable file, wrong format tag or version (a TD-MPC2 checkpoint included: use
+        CheckpointError: unreadable file, wrong format tag, version or family (a TD-MPC2 checkpoint included: use
             :func:`load_any`), config mismatch, or a state dict that does not fit the config.
 
     Examples:
@@ -698,7 +739,8 @@ def load_any(path_or_state_dict, obs_dim=None, action_dim=None, *, expect_config
 
     Examples:
         >>> model = load_any(cfg.checkpoint, obs_dim=env.observation_spec["observation"],
-        ...                  action_dim=env.action_spec, episode_length=1000)  # doctest: +SKIP
+        ...                  action_dim=env.action_spec,
+        ...                  episode_length=task_info(cfg.task).episode_length)  # doctest: +SKIP
     """
     is_path = isinstance(path_or_state_dict, (str, os.PathLike))
     obj = _read(path_or_state_dict) if is_path else path_or_state_dict

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from torchrl_dreammpc.modules.base import WorldModelBase
-from torchrl_dreammpc.planners.base import LatentPlannerBase, _check_float, _check_int
+from torchrl_dreammpc.planners.base import LatentPlannerBase, _check_bool, _check_float, _check_int
 
 __all__ = ["GradientMPCPlanner"]
 
@@ -95,7 +95,7 @@ class GradientMPCPlanner(LatentPlannerBase):
         self.uncertainty_weight = self._check_uncertainty_weight(uncertainty_weight)
         self.max_grad_norm = (None if max_grad_norm is None
                               else _check_float("max_grad_norm", max_grad_norm, low=0.0, low_open=True))
-        self.uncertainty_grad = bool(uncertainty_grad)
+        self.uncertainty_grad = _check_bool("uncertainty_grad", uncertainty_grad)
         self.exploration_std = _check_float("exploration_std", exploration_std, low=0.0)
 
     @property
@@ -156,6 +156,7 @@ class GradientMPCPlanner(LatentPlannerBase):
             J = torch.sub(ret, unc, alpha=lam) if lam > 0 else ret
             J = J.view(B, N).nan_to_num(nan=float("-inf"))
             idx = J.argmax(1, keepdim=True)  # [B, 1]
+            self._objective = J.gather(1, idx)  # -inf where every candidate's J was NaN: the check refuses it
             a4 = a.view(H, B, N, A)
             action = a4[0].gather(1, idx.unsqueeze(-1).expand(B, 1, A)).squeeze(1)
             if explore and self.exploration_std > 0:

@@ -6,6 +6,7 @@ from torchrl_dreammpc.trainers.dream_mpc import (
     load_world_model_from_trainer_checkpoint,
     read_fingerprint,
     seed_steps,
+    verify_checkpoint_files,
 )
 from torchrl_dreammpc.trainers.hooks import (
     CollectorCountersState,
@@ -17,7 +18,7 @@ from torchrl_dreammpc.trainers.hooks import (
     read_eval_csv,
 )
 from torchrl_dreammpc.trainers.replay import REPLAY_KEYS, TRAJ_KEY, SliceReplayBufferTrainer, make_replay_buffer
-from torchrl_dreammpc.trainers.stepper import TDMPC2OptimizationStepper
+from torchrl_dreammpc.trainers.stepper import NonFiniteUpdateError, TDMPC2OptimizationStepper
 
 __all__ = [
     "ConfigMismatchError",
@@ -29,6 +30,7 @@ __all__ = [
     "find_trainer_checkpoint",
     "load_world_model_from_trainer_checkpoint",
     "MultiLogger",
+    "NonFiniteUpdateError",
     "REPLAY_KEYS",
     "SliceReplayBufferTrainer",
     "TDMPC2OptimizationStepper",
@@ -38,4 +40,5 @@ __all__ = [
     "read_eval_csv",
     "read_fingerprint",
     "seed_steps",
+    "verify_checkpoint_files",
 ]

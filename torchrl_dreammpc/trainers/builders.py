@@ -6,22 +6,34 @@ lives here so that it is tested, and reused by ``recipes/evaluate.py``.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from torchrl_dreammpc.modules.world_model import MODEL_SIZES, TDMPC2WorldModel, discount_from_episode_length
+from torchrl_dreammpc._checks import check_compile
+from torchrl_dreammpc.modules.world_model import (
+    MODEL_SIZES,
+    TDMPC2Config,
+    TDMPC2WorldModel,
+    discount_from_episode_length,
+)
 from torchrl_dreammpc.planners import GradientMPCPlanner, MPPIPlanner, PolicyActor
 
 __all__ = [
     "PLANNERS",
     "ConfigError",
+    "check_device",
+    "make_actor",
+    "make_dreamer_world_model",
     "make_planner",
     "make_world_model",
     "resolve_seed_steps",
+    "update_arguments",
     "validate_train_config",
     "build_trainer",
 ]
@@ -61,6 +73,25 @@ def make_planner(planner_cfg: Mapping, world_model, *, action_spec=None):
     return PLANNERS[name](world_model, action_spec=action_spec, **_planner_kwargs(planner_cfg))
 
 
+def make_actor(planner_cfg: Mapping, world_model, *, action_spec=None):
+    """The module that acts in an env: :func:`make_planner` behind the world model's acting path
+    (:meth:`~torchrl_dreammpc.modules.WorldModelBase.acting_module`: the planner itself for TD-MPC2, the RSSM state
+    estimator in front of it for DreamerV3)."""
+    return world_model.acting_module(make_planner(planner_cfg, world_model, action_spec=action_spec))
+
+
+def make_dreamer_world_model(dreamer_cfg: Mapping, obs_dim: int, action_dim: int, *,
+                             device: str | torch.device = "cpu"):
+    """A :class:`~torchrl_dreammpc.modules.DreamerV3WorldModel` from the ``dreamer`` config node (``model_size``,
+    ``horizon`` → ``discount = 1 - 1/horizon``, and any :class:`~torchrl_dreammpc.modules.DreamerV3Config` field
+    under ``model``)."""
+    from torchrl_dreammpc.modules.dreamer import DreamerV3WorldModel
+
+    overrides = {key: value for key, value in dict(dreamer_cfg.get("model") or {}).items() if value is not None}
+    overrides.setdefault("discount", 1.0 - 1.0 / float(dreamer_cfg["horizon"]))
+    return DreamerV3WorldModel(obs_dim, action_dim, model_size=str(dreamer_cfg["model_size"]), **overrides).to(device)
+
+
 def make_world_model(model_cfg: Mapping, obs_dim: int, action_dim: int, *, episode_length: int, episodic: bool,
                      discount: float | None = None, device: str | torch.device = "cpu") -> TDMPC2WorldModel:
     """A :class:`TDMPC2WorldModel` from the ``model`` config node (``size`` + any :class:`TDMPC2Config` field).
@@ -77,20 +108,169 @@ def make_world_model(model_cfg: Mapping, obs_dim: int, action_dim: int, *, episo
 
 
 def resolve_seed_steps(cfg: Mapping, episode_length: int) -> int:
-    """``cfg.seed_steps`` if set, else TD-MPC2's ``max(1000, 5 * episode_length)``."""
+    """``cfg.seed_steps`` if set, else TD-MPC2's ``max(1000, 5 * episode_length)``. With ``algorithm=dreamer_v3``:
+    ``dreamer.seed_steps`` if set, else one batch of sequences, ``batch_size * batch_length`` (the warm-up of
+    TorchRL's DreamerV3 DMC recipe)."""
     from torchrl_dreammpc.trainers.dream_mpc import seed_steps
 
+    if cfg.get("algorithm") == "dreamer_v3":
+        dreamer = cfg["dreamer"]
+        value = dreamer.get("seed_steps")
+        return int(dreamer["batch_size"]) * int(dreamer["batch_length"]) if value is None else int(value)
     value = cfg.get("seed_steps")
     return seed_steps(episode_length) if value is None else int(value)
 
 
-def validate_train_config(cfg: Mapping) -> dict[str, Any]:
-    """Checks a training config before anything is built; returns facts derived on the way.
+def _positive_int(cfg: Mapping, key: str, minimum: int = 1, nullable: bool = False) -> int | None:
+    value = _get(cfg, key)
+    if value is None and nullable:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key} must be an integer >= {minimum}{' (or null)' if nullable else ''}, got {value!r}.")
+    return value
 
-    Checks, in order: the algorithm; the planner name; the task (through :func:`~torchrl_dreammpc.envs.task_info`, whose
-    ``ValueError`` names the task); the model size; positive integers (steps, batch size, horizon, eval
-    episodes, workers, intervals); a positive learning rate; that the run is longer than the seed phase; the
-    collector backend; and the planner's own arguments (by building it over a tiny throw-away model).
+
+def _number(cfg: Mapping, key: str, low: float = 0.0, high: float | None = None,
+            nullable: bool = False) -> float | None:
+    """A finite number in ``(low, high]``: refuses bools, strings, NaN and ±inf."""
+    value = _get(cfg, key)
+    if value is None and nullable:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= low \
+            or (high is not None and value > high):
+        where = f"in ({low:g}, {high:g}]" if high is not None else f"> {low:g}"
+        raise ConfigError(f"{key} must be a finite number {where}{' (or null)' if nullable else ''}, got {value!r}.")
+    return float(value)
+
+
+def _boolean(cfg: Mapping, key: str) -> bool:
+    value = _get(cfg, key)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}.")
+    return value
+
+
+#: TDMPC2Config fields that a run derives itself (from the env, the task, ``model_size=`` and ``discount=``).
+_DERIVED_MODEL_FIELDS = {"obs_dim": "the env", "action_dim": "the env", "model_size": "model_size=",
+                         "episodic": "the task", "discount": "discount="}
+#: Eval-planner names become file names (``eval_<name>.csv``) and logger keys.
+_PLANNER_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def _check_model(cfg: Mapping, info) -> TDMPC2WorldModel:
+    """Checks the ``model`` node as :class:`TDMPC2Config` does, without allocating the model, and returns a tiny
+    throw-away model with the run's value-ensemble size and termination head (planners check against those)."""
+    model = dict(_get(cfg, "model") or {})
+    size = model.pop("size", None)
+    if size not in MODEL_SIZES:
+        raise ConfigError(f"Unknown model_size {size!r}; choose one of {sorted(MODEL_SIZES)}.")
+    overrides = {key: value for key, value in model.items() if value is not None}
+    for key, source in _DERIVED_MODEL_FIELDS.items():
+        if key in overrides:
+            raise ConfigError(f"model.{key} cannot be set: it comes from {source}.")
+    try:
+        config = TDMPC2Config.from_size(2, 1, size, **overrides)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model (model_size={size}): {err}") from err
+    return TDMPC2WorldModel(2, 1, model_size=size, enc_dim=8, mlp_dim=8, latent_dim=8, num_enc_layers=1,
+                            num_q=config.num_q, episodic=info.episodic)
+
+
+def _check_planner(label: str, planner_cfg, tiny) -> str:
+    if not isinstance(planner_cfg, Mapping):
+        raise ConfigError(f"{label} must be a planner config with a name (e.g. {{name: policy}}), got {planner_cfg!r}.")
+    name = planner_cfg.get("name")
+    if name not in PLANNERS:
+        raise ConfigError(f"Unknown planner {name!r} ({label}.name); choose one of {sorted(PLANNERS)}.")
+    try:  # the planner validates its own arguments: build it over the tiny model (milliseconds)
+        make_planner(planner_cfg, tiny)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{label}={name}: {err}") from err
+    return name
+
+
+def _validate_dreamer(cfg: Mapping) -> None:
+    """The ``dreamer`` node of ``algorithm=dreamer_v3`` (the model is checked by building its config)."""
+    from torchrl_dreammpc.modules.dreamer import DREAMER_V3_SIZES, DreamerV3Config
+
+    dreamer = cfg.get("dreamer")
+    if not isinstance(dreamer, Mapping):
+        raise ConfigError("algorithm=dreamer_v3 needs its `dreamer` config node "
+                          "(recipes/config/algorithm/dreamer_v3.yaml).")
+    if str(dreamer.get("model_size")) not in DREAMER_V3_SIZES:
+        raise ConfigError(f"Unknown dreamer.model_size {dreamer.get('model_size')!r}; choose one of "
+                          f"{list(DREAMER_V3_SIZES)}.")
+    for key in ("batch_size", "batch_length"):
+        value = dreamer.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"dreamer.{key} must be a positive integer, got {value!r}.")
+    for key in ("train_ratio", "horizon"):
+        value = dreamer.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"dreamer.{key} must be a positive number, got {value!r}.")
+    if dreamer["horizon"] <= 1:
+        raise ConfigError(f"dreamer.horizon must be > 1 (discount = 1 - 1/horizon), got {dreamer['horizon']!r}.")
+    pretrain = dreamer.get("pretrain_updates")
+    if isinstance(pretrain, bool) or not isinstance(pretrain, int) or pretrain < 0:
+        raise ConfigError(f"dreamer.pretrain_updates must be an integer >= 0, got {pretrain!r}.")
+    lr = (dreamer.get("optimizer") or {}).get("lr")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ConfigError(f"dreamer.optimizer.lr must be a positive number, got {lr!r}.")
+    if cfg.get("compile"):
+        raise ConfigError("compile=true is not supported with algorithm=dreamer_v3 (its update runs eagerly).")
+    import inspect
+
+    from torchrl_dreammpc.objectives.dreamer_v3 import DreamerV3TrainingLoss
+    from torchrl_dreammpc.trainers.dreamer_v3 import OPTIMIZER_DEFAULTS
+
+    known = {"loss": set(inspect.signature(DreamerV3TrainingLoss).parameters) - {"world_model"},
+             "optimizer": set(OPTIMIZER_DEFAULTS)}
+    for node, names in known.items():
+        unknown = sorted(set(dreamer.get(node) or {}) - names)
+        if unknown:
+            raise ConfigError(f"Unknown dreamer.{node} key(s) {unknown}; known: {sorted(names)}.")
+    try:
+        overrides = {key: value for key, value in dict(dreamer.get("model") or {}).items() if value is not None}
+        DreamerV3Config.from_size(2, 1, str(dreamer["model_size"]), **overrides)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"dreamer.model: {err}") from err
+
+
+def update_arguments(cfg: Mapping, checked: Mapping[str, Any]) -> dict[str, Any]:
+    """The :class:`DreamMPCTrainer` arguments of the update the config's ``algorithm`` describes.
+
+    ``tdmpc2``: the top-level keys (``batch_size``, ``horizon``, ``utd_ratio``, ``lr``...) and ``loss`` /
+    ``policy_loss``. ``dreamer_v3``: the ``dreamer`` node: ``batch_size`` sequences of ``batch_length`` steps,
+    ``train_ratio`` replayed steps per env step (so ``train_ratio / (batch_size * batch_length)`` updates per
+    step), the optimizer and the loss arguments.
+    """
+    algorithm = cfg.get("algorithm", "tdmpc2")
+    if algorithm == "dreamer_v3":
+        dreamer = cfg["dreamer"]
+        optimizer = dict(dreamer.get("optimizer") or {})
+        batch, length = int(dreamer["batch_size"]), int(dreamer["batch_length"])
+        return dict(batch_size=batch, horizon=length, seed_frames=checked["seed_steps"],
+                    pretrain_updates=int(dreamer["pretrain_updates"]),
+                    utd_ratio=float(dreamer["train_ratio"]) / (batch * length), lr=float(optimizer.pop("lr")),
+                    algorithm=algorithm, loss_kwargs={**optimizer, **dict(dreamer.get("loss") or {})})
+    return dict(batch_size=int(cfg["batch_size"]), horizon=int(cfg["horizon"]), seed_frames=checked["seed_steps"],
+                pretrain_updates=cfg.get("pretrain_updates"), utd_ratio=float(cfg["utd_ratio"]), lr=float(cfg["lr"]),
+                enc_lr_scale=float(cfg["enc_lr_scale"]), grad_clip=float(cfg["grad_clip"]), tau=float(cfg["tau"]),
+                algorithm=algorithm, compile=cfg.get("compile", False), loss_kwargs=dict(cfg.get("loss") or {}),
+                policy_loss_kwargs=dict(cfg.get("policy_loss") or {}))
+
+
+def validate_train_config(cfg: Mapping) -> dict[str, Any]:
+    """Checks every value of a training config before anything is built or written; returns facts derived on the way.
+
+    Checks: the algorithm (and, for ``dreamer_v3``, its ``dreamer`` node); the task (through :func:`~torchrl_dreammpc.envs.task_info`, whose ``ValueError`` names
+    the task); the ``model`` node (every :class:`~torchrl_dreammpc.modules.TDMPC2Config` field, e.g. a
+    ``latent_dim`` that is not a multiple of 8, without building the model); positive integers (steps, batch size,
+    horizon, eval episodes, workers, intervals, ``threads``, ``seed_steps``, ``buffer_size``); finite positive
+    numbers (``lr``, ``utd_ratio``, ``enc_lr_scale``, ``grad_clip``; ``tau`` and ``discount`` in (0, 1]); booleans;
+    ``compile`` and ``device``; that the run is longer than the seed phase; the collector backend (and Ray for
+    ``backend=ray``); the loss arguments (``loss.*``, ``policy_loss.*``, by building the losses over a tiny model)
+    and the planner's and every ``eval_planners`` entry's arguments (by building them over a tiny model).
 
     Returns:
         ``{"task_info": TaskInfo, "seed_steps": int}``.
@@ -99,12 +279,13 @@ def validate_train_config(cfg: Mapping) -> dict[str, Any]:
         ConfigError (a ``ValueError``): naming the offending key and value.
     """
     from torchrl_dreammpc.envs import task_info
-
     from torchrl_dreammpc.trainers.dream_mpc import ALGORITHMS
 
     algorithm = cfg.get("algorithm", "tdmpc2")
     if algorithm not in ALGORITHMS:
         raise ConfigError(f"Unknown algorithm {algorithm!r} (algorithm=...); choose one of {list(ALGORITHMS)}.")
+    if algorithm == "dreamer_v3":
+        _validate_dreamer(cfg)
     planner = _get(cfg, "planner.name")
     if planner not in PLANNERS:
         raise ConfigError(f"Unknown planner {planner!r} (planner=...); choose one of {sorted(PLANNERS)}.")
@@ -112,48 +293,105 @@ def validate_train_config(cfg: Mapping) -> dict[str, Any]:
         info = task_info(cfg["task"])
     except ValueError as err:  # UnknownTaskError / TaskNotAvailableError name the task
         raise ConfigError(f"task={cfg['task']!r}: {err}") from err
-    size = _get(cfg, "model.size")
-    if size not in MODEL_SIZES:
-        raise ConfigError(f"Unknown model_size {size!r}; choose one of {sorted(MODEL_SIZES)}.")
-    for key in ("steps", "batch_size", "horizon", "eval_episodes", "collector.num_workers",
-                "collector.frames_per_batch", "checkpoint_interval", "keep_checkpoints", "log_interval"):
-        value = _get(cfg, key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{key} must be a positive integer, got {value!r}.")
-    for key in ("eval_interval", "snapshot_interval"):
-        value = _get(cfg, key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ConfigError(f"{key} must be an integer >= 0, got {value!r}.")
-    for key in ("lr", "utd_ratio"):
-        value = _get(cfg, key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise ConfigError(f"{key} must be a positive number, got {value!r}.")
-    for key in ("enc_lr_scale", "grad_clip", "tau"):
-        value = _get(cfg, key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ConfigError(f"{key} must be a positive number, got {value!r}.")
+    tiny = _check_model(cfg, info)
+    _check_scalars(cfg)
     seed_steps = resolve_seed_steps(cfg, info.episode_length)
-    if seed_steps < 1:
-        raise ConfigError(f"seed_steps must be >= 1, got {seed_steps}.")
     if cfg["steps"] <= seed_steps:
         raise ConfigError(
             f"steps={cfg['steps']} must exceed the seed phase of {seed_steps} random-action steps "
             f"(seed_steps; TD-MPC2's max(1000, 5 * episode_length) = {max(1000, 5 * info.episode_length)} for "
             f"{info.task}): the planner would never act."
         )
-    pretrain = cfg.get("pretrain_updates")
-    if pretrain is not None and (isinstance(pretrain, bool) or not isinstance(pretrain, int) or pretrain < 0):
-        raise ConfigError(f"pretrain_updates must be an integer >= 0 (or null), got {pretrain!r}.")
+    _check_collector(cfg)
+    if algorithm == "tdmpc2":  # dreamer_v3 keeps its loss arguments in its `dreamer` node (checked above)
+        _check_losses(cfg, tiny, algorithm)
+    _check_planner("planner", cfg["planner"], tiny)
+    _check_eval_planners(cfg, planner, tiny)
+    return {"task_info": info, "seed_steps": seed_steps}
+
+
+def _check_scalars(cfg: Mapping) -> None:
+    """Integers, finite numbers, booleans, ``compile``, ``device``, ``run_dir``."""
+    for key in ("steps", "batch_size", "horizon", "eval_episodes", "collector.num_workers",
+                "collector.frames_per_batch", "checkpoint_interval", "keep_checkpoints", "log_interval"):
+        _positive_int(cfg, key)
+    for key in ("eval_interval", "snapshot_interval", "seed"):
+        _positive_int(cfg, key, minimum=0)
+    for key in ("threads", "seed_steps"):
+        _positive_int(cfg, key, nullable=True)
+    _positive_int(cfg, "pretrain_updates", minimum=0, nullable=True)
+    buffer_size = _positive_int(cfg, "buffer_size", nullable=True)
+    if buffer_size is not None and buffer_size < cfg["horizon"]:
+        raise ConfigError(f"buffer_size={buffer_size} cannot hold one sub-trajectory of horizon={cfg['horizon']}.")
+    for key in ("lr", "utd_ratio", "enc_lr_scale", "grad_clip"):
+        _number(cfg, key)
+    _number(cfg, "tau", high=1.0)
+    _number(cfg, "discount", high=1.0, nullable=True)
+    for key in ("resume", "eval_at_start", "replay_memmap", "progress_bar"):
+        if _get(cfg, key, False) is not False:  # optional keys: absent means false
+            _boolean(cfg, key)
+    try:
+        check_compile("compile", cfg.get("compile", False))
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    check_device(cfg.get("device") or "cpu")
+    run_dir = cfg.get("run_dir")
+    if not isinstance(run_dir, str) or not run_dir:
+        raise ConfigError(f"run_dir must be a non-empty path, got {run_dir!r}.")
+
+
+def _check_collector(cfg: Mapping) -> None:
     backend = _get(cfg, "collector.backend")
     if backend not in ("local", "ray"):
         raise ConfigError(f"collector.backend must be 'local' or 'ray', got {backend!r}.")
-    # The planner validates its own arguments: build it over a tiny model (milliseconds) before any real work.
-    tiny = TDMPC2WorldModel(2, 1, model_size=1, enc_dim=8, mlp_dim=8, latent_dim=8)
+    if backend == "ray" and importlib.util.find_spec("ray") is None:
+        raise ConfigError("collector.backend=ray needs Ray, which is not installed: "
+                          "pip install 'torchrl_dreammpc[ray]'.")
+    ray_init = _get(cfg, "collector.ray_init_config") or {}
+    if not isinstance(ray_init, Mapping):
+        raise ConfigError(f"collector.ray_init_config must be a mapping, got {ray_init!r}.")
+
+
+def _check_losses(cfg: Mapping, tiny, algorithm: str) -> None:
+    """``loss.*`` / ``policy_loss.*``: the loss constructors check their arguments; build them over ``tiny``."""
+    from torchrl_dreammpc.objectives import TDMPC2Loss, TDMPC2PolicyLoss
+
+    for key, cls in (("loss", TDMPC2Loss), ("policy_loss", TDMPC2PolicyLoss)):
+        kwargs = cfg.get(key) or {}
+        if not isinstance(kwargs, Mapping):
+            raise ConfigError(f"{key} must be a mapping of {cls.__name__} arguments, got {kwargs!r}.")
+        try:
+            cls(tiny, **kwargs)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{key} ({cls.__name__} of algorithm={algorithm}): {err}") from err
+
+
+def _check_eval_planners(cfg: Mapping, planner: str, tiny) -> None:
+    eval_planners = cfg.get("eval_planners") or {}
+    if not isinstance(eval_planners, Mapping):
+        raise ConfigError(f"eval_planners must be a mapping name -> planner config, got {eval_planners!r}.")
+    for label, planner_cfg in eval_planners.items():
+        if not isinstance(label, str) or not _PLANNER_LABEL.fullmatch(label):
+            raise ConfigError(f"eval_planners key {label!r} must be a name of letters, digits, '_', '.', '-' (it "
+                              "names eval_<name>.csv).")
+        if label == planner:
+            raise ConfigError(f"eval_planners.{label}: the training planner is already evaluated under {label!r} "
+                              "(eval.csv); give the extra planner another name.")
+        _check_planner(f"eval_planners.{label}", planner_cfg, tiny)
+
+
+def check_device(device) -> None:
+    """Refuses a device string torch cannot parse, or a CUDA device this machine does not have (ConfigError)."""
+    if device == "auto":
+        return
     try:
-        make_planner(cfg["planner"], tiny)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"planner={planner}: {err}") from err
-    return {"task_info": info, "seed_steps": seed_steps}
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:<index>', got {device!r}.") from err
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} but CUDA is not available here (use device=cpu or device=auto).")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ConfigError(f"device={device!r} but there are only {torch.cuda.device_count()} CUDA device(s).")
 
 
 def build_trainer(cfg: Mapping, *, checked: Mapping[str, Any] | None = None):
@@ -178,14 +416,17 @@ def build_trainer(cfg: Mapping, *, checked: Mapping[str, Any] | None = None):
     action_spec = probe.action_spec
     action_dim = int(action_spec.shape[-1])
     probe.close()
-    world_model = make_world_model(cfg["model"], obs_dim, action_dim, episode_length=info.episode_length,
-                                   episodic=info.episodic, discount=cfg.get("discount"), device=device)
-    actor = make_planner(cfg["planner"], world_model, action_spec=action_spec)
+    if cfg.get("algorithm") == "dreamer_v3":
+        world_model = make_dreamer_world_model(cfg["dreamer"], obs_dim, action_dim, device=device)
+    else:
+        world_model = make_world_model(cfg["model"], obs_dim, action_dim, episode_length=info.episode_length,
+                                       episodic=info.episodic, discount=cfg.get("discount"), device=device)
+    actor = make_actor(cfg["planner"], world_model, action_spec=action_spec)
     # Evaluation uses a second planner instance over the same model: the training planner's warm start (its
     # previous plan) must not leak into or out of evaluation episodes.
-    eval_actors = {cfg["planner"]["name"]: make_planner(cfg["planner"], world_model, action_spec=action_spec)}
+    eval_actors = {cfg["planner"]["name"]: make_actor(cfg["planner"], world_model, action_spec=action_spec)}
     for name, planner_cfg in (cfg.get("eval_planners") or {}).items():
-        eval_actors[name] = make_planner(planner_cfg, world_model, action_spec=action_spec)
+        eval_actors[name] = make_actor(planner_cfg, world_model, action_spec=action_spec)
     run_dir = Path(cfg["run_dir"])
     collector = cfg["collector"]
     trainer = DreamMPCTrainer(
@@ -193,23 +434,11 @@ def build_trainer(cfg: Mapping, *, checked: Mapping[str, Any] | None = None):
         world_model=world_model,
         actor=actor,
         total_frames=int(cfg["steps"]),
-        batch_size=int(cfg["batch_size"]),
-        horizon=int(cfg["horizon"]),
+        **update_arguments(cfg, checked),
         buffer_capacity=cfg.get("buffer_size"),
         seed=seed,
         episode_length=info.episode_length,
-        seed_frames=checked["seed_steps"],
-        pretrain_updates=cfg.get("pretrain_updates"),
-        utd_ratio=float(cfg["utd_ratio"]),
         frames_per_batch=int(collector["frames_per_batch"]),
-        lr=float(cfg["lr"]),
-        enc_lr_scale=float(cfg["enc_lr_scale"]),
-        grad_clip=float(cfg["grad_clip"]),
-        tau=float(cfg["tau"]),
-        algorithm=cfg.get("algorithm", "tdmpc2"),
-        compile=cfg.get("compile", False),
-        loss_kwargs=dict(cfg.get("loss") or {}),
-        policy_loss_kwargs=dict(cfg.get("policy_loss") or {}),
         eval_interval=int(cfg["eval_interval"]),
         eval_episodes=int(cfg["eval_episodes"]),
         eval_actors=eval_actors,

@@ -207,18 +207,29 @@ class EpisodeReturnLogger(TrainerHookBase):
         trainer.register_module(name, self)
 
 
-def _success_rate(traj_batch: TensorDictBase) -> dict[str, float]:
-    """Fraction of evaluation episodes whose ``success`` flag was set (Meta-World)."""
-    success = traj_batch.get(("next", "success"), None)
-    if success is None:
-        return {}
+def _episode_metrics(traj_batch: TensorDictBase) -> dict[str, Any]:
+    """Per-episode returns (and Meta-World's success flags with their rate) of an evaluation batch.
+
+    TorchRL's Evaluator reports the mean and std of the returns; paired comparisons of planners and bootstrap
+    confidence intervals need every episode's value, so they are returned as lists (``episode_returns``,
+    ``episode_successes``) beside the ``success`` rate.
+    """
+    reward = traj_batch.get(("next", "reward"))
     traj_ids = traj_batch.get(("collector", "traj_ids"), None)
-    success = success.reshape(traj_batch.shape[0], -1).any(-1)
     if traj_ids is None:
-        return {"success": float(success.any())}
-    traj_ids = traj_ids.reshape(-1)
-    per_episode = [bool(success[traj_ids == i].any()) for i in traj_ids.unique()]
-    return {"success": sum(per_episode) / max(len(per_episode), 1)}
+        episodes = [torch.arange(traj_batch.numel())]
+    else:
+        traj_ids = traj_ids.reshape(-1)
+        episodes = [(traj_ids == i).nonzero().squeeze(-1) for i in traj_ids.unique(sorted=True)]
+    reward = reward.reshape(traj_batch.numel(), -1)
+    out: dict[str, Any] = {"episode_returns": [float(reward[rows].sum()) for rows in episodes]}
+    success = traj_batch.get(("next", "success"), None)
+    if success is not None:
+        success = success.reshape(traj_batch.numel(), -1).any(-1)
+        flags = [bool(success[rows].any()) for rows in episodes]
+        out["episode_successes"] = flags
+        out["success"] = sum(flags) / max(len(flags), 1)
+    return out
 
 
 PROGRESS_MODES = ("auto", "bar", "lines", "off")
@@ -404,6 +415,7 @@ class EvaluationHook(TrainerHookBase):
         self.at_start = bool(at_start)
         self.progress = EvaluationProgress(progress)
         self.envs = {name: self._with_progress(create_env_fn()) for name in self.names}
+        self.max_steps = max_steps
         self.evaluators = {
             name: Evaluator(
                 self.envs[name],
@@ -411,11 +423,12 @@ class EvaluationHook(TrainerHookBase):
                 num_trajectories=self.episodes,
                 max_steps=max_steps,
                 # The collector polls this many steps at a time until it holds `episodes` complete episodes
-                # (TorchRL's default, 1000, played a 2nd 500-step episode when one was asked for): one episode.
-                frames_per_batch=_episode_length(self.envs[name]),
+                # (TorchRL's default, 1000, played a 2nd 500-step episode when one was asked for, and 2 Meta-World
+                # episodes of 100 steps played 10 and kept 2): one episode per batch, no episode played for nothing.
+                frames_per_batch=self._episode_length(self.envs[name]),
                 collector_kwargs={"traj_format": "cat"},
                 log_prefix="eval",
-                metrics_fn=_success_rate,
+                metrics_fn=_episode_metrics,
             )
             for name, actor in self.actors.items()
         }
@@ -430,6 +443,11 @@ class EvaluationHook(TrainerHookBase):
         self.last_eval_step = -1
         self.history: list[tuple[int, dict[str, float]]] = []
         self._trainer: Trainer | None = None
+
+    def _episode_length(self, env) -> int | None:
+        """Agent steps of one full evaluation episode: the task's length, capped by ``max_steps``."""
+        lengths = [n for n in (_episode_length(env), self.max_steps) if n]
+        return int(min(lengths)) if lengths else None
 
     def _with_progress(self, env):
         if not self.progress.enabled:
@@ -462,7 +480,7 @@ class EvaluationHook(TrainerHookBase):
             modes = [(m, m.training) for m in actor.modules()] if isinstance(actor, nn.Module) else []
             env.set_seed(self.seed)
             start = time.perf_counter()
-            self.progress.start(name, self.episodes, _episode_length(env))
+            self.progress.start(name, self.episodes, self._episode_length(env))
             try:
                 raw = self.evaluators[name].evaluate(step=step)
             finally:
@@ -483,6 +501,10 @@ class EvaluationHook(TrainerHookBase):
                 metrics["success"] = float(raw["eval/success"])
             results[name] = metrics
             self._record(name, step, metrics)
+            # Lists (not logged as scalars): every episode's return / success, for paired comparisons.
+            for key in ("episode_returns", "episode_successes"):
+                if f"eval/{key}" in raw:
+                    metrics[key] = list(raw[f"eval/{key}"])
             if on_result is not None:
                 on_result(name, metrics)
         self.history.append((step, results[self.names[0]]))
