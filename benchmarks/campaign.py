@@ -13,7 +13,8 @@ stays free for other work):
    trainer checkpoints at evaluation points are turned into snapshots;
 2. planner swaps: every planner of ``swaps`` on every snapshot that lacks its result (``recipes/evaluate.py``
    on the snapshot: the same initial states for every planner, DETERMINISTIC mode), results in
-   ``<run dir>/swaps/step_<N>/<swap name>/results.json``;
+   ``<run dir>/swaps/step_<N>/<swap name>/results.json``; and the policy prior's state on each snapshot
+   (``benchmarks/policy_prior_state.py``: saturation and width, ``<run dir>/policy_prior.json``);
 3. the report is rewritten;
 4. the next ``chunk`` of training (``recipes/train.py ... steps=<next evaluation point> resume=true``).
 
@@ -285,6 +286,22 @@ def _printable(cmd: list[str]) -> str:
     return " ".join(["python", script, *cmd[2:]])
 
 
+def prior_pending(run: Run) -> bool:
+    """Whether a snapshot lacks its policy-prior diagnosis (benchmarks/policy_prior_state.py)."""
+    path = run.run_dir / "policy_prior.json"
+    done = set(json.loads(path.read_text())["snapshots"]) if path.exists() else set()
+    return any(str(step) not in done for step in snapshots(run))
+
+
+def diagnose_prior(run: Run, eval_seed: int, threads: int) -> None:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "policy_prior_state.py"), "--run-dir", str(run.run_dir),
+           "--task", run.task, "--seed", str(eval_seed)]
+    code = _run_child(cmd, run.run_dir / "swaps" / "policy_prior.log", threads)
+    if code != 0:
+        raise CampaignError(f"{run.id}: the policy-prior diagnosis failed (exit code {code}); see "
+                            f"{run.run_dir / 'swaps' / 'policy_prior.log'}.")
+
+
 def _record_chunk(run: Run, record: dict[str, Any]) -> None:
     path = run.run_dir / "campaign.json"
     state = json.loads(path.read_text()) if path.exists() else {"run": run.id, "chunks": []}
@@ -366,6 +383,9 @@ def continue_run(campaign: dict[str, Any], run: Run, rerun: bool) -> None:
             print(f"[campaign] {run.id}: snapshots from trainer checkpoints at steps {made}", flush=True)
         for step, swap in pending_swaps(run, swaps):
             evaluate_swap(run, step, swap, campaign["eval_seed"], threads)
+            write_report(campaign)
+        if prior_pending(run):
+            diagnose_prior(run, campaign["eval_seed"], threads)
             write_report(campaign)
         step = trained_step(run)
         if step >= run.steps:

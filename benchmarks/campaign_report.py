@@ -104,6 +104,8 @@ def _run_record(run, campaign, rows) -> dict[str, Any]:
 
     state_path = run.run_dir / "campaign.json"
     chunks = json.loads(state_path.read_text())["chunks"] if state_path.exists() else []
+    prior_path = run.run_dir / "policy_prior.json"
+    prior = json.loads(prior_path.read_text())["snapshots"] if prior_path.exists() else {}
     eval_csv = run.run_dir / "eval.csv"
     curve = []
     if eval_csv.exists():
@@ -118,6 +120,7 @@ def _run_record(run, campaign, rows) -> dict[str, Any]:
         "swaps_pending": len(pending_swaps(run, campaign["swaps"])),
         "swap_rows": len(rows),
         "eval_curve": curve,
+        "policy_prior": prior,
     }
 
 
@@ -332,17 +335,27 @@ def _swap_table(record: dict, rows: list[dict], planners: list[str]) -> str:
     steps = sorted({int(r["step"]) for r in rows})
     present = [p for p in planners if any(r["planner"] == p for r in rows)]
     head = "| step | " + " | ".join(PLANNER_STYLE.get(p, ("", p))[1] for p in present) + " |"
-    lines = [head, "|---:|" + "---:|" * len(present)]
+    prior = record.get("policy_prior") or {}
+    head += " prior: saturated, log σ |" if prior else ""
+    lines = [head, "|---:|" + "---:|" * (len(present) + bool(prior))]
     for step in steps:
-        lines.append(f"| {step} | " + " | ".join(_fmt_cell(by_key.get((step, p)), suite) for p in present) + " |")
+        cells = [_fmt_cell(by_key.get((step, p)), suite) for p in present]
+        if prior:
+            state = prior.get(str(step))
+            cells.append(f"{state['saturated']:.2f}, {state['mean_log_std']:+.2f}" if state else "")
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
     ms = []
     for p in present:
         values = [float(r["plan_ms_per_step"]) for r in rows if r["planner"] == p]
         ms.append(f"{np.median(values):.1f}")
-    lines.append("| ms per step (median) | " + " | ".join(ms) + " |")
+    lines.append("| ms per step (median) | " + " | ".join(ms) + (" | |" if prior else " |"))
     what = ("success rate (return ± s.e.)" if suite == "metaworld" else "return ± standard error")
-    return f"Cells: {what} over n episodes, DETERMINISTIC mode, the same initial states for every planner.\n\n" + \
-        "\n".join(lines)
+    note = (" *prior*: the policy prior on the states of its own evaluation episode (benchmarks/policy_prior_state.py): "
+            "the fraction of action dimensions whose tanh(mean) is beyond ±0.99, and the mean log-std (range [-10, 2])."
+            if prior else "")
+    return (f"Cells: {what} over n episodes, DETERMINISTIC mode, the same initial states for every planner. ms per "
+            f"step: the planner's own time, median over snapshots, measured while other jobs shared the 2 cores "
+            f"(docs/performance.md has the quiet-machine timings).{note}\n\n" + "\n".join(lines))
 
 
 def _run_section(run_id: str, record: dict, rows: list[dict], planners: list[str], data_dir: Path,

@@ -162,7 +162,11 @@ def test_tiny_campaign_killed_in_the_middle_completes_on_the_next_call(tmp_path)
     for run in (first, second):
         assert campaign.trained_step(run) == 200
         assert sorted(campaign.snapshots(run)) == [0, 100, 200]
-        assert not campaign.pending_swaps(run, loaded["swaps"])
+        assert not campaign.pending_swaps(run, loaded["swaps"]) and not campaign.prior_pending(run)
+        prior = json.loads((run.run_dir / "policy_prior.json").read_text())["snapshots"]
+        assert sorted(prior, key=int) == ["0", "100", "200"]
+        assert all(0.0 <= state["saturated"] <= 1.0 and -10.0 <= state["mean_log_std"] <= 2.0
+                   for state in prior.values())
     for log in first.run_dir.glob("swaps/*/*.log"):
         assert command_lines(log) == 1, f"{log} was evaluated twice"
     chunks = json.loads((second.run_dir / "campaign.json").read_text())["chunks"]
@@ -191,6 +195,7 @@ def test_tiny_campaign_killed_in_the_middle_completes_on_the_next_call(tmp_path)
         assert (data / name).stat().st_size > 1000
     report = loaded["report"].read_text()
     assert "| cartpole-swingup-dream_mpc-1M-s1 | 200 / 200 |" in report and "recipes/train.py" in report
+    assert "prior: saturated, log σ" in report
 
     # 4. a third call finds nothing to do
     before = (second.run_dir / "campaign.json").read_text()
