@@ -36,15 +36,16 @@ def machine_info() -> dict:
     }
 
 
-def write_section(name: str, markdown: str) -> None:
-    """Replace (or append) the section ``name`` of docs/performance.md with ``markdown``."""
+def write_section(name: str, markdown: str, path: Path = PERF_MD) -> None:
+    """Replace (or append) the section ``name`` of docs/performance.md (or of the markdown file ``path``) with
+    ``markdown``."""
     begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
     block = f"{begin}\n{markdown.rstrip()}\n{end}"
-    text = PERF_MD.read_text() if PERF_MD.exists() else "# Performance\n\nEvery table below was written by the script named in it.\n"
+    text = path.read_text() if path.exists() else "# Performance\n\nEvery table below was written by the script named in it.\n"
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    PERF_MD.parent.mkdir(parents=True, exist_ok=True)
-    PERF_MD.write_text(text)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
 
 
 def write_json(path: Path, payload: dict) -> None:

@@ -11,11 +11,13 @@ checkpoint of TD-MPC2's public code. A DreamerV3 model acts through its RSSM sta
 its latent), in envs with its acting transforms. Every planner plays ``episodes`` episodes from the same initial
 states (the env is
 reseeded with ``seed`` before each planner), in TorchRL's DETERMINISTIC exploration mode. The table (mean ± std
-return, success rate on Meta-World, ms per step of acting, ms per env step overall) is printed and saved as
-``results.json`` (with every episode's return and success flag) and ``results.csv`` in ``output_dir``. Every
-error a user can cause (a missing, truncated, corrupted or foreign file, another task's checkpoint, an unknown task
-or planner, a bad value, a missing optional suite) stops the script with one line, ``evaluate.py: <what>``, and
-exit status 1.
+return, success rate on Meta-World, ms per step of acting, ms per env step overall) is printed one row per planner
+as soon as it is done, and saved as ``results.json`` (with every episode's return and success flag) and
+``results.csv`` in ``output_dir`` (after every planner). ``progress=auto`` (the default) shows the progress within
+a planner (episodes done, elapsed, estimated time left): a tqdm bar in a terminal, one line per episode otherwise
+(a log file); ``progress=false`` turns it off. Every error a user can cause (a missing, truncated, corrupted or
+foreign file, another task's checkpoint, an unknown task or planner, a bad value, a missing optional suite) stops
+the script with one line, ``evaluate.py: <what>``, and exit status 1.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from torchrl_dreammpc.planners import NonFiniteActionError
 from torchrl_dreammpc.trainers import (
     ConfigMismatchError,
     EvaluationHook,
+    EvaluationProgress,
     find_trainer_checkpoint,
     load_world_model_from_trainer_checkpoint,
 )
@@ -70,6 +73,13 @@ def check_config(cfg: dict) -> None:
     threads = cfg.get("threads")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"threads must be a positive integer (or null), got {threads!r}.")
+    max_steps = cfg.get("max_steps")
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
+        raise ConfigError(f"max_steps must be a positive integer or null, got {max_steps!r}.")
+    try:
+        EvaluationProgress(cfg.get("progress", "auto"))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if not isinstance(cfg["video"], bool):
         raise ConfigError(f"video must be true or false, got {cfg['video']!r}.")
     if not isinstance(cfg["planners"], list) or not cfg["planners"]:
@@ -185,6 +195,29 @@ def record_video(create_env, actor, path: Path, seed: int, size: tuple[int, int]
     return path
 
 
+def write_results(out_dir: Path, header: dict, rows: list[dict]) -> None:
+    """``results.json`` (``header`` + the rows) and ``results.csv`` (the rows without the per-episode lists)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps({**header, "results": rows}, indent=2))
+    with (out_dir / "results.csv").open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=[key for key in dict.fromkeys(k for row in rows for k in row)
+                                                  if not key.startswith("episode_")], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def table_header(with_success: bool) -> str:
+    return f"{'planner':<12} {'return':>18} " + (f"{'success':>8} " if with_success else "") + \
+        f"{'plan ms/step':>13} {'ms/step':>9}"
+
+
+def table_row(row: dict, with_success: bool) -> str:
+    line = f"{row['planner']:<12} {row['return_mean']:>9.1f} ± {row['return_std']:<6.1f} "
+    if with_success:
+        line += f"{row['success_rate']:>8.2f} "
+    return line + f"{row['plan_ms_per_step']:>13.1f} {row['ms_per_step']:>9.1f}"
+
+
 @hydra.main(config_path="config", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from torchrl_dreammpc.envs import TaskNotAvailableError, UnknownTaskError
@@ -202,7 +235,7 @@ def main(cfg: DictConfig) -> None:
 
 
 def evaluate(cfg: dict) -> None:
-    from torchrl_dreammpc.envs import make_env, with_transforms
+    from torchrl_dreammpc.envs import make_env, task_info, with_transforms
 
     check_config(cfg)
     if cfg.get("threads"):
@@ -225,24 +258,20 @@ def evaluate(cfg: dict) -> None:
             raise ConfigError(f"planner {name} (recipes/config/planner/{name}.yaml + planner_args.{name}): {err}")
     timers = {name: _Timer(actor) for name, actor in actors.items()}
 
-    print(f"[evaluate] {task}: {source}; {cfg['episodes']} episodes per planner, seed {cfg['seed']}", flush=True)
-    max_steps = cfg.get("max_steps")
-    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
-        raise SystemExit(f"evaluate.py: max_steps must be a positive integer or null, got {max_steps!r}.")
-    hook = EvaluationHook(actors, create_env, interval=0, episodes=int(cfg["episodes"]), seed=int(cfg["seed"]),
-                          max_steps=max_steps, verbose=False)
-    results = hook.evaluate(step=0)
-    hook.shutdown()
-
     if cfg["output_dir"]:
         out_dir = Path(cfg["output_dir"])
     elif Path(cfg["checkpoint"]).is_dir():
         out_dir = Path(cfg["checkpoint"]) / "eval_planners"
     else:
         out_dir = Path("eval_planners")
+    header = {"task": task, "source": source, "episodes": int(cfg["episodes"]), "seed": int(cfg["seed"])}
+    print(f"[evaluate] {task}: {source}; {cfg['episodes']} episodes per planner, seed {cfg['seed']}", flush=True)
+    hook = EvaluationHook(actors, create_env, interval=0, episodes=int(cfg["episodes"]), seed=int(cfg["seed"]),
+                          max_steps=cfg.get("max_steps"), verbose=False, progress=cfg.get("progress", "auto"))
+    with_success = task_info(task).has_success
     rows = []
-    for name in names:
-        metrics = results[name]
+
+    def add_row(name: str, metrics: dict) -> None:  # each planner's row as soon as it is done
         rows.append({
             "planner": name,
             "return_mean": metrics["return"],
@@ -254,31 +283,24 @@ def evaluate(cfg: dict) -> None:
             "episode_returns": metrics.get("episode_returns"),  # results.json only (paired comparisons)
             "episode_successes": metrics.get("episode_successes"),
         })
+        if len(rows) == 1:
+            print(table_header(with_success), flush=True)
+        print(table_row(rows[-1], with_success), flush=True)
+        write_results(out_dir, header, rows)  # after every planner: a stopped evaluation keeps the finished ones
+
+    try:
+        hook.evaluate(step=0, on_result=add_row)
+    finally:
+        hook.shutdown()
+
     if cfg["video"]:
         for row in rows:
             row["video"] = str(record_video(create_env, actors[row["planner"]], out_dir / f"{row['planner']}.mp4",
                                             int(cfg["seed"]), tuple(cfg["video_size"])))
+        write_results(out_dir, header, rows)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"task": task, "source": source, "episodes": int(cfg["episodes"]), "seed": int(cfg["seed"]),
-               "results": rows}
-    (out_dir / "results.json").write_text(json.dumps(payload, indent=2))
-    with (out_dir / "results.csv").open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=[key for key in rows[0] if not key.startswith("episode_")],
-                                extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-
-    success = any(row["success_rate"] is not None for row in rows)
-    header = f"{'planner':<12} {'return':>18} " + (f"{'success':>8} " if success else "") + \
-        f"{'plan ms/step':>13} {'ms/step':>9}"
-    print(header)
-    for row in rows:
-        line = f"{row['planner']:<12} {row['return_mean']:>9.1f} ± {row['return_std']:<6.1f} "
-        if success:
-            line += f"{row['success_rate']:>8.2f} "
-        line += f"{row['plan_ms_per_step']:>13.1f} {row['ms_per_step']:>9.1f}"
-        print(line)
+    if hook.progress.mode == "lines" and len(rows) > 1:  # the rows were interleaved with progress lines: again
+        print("\n".join([table_header(with_success)] + [table_row(row, with_success) for row in rows]))
     print(f"[evaluate] saved {out_dir / 'results.json'} and {out_dir / 'results.csv'}", flush=True)
 
 

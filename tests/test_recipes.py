@@ -1,6 +1,9 @@
 """End-to-end tests of recipes/train.py and recipes/evaluate.py (subprocesses, tiny models, a few hundred steps)."""
 from __future__ import annotations
 
+import functools
+import importlib.util
+import inspect
 import json
 import os
 import re
@@ -10,14 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-import functools
-import importlib.util
-import inspect
-
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from tensordict import TensorDict
 
 from torchrl_dreammpc.planners import LatentPlannerBase
 from torchrl_dreammpc.trainers import read_eval_csv
@@ -58,11 +58,39 @@ def test_published_defaults_and_quickstart_preset():
         (256, 3, 3e-4, 0.3, 20.0, 0.01)
     assert cfg["seed_steps"] is None and cfg["pretrain_updates"] is None and cfg["utd_ratio"] == 1.0
     mppi = compose_train("planner=mppi")["planner"]
-    assert (mppi["num_samples"], mppi["num_elites"], mppi["iterations"], mppi["num_pi_trajs"]) == (512, 64, 6, 24)
+    # iterations: null is TD-MPC2's rule (6, +2 for actions of >= 20 dims), resolved by MPPIPlanner from the task.
+    assert (mppi["num_samples"], mppi["num_elites"], mppi["iterations"], mppi["num_pi_trajs"]) == (512, 64, None, 24)
     assert compose_train("model_size='19'")["model"] == {"size": 19, "enc_dim": 1024, "mlp_dim": 1024,
                                                           "latent_dim": 768, "num_enc_layers": 3, "num_q": 5}
     quick = compose_train("preset=quickstart")
     assert (quick["model"]["size"], quick["task"], quick["steps"]) == (1, "cartpole-swingup", 3000)
+
+
+def test_mppi_iterations_follow_tdmpc2_large_action_rule(one_thread):
+    """TD-MPC2 adds 2 MPPI iterations when the action has >= 20 dims (h1hand: 61); an explicit value wins."""
+    import torch
+    from torchrl.data import Bounded
+
+    from torchrl_dreammpc.modules import TDMPC2WorldModel
+    from torchrl_dreammpc.trainers.builders import make_planner
+
+    def planner(action_dim, *overrides):
+        wm = TDMPC2WorldModel(7, action_dim, model_size=1, enc_dim=16, mlp_dim=16, latent_dim=16).eval()
+        spec = Bounded(-torch.ones(action_dim), torch.ones(action_dim), (action_dim,))
+        cfg = compose_train("planner=mppi", *overrides)["planner"]
+        cfg.update(num_samples=16, num_elites=4, num_pi_trajs=2)  # small, for speed; iterations as configured
+        return make_planner(cfg, wm, action_spec=spec)
+
+    big = planner(61)  # HumanoidBench h1hand
+    assert big.iterations == 8
+    calls = []
+    original = big.imagine
+    big.imagine = lambda *a, **k: calls.append(1) or original(*a, **k)
+    action = big(TensorDict({"observation": torch.randn(7)}))["action"]
+    assert len(calls) == 8 and action.shape == (61,) and bool(torch.isfinite(action).all())
+    assert planner(20).iterations == 8 and planner(19).iterations == 6 and planner(6).iterations == 6
+    assert planner(61, "planner.iterations=6").iterations == 6  # explicit overrides the rule
+    assert planner(6, "planner.iterations=3").iterations == 3
 
 
 def test_validation_names_the_bad_value():
@@ -248,6 +276,12 @@ def test_train_checkpoint_resume_evaluate_end_to_end(tmp_path):
         # every episode's return is kept (paired comparisons) and agrees with TorchRL's mean
         assert row["episode_returns"] == [pytest.approx(row["return_mean"], rel=1e-5, abs=1e-4)]
     assert (out / "results.csv").read_text().splitlines()[0].startswith("planner,return_mean,return_std")
+    # progress: not a terminal here, so one line per episode; each planner's row printed as soon as it is done
+    lines = evaluated.stdout.splitlines()
+    first = {key: next(i for i, line in enumerate(lines) if line.startswith(key))
+             for key in ("[eval] policy: episode 1/1, return", "policy ", "[eval] mppi: episode 1/1", "mppi ",
+                         "[eval] dream_mpc: episode 1/1", "dream_mpc ")}
+    assert list(first.values()) == sorted(first.values()), evaluated.stdout
     # ... and the world-model file the run wrote at its end
     from_file = run(EVALUATE, f"checkpoint={run_dir / 'world_model.pt'}", "task=cartpole-swingup",
                     "planners=[policy]", "episodes=1", "threads=1", f"output_dir={tmp_path / 'eval2'}")

@@ -677,3 +677,100 @@ def test_logger_truncation_on_resume_drops_later_rows(tmp_path):
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(0, 0.0), (100, 100.0), (200, 200.0),
                                                                    (300, -300.0), (400, -400.0)]
     logger.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# progress of evaluations (EvaluationHook + EvaluationProgress)
+# ---------------------------------------------------------------------------------------------------------
+def _short_episode_env(episode_length=4, terminate_at=None):
+    """A 4-step scripted task (reward 1 per simulator step, action repeat 2) wrapped as make_env wraps tasks."""
+    import numpy as np
+    from torchrl.envs import Compose, InitTracker, RewardSum, StepCounter, TransformedEnv
+
+    from torchrl_dreammpc.envs._base import SimStep, SuiteEnv, TaskInfo
+
+    class Scripted(SuiteEnv):
+        def __init__(self):
+            super().__init__(TaskInfo("scripted", "test", episode_length, 2, episodic=True, has_success=False), 1, 1)
+
+        def _sim_reset(self):
+            self.steps = 0
+            return np.zeros(1)
+
+        def _sim_step(self, action):
+            self.steps += 1
+            return SimStep(np.array([self.steps]), 1.0, self.steps == terminate_at, False, False)
+
+        def _sim_seed(self, seed):
+            pass
+
+    return TransformedEnv(Scripted(), Compose(InitTracker(), StepCounter(), RewardSum()))
+
+
+def _zero_actor():
+    from tensordict.nn import TensorDictModule
+
+    linear = torch.nn.Linear(1, 1)
+    torch.nn.init.zeros_(linear.weight), torch.nn.init.zeros_(linear.bias)
+    return TensorDictModule(linear, in_keys=["observation"], out_keys=["action"])
+
+
+def test_evaluation_prints_progress_lines_and_each_actor_as_soon_as_done():
+    import io
+
+    from torchrl_dreammpc.trainers import EvaluationHook
+
+    out = io.StringIO()
+    actors = {"a": _zero_actor(), "b": _zero_actor()}
+    calls = _count_calls(actors["a"])
+    hook = EvaluationHook(actors, _short_episode_env, interval=0, episodes=3, seed=0, verbose=False,
+                          progress="lines")
+    hook.progress.file = out
+    calls[0] = 0  # (building the collector ran the actor once)
+    results = hook.evaluate(0, on_result=lambda name, m: print(f"ROW {name} {m['return']:.1f}", file=out))
+    hook.shutdown()
+    lines = out.getvalue().splitlines()
+    assert [line.split(",")[0] for line in lines] == [
+        "[eval] a: episode 1/3", "[eval] a: episode 2/3", "[eval] a: episode 3/3", "ROW a 8.0",
+        "[eval] b: episode 1/3", "[eval] b: episode 2/3", "[eval] b: episode 3/3", "ROW b 8.0"]
+    assert all(", return 8.0, " in line and " elapsed, ~" in line and line.endswith(" left")
+               for line in lines if not line.startswith("ROW"))
+    assert results["a"]["episodes"] == 3 and results["a"]["return"] == 8.0
+    assert calls[0] == 3 * 4  # exactly the episodes asked for (the collector polls one episode at a time)
+
+
+def test_evaluation_progress_bar_counts_steps_and_early_ends():
+    import io
+
+    from torchrl_dreammpc.trainers import EvaluationHook
+
+    out = io.StringIO()
+    # Episodes end (terminated) after 2 of their 4 agent steps: the bar still reaches episodes x length.
+    hook = EvaluationHook({"a": _zero_actor()}, functools.partial(_short_episode_env, terminate_at=3), interval=0,
+                          episodes=3, seed=0, verbose=False, progress="bar")
+    hook.progress.file = out
+    results = hook.evaluate(0)
+    hook.shutdown()
+    text = out.getvalue()
+    assert "[eval] a" in text and "12/12" in text and "episodes 3/3, last return 3.0" in text
+    assert results["a"]["episode_length"] == 2.0
+
+
+def test_evaluation_progress_modes():
+    import io
+
+    from torchrl_dreammpc.trainers import EvaluationHook, EvaluationProgress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert EvaluationProgress("auto", file=io.StringIO()).mode == "lines"  # a log file, a pipe
+    assert EvaluationProgress(True, file=Terminal()).mode == "bar"
+    assert EvaluationProgress(False).mode == "off" and not EvaluationProgress("off").enabled
+    with pytest.raises(ValueError, match="progress must be one of"):
+        EvaluationProgress("loud")
+    quiet = EvaluationHook({"a": _zero_actor()}, _short_episode_env, interval=0, episodes=1, seed=0, verbose=False)
+    assert quiet.progress.mode == "off"  # the trainer's default: its own output only
+    assert not any(type(t).__name__ == "_ProgressTransform" for t in quiet.envs["a"].transform)
+    quiet.shutdown()

@@ -1,10 +1,11 @@
 """torchrl_dreammpc: TorchRL-native world models, losses and planners for model-based RL (Dream-MPC).
 
 Public names: ``make_env`` (task suite), ``TDMPC2WorldModel``, ``DreamerV3WorldModel``, ``TDMPC2Loss`` /
-``TDMPC2PolicyLoss``, ``from_tdmpc2_checkpoint``, the planners ``GradientMPCPlanner`` / ``MPPIPlanner`` / ``PolicyActor`` and the
-``DreamMPCTrainer``.
+``TDMPC2PolicyLoss``, ``from_tdmpc2_checkpoint`` / ``save_tdmpc2_checkpoint``, the planners ``GradientMPCPlanner`` /
+``MPPIPlanner`` / ``PolicyActor`` and the ``DreamMPCTrainer``.
 """
-from torchrl_dreammpc.checkpoints import from_tdmpc2_checkpoint, load_any, load_world_model, save_world_model
+from torchrl_dreammpc.checkpoints import (from_tdmpc2_checkpoint, load_any, load_world_model, save_tdmpc2_checkpoint,
+                                          save_world_model)
 from torchrl_dreammpc.envs import make_env, task_info
 from torchrl_dreammpc.modules import DreamerV3WorldModel, TDMPC2WorldModel, WorldModelBase
 from torchrl_dreammpc.objectives import TDMPC2Loss, TDMPC2PolicyLoss, make_tdmpc2_optimizers
@@ -27,6 +28,7 @@ __all__ = [
     "DreamMPCTrainer",
     "TDMPC2OptimizationStepper",
     "from_tdmpc2_checkpoint",
+    "save_tdmpc2_checkpoint",
     "load_any",
     "load_world_model",
     "save_world_model",

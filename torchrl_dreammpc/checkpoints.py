@@ -50,6 +50,9 @@ __all__ = [
     "FORMAT_VERSION",
     "convert_tdmpc2_state_dict",
     "from_tdmpc2_checkpoint",
+    "to_tdmpc2_state_dict",
+    "tdmpc2_config_overrides",
+    "save_tdmpc2_checkpoint",
     "save_world_model",
     "load_world_model",
     "load_any",
@@ -482,6 +485,115 @@ def from_tdmpc2_checkpoint(path_or_state_dict, obs_dim=None, action_dim=None, *,
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# ours → TD-MPC2
+# ---------------------------------------------------------------------------------------------------------------
+def _check_tdmpc2_model(model) -> TDMPC2Config:
+    config = getattr(model, "config", None)
+    if not isinstance(config, TDMPC2Config):
+        raise TypeError(f"Expected a TDMPC2WorldModel (with a TDMPC2Config), got {type(model).__name__}.")
+    return config
+
+
+def to_tdmpc2_state_dict(model: TDMPC2WorldModel) -> dict[str, torch.Tensor]:
+    """The state dict that TD-MPC2's own ``WorldModel`` holds for the same weights: the inverse of
+    :func:`convert_tdmpc2_state_dict` (our model → TD-MPC2's names and layout).
+
+    Every tensor is there under TD-MPC2's name (``_encoder.state.*``, ``_dynamics.*``, ``_reward.*``,
+    ``_termination.*`` for episodic models, ``_pi.*``, ``_Qs.params.*``, ``_target_Qs_params.*``), plus what
+    TD-MPC2's ``load_state_dict`` expects besides the weights: the ``_detach_Qs_params.*`` view (the very same
+    tensors as ``_Qs.params.*``, as in TD-MPC2), the data-less (meta) module shells ``_Qs.module.*``,
+    ``_detach_Qs.module.*`` and ``_target_Qs.module.*``, and ``log_std_min`` / ``log_std_dif`` (float32
+    scalars; TD-MPC2's config makes them integer buffers, into which ``load_state_dict`` copies -10 and 12 exactly).
+
+    Not stored, as in TD-MPC2's own checkpoints: the discount (TD-MPC2 derives it from the task's episode length:
+    500 steps → 0.99) and the constants of :func:`tdmpc2_config_overrides` (which TD-MPC2's config must match).
+
+    Args:
+        model (TDMPC2WorldModel): the model (any device; the returned tensors are on the CPU).
+
+    Returns:
+        ``{name: tensor}``; ``torch.save({"model": sd}, path)`` is TD-MPC2's checkpoint format
+        (:func:`save_tdmpc2_checkpoint` does it atomically).
+
+    Examples:
+        >>> wm = TDMPC2WorldModel(5, 1, model_size=1)
+        >>> sd = to_tdmpc2_state_dict(wm)
+        >>> sd["_Qs.params.0.weight"].shape, sd["_Qs.module.0.weight"].is_meta
+        (torch.Size([2, 384, 129]), True)
+        >>> from_tdmpc2_checkpoint(sd, discount=wm.discount).config == wm.config
+        True
+    """
+    config = _check_tdmpc2_model(model)
+    ours = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    theirs = {name: ours.pop(key) for key, name in [(k, _tdmpc2_name(k)) for k in list(ours)] if name != key}
+    if ours:  # a tensor with no TD-MPC2 counterpart: refuse rather than export a model TD-MPC2 would misread
+        raise CheckpointError(f"No TD-MPC2 name for {sorted(ours)}; this model cannot be exported to TD-MPC2.")
+    sd: dict[str, torch.Tensor] = {
+        "log_std_min": torch.tensor(config.log_std_min, dtype=torch.float32),
+        "log_std_dif": torch.tensor(config.log_std_max - config.log_std_min, dtype=torch.float32),
+    }
+    order = ("_encoder.", "_dynamics.", "_reward.", "_termination.", "_pi.", "_Qs.params.")
+    for prefix in order:  # TD-MPC2's module order
+        sd.update({k: v for k, v in theirs.items() if k.startswith(prefix)})
+    q_keys = [k[len("_Qs.params."):] for k in theirs if k.startswith("_Qs.params.")]
+    sd.update({f"_Qs.module.{k}": torch.empty(theirs[f"_Qs.params.{k}"].shape[1:], device="meta") for k in q_keys})
+    sd.update({f"_detach_Qs_params.{k}": theirs[f"_Qs.params.{k}"] for k in q_keys})  # shared, as in TD-MPC2
+    sd.update({k: v for k, v in theirs.items() if k.startswith("_target_Qs_params.")})
+    for shell in ("_detach_Qs.module.", "_target_Qs.module."):
+        sd.update({f"{shell}{k}": torch.empty(theirs[f"_Qs.params.{k}"].shape, device="meta") for k in q_keys})
+    return sd
+
+
+def tdmpc2_config_overrides(model: TDMPC2WorldModel) -> dict[str, Any]:
+    """The values of TD-MPC2's ``config.yaml`` that its agent needs to load :func:`to_tdmpc2_state_dict` of
+    ``model`` (sizes, constants and the observation/action shapes its parser would set from the task).
+
+    Examples:
+        >>> tdmpc2_config_overrides(TDMPC2WorldModel(5, 1, model_size=1))["mlp_dim"]
+        384
+    """
+    c = _check_tdmpc2_model(model)
+    return {"model_size": c.model_size, "obs": "state", "obs_shape": {"state": (c.obs_dim,)},
+            "action_dim": c.action_dim, "episodic": c.episodic, "num_enc_layers": c.num_enc_layers,
+            "enc_dim": c.enc_dim, "mlp_dim": c.mlp_dim, "latent_dim": c.latent_dim, "num_q": c.num_q,
+            "num_bins": c.num_bins, "vmin": c.vmin, "vmax": c.vmax, "simnorm_dim": c.simnorm_dim,
+            "dropout": c.dropout, "log_std_min": c.log_std_min, "log_std_max": c.log_std_max}
+
+
+def save_tdmpc2_checkpoint(model: TDMPC2WorldModel, path: str | os.PathLike) -> Path:
+    """Write ``model`` as a checkpoint of TD-MPC2's public code, ``{"model": to_tdmpc2_state_dict(model)}``
+    (what its ``TDMPC2.save`` writes and ``TDMPC2.load`` reads), atomically.
+
+    TD-MPC2's agent loads it when its config has the model's sizes (:func:`tdmpc2_config_overrides`; for the
+    published model sizes, ``model_size=<n>`` and the task are enough). :func:`from_tdmpc2_checkpoint` reads it
+    back into an identical model (give it the discount or the task's episode length, which are not stored).
+
+    Examples:
+        >>> p = save_tdmpc2_checkpoint(TDMPC2WorldModel(5, 1, model_size=1), "/tmp/cartpole-1.pt")  # doctest: +SKIP
+    """
+    return _atomic_save({"model": to_tdmpc2_state_dict(model)}, path)
+
+
+def _atomic_save(payload: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file in the same directory, then ``os.replace``: an interrupted save never
+    leaves a truncated file (an existing file at ``path`` stays intact until the new one is complete)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # our own format
 # ---------------------------------------------------------------------------------------------------------------
 def save_world_model(model: TDMPC2WorldModel | DreamerV3WorldModel, path: str | os.PathLike) -> Path:
@@ -510,25 +622,12 @@ def save_world_model(model: TDMPC2WorldModel | DreamerV3WorldModel, path: str | 
     if not any(type(config) is config_cls for config_cls, _ in FAMILIES.values()):
         raise TypeError(f"save_world_model expects a TDMPC2WorldModel or a DreamerV3WorldModel (with its config), "
                         f"got {type(model).__name__}.")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "version": FORMAT_VERSION, "config": dataclasses.asdict(config),
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
     family = _family(config)
     if family != "tdmpc2":
         payload["family"] = family
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return _atomic_save(payload, path)
 
 
 def _config_diff(saved: TDMPC2Config | DreamerV3Config, expect) -> list[str]:

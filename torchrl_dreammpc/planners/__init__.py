@@ -5,7 +5,8 @@ methods of the model, so any model family implementing them can be planned in. S
 """
 from torchrl_dreammpc.planners.base import LatentPlannerBase, NonFiniteActionError
 from torchrl_dreammpc.planners.gradient import GradientMPCPlanner
-from torchrl_dreammpc.planners.mppi import MPPIPlanner
+from torchrl_dreammpc.planners.mppi import MPPIPlanner, tdmpc2_iterations
 from torchrl_dreammpc.planners.policy import PolicyActor
 
-__all__ = ["LatentPlannerBase", "GradientMPCPlanner", "MPPIPlanner", "PolicyActor", "NonFiniteActionError"]
+__all__ = ["LatentPlannerBase", "GradientMPCPlanner", "MPPIPlanner", "PolicyActor", "NonFiniteActionError",
+           "tdmpc2_iterations"]

@@ -6,9 +6,26 @@ import torch
 from torchrl_dreammpc.modules.base import WorldModelBase
 from torchrl_dreammpc.planners.base import LatentPlannerBase, _check_float, _check_int
 
-__all__ = ["MPPIPlanner"]
+__all__ = ["MPPIPlanner", "tdmpc2_iterations"]
 
 _EVAL_SELECTIONS = ("sample", "best", "mean")
+
+#: TD-MPC2's MPPI iterations (config.yaml ``iterations``) and its rule for large action spaces: the agent's
+#: constructor adds 2 when the action has at least 20 dimensions (dog, humanoid, HumanoidBench).
+TDMPC2_ITERATIONS = 6
+LARGE_ACTION_DIM = 20
+LARGE_ACTION_EXTRA_ITERATIONS = 2
+
+
+def tdmpc2_iterations(action_dim: int, base: int = TDMPC2_ITERATIONS) -> int:
+    """TD-MPC2's number of MPPI iterations for an action of ``action_dim`` dimensions: ``base`` (6), plus 2 when
+    ``action_dim >= 20`` (``iterations += 2 * (action_dim >= 20)`` in the constructor of TD-MPC2's agent).
+
+    Examples:
+        >>> tdmpc2_iterations(6), tdmpc2_iterations(61)
+        (6, 8)
+    """
+    return base + LARGE_ACTION_EXTRA_ITERATIONS * int(action_dim >= LARGE_ACTION_DIM)
 
 
 class MPPIPlanner(LatentPlannerBase):
@@ -37,7 +54,8 @@ class MPPIPlanner(LatentPlannerBase):
         world_model (WorldModelBase): the latent model to plan in.
         num_samples (int): sequences per iteration, prior ones included (TD-MPC2: 512).
         num_elites (int): elites refitting the Gaussian, ``<= num_samples`` (TD-MPC2: 64).
-        iterations (int): MPPI iterations, ``>= 1`` (TD-MPC2: 6).
+        iterations (int, optional): MPPI iterations, ``>= 1``. Default ``None``: TD-MPC2's rule,
+            :func:`tdmpc2_iterations` (6, or 8 when the action has >= 20 dimensions). An int is used as given.
         num_pi_trajs (int): policy-prior sequences among the samples, ``<= num_samples`` (TD-MPC2: 24).
         horizon (int): H (TD-MPC2: 3).
         temperature (float): score temperature, ``> 0`` (TD-MPC2: 0.5).
@@ -73,7 +91,7 @@ class MPPIPlanner(LatentPlannerBase):
         world_model: WorldModelBase,
         num_samples: int = 512,
         num_elites: int = 64,
-        iterations: int = 6,
+        iterations: int | None = None,
         num_pi_trajs: int = 24,
         horizon: int = 3,
         temperature: float = 0.5,
@@ -88,6 +106,8 @@ class MPPIPlanner(LatentPlannerBase):
         self.num_elites = _check_int("num_elites", num_elites, 1)
         if self.num_elites > self.num_samples:
             raise ValueError(f"num_elites ({num_elites}) must be <= num_samples ({num_samples}).")
+        if iterations is None:
+            iterations = tdmpc2_iterations(self.action_dim)
         self.iterations = _check_int("iterations", iterations, 1)
         self.num_pi_trajs = _check_int("num_pi_trajs", num_pi_trajs, 0)
         if self.num_pi_trajs > self.num_samples:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from tensordict import TensorDictBase
 from torch import nn
 from torchrl.collectors import Collector, Evaluator
+from torchrl.envs import Transform, TransformedEnv
 from torchrl.record.loggers import CSVLogger, Logger, TensorboardLogger
 from torchrl.trainers import Trainer, TrainerHookBase
 
@@ -20,6 +22,7 @@ __all__ = [
     "CollectorCountersState",
     "EpisodeReturnLogger",
     "EvaluationHook",
+    "EvaluationProgress",
     "MultiLogger",
     "WorldModelSnapshots",
     "read_eval_csv",
@@ -229,6 +232,129 @@ def _episode_metrics(traj_batch: TensorDictBase) -> dict[str, Any]:
     return out
 
 
+PROGRESS_MODES = ("auto", "bar", "lines", "off")
+
+
+class EvaluationProgress:
+    """Progress of one actor's evaluation episodes: a tqdm bar in a terminal, one plain line per episode in a log.
+
+    A bar counts env steps when the episode length is known (elapsed, rate and estimated time left follow each step;
+    an episode that ends early is counted as full, so the estimate stays an upper bound) and episodes otherwise;
+    its postfix shows the episodes done and the last return. A line is printed when an episode ends:
+    ``[eval] mppi: episode 3/10, return 812.3, 05:12 elapsed, ~12:08 left``.
+
+    Args:
+        mode (str or bool): ``"bar"``, ``"lines"``, ``"off"`` (or ``False``), or ``"auto"`` (or ``True``): a bar
+            when ``file`` is a terminal, lines otherwise.
+        file (text stream, optional): where to write. Default: ``sys.stderr`` for a bar (as tqdm), ``sys.stdout``
+            for lines (with the other ``[eval]`` lines).
+
+    Examples:
+        >>> import io
+        >>> out = io.StringIO()
+        >>> progress = EvaluationProgress("lines", file=out)
+        >>> progress.start("policy", episodes=2, episode_length=3)
+        >>> for done in (False, False, True):
+        ...     progress.step(done=int(done), episode_return=10.0 if done else None)
+        >>> progress.close()
+        >>> out.getvalue().startswith("[eval] policy: episode 1/2, return 10.0, 00:00 elapsed, ~00:00 left")
+        True
+    """
+
+    def __init__(self, mode: str | bool = "auto", file=None) -> None:
+        mode = {True: "auto", False: "off", None: "off"}.get(mode, mode)
+        if mode not in PROGRESS_MODES:
+            raise ValueError(f"progress must be one of {PROGRESS_MODES} (or a bool), got {mode!r}.")
+        if mode == "auto":
+            stream = file if file is not None else sys.stderr
+            mode = "bar" if getattr(stream, "isatty", lambda: False)() else "lines"
+        self.mode = mode
+        self.file = file
+        self._bar = None
+        self._active = False
+        self._name, self._episodes, self._length = "", 0, None
+        self._done, self._steps_in_episode, self._start = 0, 0, 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+    def start(self, name: str, episodes: int, episode_length: int | None = None) -> None:
+        """Begins the evaluation of actor ``name`` (``episodes`` episodes of at most ``episode_length`` steps)."""
+        self.close()
+        self._name, self._episodes, self._length = name, int(episodes), episode_length
+        self._done, self._steps_in_episode, self._start = 0, 0, time.perf_counter()
+        self._active = self.enabled
+        if self.mode == "bar":
+            from tqdm.auto import tqdm
+
+            by_steps = episode_length is not None
+            self._bar = tqdm(total=episodes * episode_length if by_steps else episodes,
+                             unit="step" if by_steps else "episode", desc=f"[eval] {name}", leave=False,
+                             file=self.file, dynamic_ncols=True, mininterval=0.5)
+            self._bar.set_postfix_str(f"episodes 0/{episodes}", refresh=False)
+
+    def step(self, done: int = 0, episode_return: float | None = None) -> None:
+        """One env step; ``done`` episodes ended with it (``episode_return``: the return of one of them)."""
+        if not self._active or self._done >= self._episodes:
+            # Steps outside an evaluation, or past its last episode (the collector polls whole chunks), are not shown.
+            return
+        self._steps_in_episode += 1
+        bar, by_steps = self._bar, self._length is not None
+        if bar is not None and by_steps:
+            bar.update(1)
+        if not done:
+            return
+        self._done += int(done)
+        if bar is not None:
+            # An early end counts the episode's remaining steps, so that n stays (episodes done) x length.
+            bar.update(max(self._length - self._steps_in_episode, 0) + self._length * (done - 1) if by_steps
+                       else done)
+            last = "" if episode_return is None else f", last return {episode_return:.1f}"
+            bar.set_postfix_str(f"episodes {self._done}/{self._episodes}{last}")
+        elif self.mode == "lines":
+            from tqdm import tqdm
+
+            elapsed = time.perf_counter() - self._start
+            left = elapsed / self._done * max(self._episodes - self._done, 0)
+            ret = "" if episode_return is None else f", return {episode_return:.1f}"
+            print(f"[eval] {self._name}: episode {self._done}/{self._episodes}{ret}, "
+                  f"{tqdm.format_interval(elapsed)} elapsed, ~{tqdm.format_interval(left)} left",
+                  file=self.file if self.file is not None else sys.stdout, flush=True)
+        self._steps_in_episode = 0
+
+    def close(self) -> None:
+        self._active = False
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+class _ProgressTransform(Transform):
+    """A pass-through transform that reports each env step (and the episodes it ends) to an
+    :class:`EvaluationProgress`: TorchRL's Evaluator runs its episodes inside a collector with no per-step
+    callback, and the env is the one place that sees every step and every episode end."""
+
+    def __init__(self, progress: EvaluationProgress) -> None:
+        super().__init__()
+        self.progress = progress
+
+    def _step(self, tensordict: TensorDictBase, next_tensordict: TensorDictBase) -> TensorDictBase:
+        done = next_tensordict.get("done", None)
+        ended = 0 if done is None else int(done.sum())
+        ret = next_tensordict.get("episode_reward", None) if ended else None
+        self.progress.step(ended, None if ret is None else float(ret[done.expand_as(ret)].reshape(-1)[-1]))
+        return next_tensordict
+
+
+def _episode_length(env) -> int | None:
+    """The agent steps of a full episode of ``env``, if its task says (our task envs' ``info.episode_length``)."""
+    base = getattr(env, "base_env", env)
+    info = getattr(base, "info", None)
+    length = getattr(info, "episode_length", None)
+    return int(length) if isinstance(length, int) else None
+
+
 class EvaluationHook(TrainerHookBase):
     """Periodic evaluation through :class:`torchrl.collectors.Evaluator`, with an ``eval.csv`` learning curve.
 
@@ -256,6 +382,9 @@ class EvaluationHook(TrainerHookBase):
         max_steps (int, optional): cap on the episode length (the task's own time limit applies anyway).
         at_start (bool): also evaluate at step 0, before any training (TD-MPC2 does). Default ``True``.
         verbose (bool): print one line per evaluation.
+        progress (str or bool): progress within each actor's evaluation (:class:`EvaluationProgress`):
+            ``"auto"`` / ``True`` (a tqdm bar in a terminal, one line per episode otherwise), ``"bar"``,
+            ``"lines"``, or ``"off"`` / ``False`` (default: the training loop has its own output).
     """
 
     def __init__(
@@ -270,6 +399,7 @@ class EvaluationHook(TrainerHookBase):
         max_steps: int | None = None,
         at_start: bool = True,
         verbose: bool = True,
+        progress: str | bool = False,
     ) -> None:
         if not actors:
             raise ValueError("EvaluationHook needs at least one actor.")
@@ -283,18 +413,19 @@ class EvaluationHook(TrainerHookBase):
         self.csv_path = None if csv_path is None else Path(csv_path)
         self.verbose = verbose
         self.at_start = bool(at_start)
-        self.envs = {name: create_env_fn() for name in self.names}
-        # One collector batch of exactly `episodes` full episodes. (TorchRL's default batch is max_steps or 1000
-        # frames: 2 Meta-World episodes of 100 steps would play 10 and keep 2.)
-        length = max_steps or getattr(getattr(getattr(self.envs[self.names[0]], "base_env", None), "info", None),
-                                      "episode_length", None)
+        self.progress = EvaluationProgress(progress)
+        self.envs = {name: self._with_progress(create_env_fn()) for name in self.names}
+        self.max_steps = max_steps
         self.evaluators = {
             name: Evaluator(
                 self.envs[name],
                 actor,
                 num_trajectories=self.episodes,
                 max_steps=max_steps,
-                frames_per_batch=None if length is None else self.episodes * int(length),
+                # The collector polls this many steps at a time until it holds `episodes` complete episodes
+                # (TorchRL's default, 1000, played a 2nd 500-step episode when one was asked for, and 2 Meta-World
+                # episodes of 100 steps played 10 and kept 2): one episode per batch, no episode played for nothing.
+                frames_per_batch=self._episode_length(self.envs[name]),
                 collector_kwargs={"traj_format": "cat"},
                 log_prefix="eval",
                 metrics_fn=_episode_metrics,
@@ -313,6 +444,20 @@ class EvaluationHook(TrainerHookBase):
         self.history: list[tuple[int, dict[str, float]]] = []
         self._trainer: Trainer | None = None
 
+    def _episode_length(self, env) -> int | None:
+        """Agent steps of one full evaluation episode: the task's length, capped by ``max_steps``."""
+        lengths = [n for n in (_episode_length(env), self.max_steps) if n]
+        return int(min(lengths)) if lengths else None
+
+    def _with_progress(self, env):
+        if not self.progress.enabled:
+            return env
+        transform = _ProgressTransform(self.progress)
+        if isinstance(env, TransformedEnv):
+            env.append_transform(transform)
+            return env
+        return TransformedEnv(env, transform)
+
     def csv_for(self, name: str) -> Path | None:
         if self.csv_path is None:
             return None
@@ -321,8 +466,12 @@ class EvaluationHook(TrainerHookBase):
         return self.csv_path.with_name(f"{self.csv_path.stem}_{name}{self.csv_path.suffix}")
 
     @torch.no_grad()
-    def evaluate(self, step: int) -> dict[str, dict[str, float]]:
-        """Evaluates every actor now and records the results at ``step``; returns ``{name: metrics}``."""
+    def evaluate(self, step: int, on_result: Callable[[str, dict[str, float]], None] | None = None
+                 ) -> dict[str, dict[str, float]]:
+        """Evaluates every actor now and records the results at ``step``; returns ``{name: metrics}``.
+
+        ``on_result(name, metrics)`` is called as soon as each actor is done (e.g. to print its row).
+        """
         results = {}
         for name in self.names:
             actor, env = self.actors[name], self.envs[name]
@@ -331,7 +480,11 @@ class EvaluationHook(TrainerHookBase):
             modes = [(m, m.training) for m in actor.modules()] if isinstance(actor, nn.Module) else []
             env.set_seed(self.seed)
             start = time.perf_counter()
-            raw = self.evaluators[name].evaluate(step=step)
+            self.progress.start(name, self.episodes, self._episode_length(env))
+            try:
+                raw = self.evaluators[name].evaluate(step=step)
+            finally:
+                self.progress.close()
             wall = time.perf_counter() - start
             for module, training in modes:
                 module.training = training
@@ -352,6 +505,8 @@ class EvaluationHook(TrainerHookBase):
             for key in ("episode_returns", "episode_successes"):
                 if f"eval/{key}" in raw:
                     metrics[key] = list(raw[f"eval/{key}"])
+            if on_result is not None:
+                on_result(name, metrics)
         self.history.append((step, results[self.names[0]]))
         self.last_eval_step = step
         return results
