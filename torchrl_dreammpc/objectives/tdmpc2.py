@@ -140,6 +140,12 @@ class TDMPC2Loss(LossModule):
         if not 0 < self.discount <= 1:
             raise ValueError(f"discount must be in (0, 1], got {self.discount}")
         self.validate = validate
+        self._register_targets(world_model)
+
+    def _register_targets(self, world_model) -> None:
+        if getattr(world_model, "family", "tdmpc2") != "tdmpc2":
+            raise TypeError(f"TDMPC2Loss trains a TDMPC2WorldModel (Q values); got a {type(world_model).__name__} "
+                            "(for a BMPCWorldModel use BMPCLoss).")
         # Views (same tensors) of the online and target Q ensembles, named the way TorchRL's target updaters
         # look for them: SoftUpdate lerps target_qvalue_params towards qvalue_params in place.
         self.qvalue_params = TensorDictParams(TensorDict.from_module(world_model.q_ensemble), no_convert=True)
@@ -270,6 +276,9 @@ class TDMPC2PolicyLoss(LossModule):
     def __init__(self, world_model: TDMPC2WorldModel, *, entropy_coef: float = 1e-4, rho: float = 0.5,
                  scale_tau: float = 0.01):
         super().__init__()
+        if getattr(world_model, "family", "tdmpc2") != "tdmpc2":
+            raise TypeError(f"TDMPC2PolicyLoss maximizes Q of a TDMPC2WorldModel; got a {type(world_model).__name__} "
+                            "(for a BMPCWorldModel use BMPCPolicyLoss).")
         if entropy_coef < 0:
             raise ValueError(f"entropy_coef must be >= 0, got {entropy_coef}")
         if not 0 < rho <= 1:

@@ -21,7 +21,8 @@ class GradientMPCPlanner(LatentPlannerBase):
     3. ``iterations`` steps of plain gradient ascent, all candidates (and envs) in one batch, on
        ``J = Σ_t γ^t r(z_t, a_t) + γ^H Q̄(z_H, π(z_H)) − λ Σ_{t=0..H} u_t`` with
        ``u = mean_k(Q_k)·std_k(Q_k)`` over the Q ensemble (``Q̄``: ``value(reduce="avg")``, γ:
-       ``world_model.discount``); the gradient of each candidate is norm-clipped to ``max_grad_norm``; actions
+       ``world_model.discount``; in a state-value model such as BMPC's, ``γ^H V̄(z_H)`` and ``u_t`` over its
+       V ensemble at ``z_t``: see :meth:`~LatentPlannerBase.imagine`); the gradient of each candidate is norm-clipped to ``max_grad_norm``; actions
        are clamped to the bounds after each step. Only the actions are differentiated (``torch.autograd.grad``):
        no gradient reaches the model parameters;
     4. ``J`` is re-evaluated; the first action of the best candidate is executed and all candidates are kept
@@ -54,6 +55,15 @@ class GradientMPCPlanner(LatentPlannerBase):
         see :class:`~torchrl_dreammpc.planners.LatentPlannerBase` (``action_spec``/``low``/``high``, keys,
         ``diagnostics``, ``generator``, ``check_finite``).
 
+    Expert distribution (``expert_key``; the "expert" a BMPC-trained policy imitates): ``loc`` is the executed
+    action before the exploration noise (the best candidate's first action after the gradient steps), ``scale`` the
+    policy prior's std at the current state, clamped to :attr:`expert_std_bounds` (MPPI's ``[min_std, max_std]``).
+    Dream-MPC improves the prior's mean by gradient ascent and selection, but its few candidates (5, drawn from
+    the prior and moved by one small step) carry no estimate of a posterior spread: the sample std of 5 draws is
+    ~16 % below the prior's on average, so imitating it would shrink the policy's std for no reason. The expert
+    therefore keeps the prior's own std, and the std is left to what imitation of a real planner distribution
+    (BMPC's MPPI reanalyze) and the entropy term teach.
+
     Diagnostics (``diagnostics=True``), each ``[*batch, 1]``: ``("planner", "objective_before")`` and
     ``("planner", "objective_after")`` (J of the executed candidate before the first and after the last gradient
     step), ``("planner", "candidate")`` (its index), ``("planner", "uncertainty")`` (its ``Σ_t u_t``).
@@ -71,6 +81,9 @@ class GradientMPCPlanner(LatentPlannerBase):
         >>> td["action"].shape, planner.last_plan.shape
         (torch.Size([8, 1]), torch.Size([8, 5, 3, 1]))
     """
+
+    #: bounds of the expert std (BMPC clamps its MPPI std to [min_std, max_std] = [0.05, 2]).
+    expert_std_bounds = (0.05, 2.0)
 
     def __init__(
         self,
@@ -157,15 +170,18 @@ class GradientMPCPlanner(LatentPlannerBase):
             J = J.view(B, N).nan_to_num(nan=float("-inf"))
             idx = J.argmax(1, keepdim=True)  # [B, 1]
             a4 = a.view(H, B, N, A)
-            action = a4[0].gather(1, idx.unsqueeze(-1).expand(B, 1, A)).squeeze(1)
+            action = expert_loc = a4[0].gather(1, idx.unsqueeze(-1).expand(B, 1, A)).squeeze(1)
             if explore and self.exploration_std > 0:
                 action = self.clamp_action(action + self.exploration_std * noise[:, -A:])
             self._prev = a4
             diag = {}
+            if self.expert_key is not None:
+                log_std = self._ops().policy(z0, deterministic=True)[2]
+                diag = {"expert_loc": expert_loc, "expert_scale": log_std.exp().clamp(*self.expert_std_bounds)}
             if self.diagnostics:
                 J_before = J if J_before is None else J_before.view(B, N)
-                diag = {"objective_before": J_before.gather(1, idx), "objective_after": J.gather(1, idx),
-                        "candidate": idx, "uncertainty": unc.view(B, N).gather(1, idx)}
+                diag.update({"objective_before": J_before.gather(1, idx), "objective_after": J.gather(1, idx),
+                             "candidate": idx, "uncertainty": unc.view(B, N).gather(1, idx)})
         return action, diag
 
     def extra_repr(self) -> str:
