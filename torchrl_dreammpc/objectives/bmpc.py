@@ -38,8 +38,9 @@ def normal_kl(loc_p: torch.Tensor, scale_p: torch.Tensor, loc_q: torch.Tensor, s
 
 def expert_or_standard_normal(loc: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The expert distribution where there is one; ``N(0, 1)`` where ``loc`` is NaN (transitions no planner
-    produced: random seed steps, the policy prior acting, not yet reanalyzed), as BMPC's ``update`` does."""
-    missing = torch.isnan(loc)
+    produced: random seed steps, the policy prior acting, not yet reanalyzed), as BMPC's ``update`` does, and
+    where ``scale`` is not positive (no planner distribution has a zero std; such a row would make the KL NaN)."""
+    missing = torch.isnan(loc) | ~(scale > 0)
     return torch.where(missing, torch.zeros_like(loc), loc), torch.where(missing, torch.ones_like(scale), scale)
 
 

@@ -1,4 +1,5 @@
-"""Online training of latent world models with TorchRL's Trainer: TD-MPC2's update, Dream-MPC's acting."""
+"""Online training of latent world models with TorchRL's Trainer: TD-MPC2's or BMPC's update, Dream-MPC's acting."""
+from torchrl_dreammpc.trainers.algorithms import ALGORITHM_SPECS, UpdateParts, build_bmpc_update, build_tdmpc2_update
 from torchrl_dreammpc.trainers.dream_mpc import (
     ConfigMismatchError,
     DreamMPCTrainer,
@@ -15,10 +16,26 @@ from torchrl_dreammpc.trainers.hooks import (
     WorldModelSnapshots,
     read_eval_csv,
 )
-from torchrl_dreammpc.trainers.replay import REPLAY_KEYS, TRAJ_KEY, SliceReplayBufferTrainer, make_replay_buffer
-from torchrl_dreammpc.trainers.stepper import TDMPC2OptimizationStepper
+from torchrl_dreammpc.trainers.reanalyze import LazyReanalyze
+from torchrl_dreammpc.trainers.replay import (
+    EXPERT_KEY,
+    EXPERT_KEYS,
+    REPLAY_KEYS,
+    TRAJ_KEY,
+    SliceReplayBufferTrainer,
+    make_replay_buffer,
+)
+from torchrl_dreammpc.trainers.stepper import BMPCOptimizationStepper, TDMPC2OptimizationStepper
 
 __all__ = [
+    "ALGORITHM_SPECS",
+    "BMPCOptimizationStepper",
+    "EXPERT_KEY",
+    "EXPERT_KEYS",
+    "LazyReanalyze",
+    "UpdateParts",
+    "build_bmpc_update",
+    "build_tdmpc2_update",
     "ConfigMismatchError",
     "CollectorCountersState",
     "DreamMPCTrainer",

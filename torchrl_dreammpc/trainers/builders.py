@@ -15,6 +15,8 @@ import torch
 
 from torchrl_dreammpc.modules.world_model import MODEL_SIZES, TDMPC2WorldModel, discount_from_episode_length
 from torchrl_dreammpc.planners import GradientMPCPlanner, MPPIPlanner, PolicyActor
+from torchrl_dreammpc.trainers.algorithms import ALGORITHM_SPECS
+from torchrl_dreammpc.trainers.replay import EXPERT_KEY
 
 __all__ = [
     "PLANNERS",
@@ -28,6 +30,10 @@ __all__ = [
 
 #: Planner names of the recipes (``planner=<name>``) and their classes.
 PLANNERS: dict[str, type] = {"dream_mpc": GradientMPCPlanner, "mppi": MPPIPlanner, "policy": PolicyActor}
+
+#: Dream-MPC's uncertainty weight λ by the family of the model it plans in, when the config leaves it null
+#: [Dream-MPC]: 0.01 with TD-MPC2's world models, 0.1 with BMPC's ("Dream-MPC with a strong policy").
+DREAM_MPC_UNCERTAINTY_WEIGHT: dict[str, float] = {"tdmpc2": 0.01, "bmpc": 0.1}
 
 
 class ConfigError(ValueError):
@@ -43,14 +49,24 @@ def _get(cfg: Mapping, dotted: str, default: Any = None) -> Any:
     return node
 
 
-def _planner_kwargs(planner_cfg: Mapping) -> dict[str, Any]:
-    return {key: value for key, value in dict(planner_cfg).items() if key != "name"}
+def _planner_kwargs(planner_cfg: Mapping, world_model) -> dict[str, Any]:
+    kwargs = {key: value for key, value in dict(planner_cfg).items() if key != "name"}
+    if "uncertainty_weight" in kwargs and kwargs["uncertainty_weight"] is None:
+        family = getattr(world_model, "family", "tdmpc2")
+        if planner_cfg.get("name") == "dream_mpc" and family in DREAM_MPC_UNCERTAINTY_WEIGHT:
+            kwargs["uncertainty_weight"] = DREAM_MPC_UNCERTAINTY_WEIGHT[family]
+        else:
+            del kwargs["uncertainty_weight"]  # the planner's own default
+    return kwargs
 
 
-def make_planner(planner_cfg: Mapping, world_model, *, action_spec=None):
+def make_planner(planner_cfg: Mapping, world_model, *, action_spec=None, expert_key=None):
     """Builds the actor named ``planner_cfg["name"]`` (``dream_mpc``, ``mppi`` or ``policy``) over a world model.
 
-    Every other entry of ``planner_cfg`` is passed to the planner's constructor (which validates it).
+    Every other entry of ``planner_cfg`` is passed to the planner's constructor (which validates it); a null
+    ``uncertainty_weight`` of Dream-MPC is the published λ of the model's family
+    (:data:`DREAM_MPC_UNCERTAINTY_WEIGHT`). ``expert_key``: the planner also writes its action distribution there
+    (BMPC's training).
 
     Raises:
         ConfigError: for an unknown planner name.
@@ -58,22 +74,28 @@ def make_planner(planner_cfg: Mapping, world_model, *, action_spec=None):
     name = planner_cfg.get("name")
     if name not in PLANNERS:
         raise ConfigError(f"Unknown planner {name!r}; choose one of {sorted(PLANNERS)}.")
-    return PLANNERS[name](world_model, action_spec=action_spec, **_planner_kwargs(planner_cfg))
+    extra = {} if expert_key is None else {"expert_key": expert_key}
+    return PLANNERS[name](world_model, action_spec=action_spec, **_planner_kwargs(planner_cfg, world_model), **extra)
 
 
 def make_world_model(model_cfg: Mapping, obs_dim: int, action_dim: int, *, episode_length: int, episodic: bool,
-                     discount: float | None = None, device: str | torch.device = "cpu") -> TDMPC2WorldModel:
-    """A :class:`TDMPC2WorldModel` from the ``model`` config node (``size`` + any :class:`TDMPC2Config` field).
+                     discount: float | None = None, device: str | torch.device = "cpu",
+                     algorithm: str = "tdmpc2") -> TDMPC2WorldModel:
+    """The world model of ``algorithm`` (a :class:`TDMPC2WorldModel`, or a ``BMPCWorldModel`` for ``"bmpc"``) from
+    the ``model`` config node (``size`` + any field of the family's config).
 
     The discount follows TD-MPC2's heuristic from the episode length unless given; ``episodic`` turns on the
-    termination head (TD-MPC2's ``episodic`` flag, set by the task).
+    termination head (TD-MPC2's ``episodic`` flag, set by the task) unless the node sets ``episodic`` itself
+    (BMPC's config: false).
     """
     overrides = {key: value for key, value in dict(model_cfg).items() if key != "size" and value is not None}
+    episodic = overrides.pop("episodic", episodic)
     size = int(model_cfg["size"])
     if discount is None:
         discount = discount_from_episode_length(episode_length)
-    return TDMPC2WorldModel(obs_dim, action_dim, model_size=size, discount=discount, episodic=episodic,
-                            **overrides).to(device)
+    model_class = ALGORITHM_SPECS[algorithm].world_model_class
+    return model_class(obs_dim, action_dim, model_size=size, discount=discount, episodic=episodic,
+                       **overrides).to(device)
 
 
 def resolve_seed_steps(cfg: Mapping, episode_length: int) -> int:
@@ -148,12 +170,43 @@ def validate_train_config(cfg: Mapping) -> dict[str, Any]:
     if backend not in ("local", "ray"):
         raise ConfigError(f"collector.backend must be 'local' or 'ray', got {backend!r}.")
     # The planner validates its own arguments: build it over a tiny model (milliseconds) before any real work.
-    tiny = TDMPC2WorldModel(2, 1, model_size=1, enc_dim=8, mlp_dim=8, latent_dim=8)
+    tiny = ALGORITHM_SPECS[algorithm].world_model_class(2, 1, model_size=1, enc_dim=8, mlp_dim=8, latent_dim=8)
     try:
         make_planner(cfg["planner"], tiny)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"planner={planner}: {err}") from err
+    _validate_algorithm_options(cfg, algorithm, tiny)
     return {"task_info": info, "seed_steps": seed_steps}
+
+
+def _algorithm_options(cfg: Mapping) -> tuple[bool, dict[str, Any]]:
+    """``(acting_expert, the update builder's extra arguments)`` from ``cfg.algorithm_options``."""
+    options = dict(cfg.get("algorithm_options") or {})
+    return bool(options.pop("acting_expert", False)), options
+
+
+def _validate_algorithm_options(cfg: Mapping, algorithm: str, tiny) -> None:
+    """The algorithm's own settings (losses, BMPC's reanalyze), by building its update over a tiny model."""
+    options = cfg.get("algorithm_options") or {}
+    acting_expert = options.get("acting_expert", False)
+    if not isinstance(acting_expert, bool):
+        raise ConfigError(f"algorithm_options.acting_expert must be true or false, got {acting_expert!r}.")
+    if acting_expert and algorithm != "bmpc":
+        raise ConfigError(f"algorithm_options.acting_expert only applies to algorithm=bmpc, not {algorithm!r}.")
+    reanalyze = dict(options.get("reanalyze") or {})
+    for key, low in (("interval", 0), ("num_slices", 1)):
+        value = reanalyze.get(key, low)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"algorithm_options.reanalyze.{key} must be an integer >= {low}, got {value!r}.")
+    if reanalyze.get("num_slices", 0) > cfg["batch_size"]:
+        raise ConfigError(f"algorithm_options.reanalyze.num_slices={reanalyze['num_slices']} exceeds "
+                          f"batch_size={cfg['batch_size']}: only sampled sub-trajectories can be reanalyzed.")
+    _, extra = _algorithm_options(cfg)
+    try:
+        ALGORITHM_SPECS[algorithm].build_update(tiny, loss_kwargs=dict(cfg.get("loss") or {}),
+                                                policy_loss_kwargs=dict(cfg.get("policy_loss") or {}), **extra)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"algorithm={algorithm} (loss / policy_loss / algorithm_options): {err}") from err
 
 
 def build_trainer(cfg: Mapping, *, checked: Mapping[str, Any] | None = None):
@@ -178,9 +231,13 @@ def build_trainer(cfg: Mapping, *, checked: Mapping[str, Any] | None = None):
     action_spec = probe.action_spec
     action_dim = int(action_spec.shape[-1])
     probe.close()
+    algorithm = cfg.get("algorithm", "tdmpc2")
+    acting_expert, algorithm_kwargs = _algorithm_options(cfg)
     world_model = make_world_model(cfg["model"], obs_dim, action_dim, episode_length=info.episode_length,
-                                   episodic=info.episodic, discount=cfg.get("discount"), device=device)
-    actor = make_planner(cfg["planner"], world_model, action_spec=action_spec)
+                                   episodic=info.episodic, discount=cfg.get("discount"), device=device,
+                                   algorithm=algorithm)
+    actor = make_planner(cfg["planner"], world_model, action_spec=action_spec,
+                         expert_key=EXPERT_KEY if acting_expert else None)
     # Evaluation uses a second planner instance over the same model: the training planner's warm start (its
     # previous plan) must not leak into or out of evaluation episodes.
     eval_actors = {cfg["planner"]["name"]: make_planner(cfg["planner"], world_model, action_spec=action_spec)}
@@ -206,7 +263,8 @@ def build_trainer(cfg: Mapping, *, checked: Mapping[str, Any] | None = None):
         enc_lr_scale=float(cfg["enc_lr_scale"]),
         grad_clip=float(cfg["grad_clip"]),
         tau=float(cfg["tau"]),
-        algorithm=cfg.get("algorithm", "tdmpc2"),
+        algorithm=algorithm,
+        algorithm_kwargs=algorithm_kwargs,
         compile=cfg.get("compile", False),
         loss_kwargs=dict(cfg.get("loss") or {}),
         policy_loss_kwargs=dict(cfg.get("policy_loss") or {}),

@@ -20,7 +20,7 @@ from torchrl.record.loggers import CSVLogger, TensorboardLogger
 from torchrl.trainers import Trainer, TrainerHookBase, UpdateWeights
 
 from torchrl_dreammpc.modules.world_model import TDMPC2WorldModel
-from torchrl_dreammpc.objectives.tdmpc2 import TDMPC2Loss, TDMPC2PolicyLoss
+from torchrl_dreammpc.trainers.algorithms import ALGORITHM_SPECS
 from torchrl_dreammpc.trainers.hooks import (
     CollectorCountersState,
     EpisodeReturnLogger,
@@ -29,7 +29,6 @@ from torchrl_dreammpc.trainers.hooks import (
     WorldModelSnapshots,
 )
 from torchrl_dreammpc.trainers.replay import REPLAY_KEYS, STEP_KEY, SliceReplayBufferTrainer, make_replay_buffer
-from torchrl_dreammpc.trainers.stepper import TDMPC2OptimizationStepper
 
 __all__ = [
     "DreamMPCTrainer",
@@ -46,7 +45,7 @@ FINGERPRINT_KEYS = ("task", "algorithm", "model_size", "obs_dim", "action_dim", 
 #: Values of fingerprint entries added after checkpoints were first written (older checkpoints lack them).
 FINGERPRINT_DEFAULTS = {"algorithm": "tdmpc2"}
 #: Training algorithms (the update: losses and stepper) that :class:`DreamMPCTrainer` runs.
-ALGORITHMS = ("tdmpc2",)
+ALGORITHMS = ("tdmpc2", "bmpc")
 
 
 class ConfigMismatchError(ValueError):
@@ -92,8 +91,9 @@ def load_world_model_from_trainer_checkpoint(path: str | Path, device: str | tor
                                              ) -> tuple[TDMPC2WorldModel, dict[str, Any]]:
     """Rebuilds the world model of a :class:`DreamMPCTrainer` checkpoint (a run dir or a checkpoint dir).
 
-    The model is built from the config stored in the checkpoint's fingerprint, then only the ``loss_module``
-    component (the model's weights, target Qs included) is loaded; the replay buffer and the rest stay on disk.
+    The model (the class of the checkpoint's algorithm: a ``TDMPC2WorldModel`` or a ``BMPCWorldModel``) is built
+    from the config stored in the checkpoint's fingerprint, then only the ``loss_module`` component (the model's
+    weights, target values included) is loaded; the replay buffer and the rest stay on disk.
 
     Returns:
         ``(world_model in eval mode, fingerprint)``.
@@ -102,10 +102,15 @@ def load_world_model_from_trainer_checkpoint(path: str | Path, device: str | tor
     if checkpoint_path is None:
         raise FileNotFoundError(f"No trainer checkpoint found at {path}.")
     fingerprint = read_fingerprint(checkpoint_path)
+    algorithm = fingerprint.get("algorithm", FINGERPRINT_DEFAULTS["algorithm"])
+    if algorithm not in ALGORITHM_SPECS:
+        raise ConfigMismatchError(f"{checkpoint_path} was written by algorithm {algorithm!r}; this code knows "
+                                  f"{sorted(ALGORITHM_SPECS)}.")
+    spec = ALGORITHM_SPECS[algorithm]
     config = dict(fingerprint["world_model"])
     obs_dim, action_dim, size = config.pop("obs_dim"), config.pop("action_dim"), config.pop("model_size")
-    world_model = TDMPC2WorldModel(obs_dim, action_dim, model_size=size, **config)
-    checkpoint = Checkpoint(loss_module=TDMPC2Loss(world_model))
+    world_model = spec.world_model_class(obs_dim, action_dim, model_size=size, **config)
+    checkpoint = Checkpoint(loss_module=spec.loss_class(world_model))
     checkpoint.load(checkpoint_path, components=["loss_module"], map_location="cpu")
     return world_model.to(device).eval(), {**fingerprint, "checkpoint": str(checkpoint_path)}
 
@@ -154,7 +159,8 @@ class DreamMPCTrainer(Trainer):
       :class:`~torchrl.data.LazyTensorStorage` (or memmap), :class:`~torchrl.data.SliceSampler` slices of
       ``horizon`` transitions (``horizon + 1`` observations) that never cross an episode end, reshaped to
       ``[batch_size, horizon]`` (:class:`SliceReplayBufferTrainer`).
-    - **update**: :class:`TDMPC2OptimizationStepper` (world model, then policy prior, then soft target update).
+    - **update**: :class:`TDMPC2OptimizationStepper` (world model, then policy prior, then soft target update),
+      or BMPC's (``algorithm="bmpc"``: :class:`BMPCOptimizationStepper` and the :class:`LazyReanalyze` hook).
     - **evaluation**: :class:`EvaluationHook` around :class:`torchrl.collectors.Evaluator`
       (``ExplorationType.DETERMINISTIC``), every ``eval_interval`` steps, writing ``eval.csv``.
     - **logging**: :class:`~torchrl.record.loggers.TensorboardLogger` and :class:`~torchrl.record.loggers.CSVLogger`
@@ -190,10 +196,14 @@ class DreamMPCTrainer(Trainer):
         frames_per_batch (int): steps per collector batch and worker (1: act, then update, as TD-MPC2).
         lr (float), enc_lr_scale (float), grad_clip (float), tau (float), compile (bool or str): see
             :class:`TDMPC2OptimizationStepper`.
-        algorithm (str): the update, one of :data:`ALGORITHMS` (``"tdmpc2"``: TD-MPC2's losses and stepper).
-            Recorded in the checkpoint fingerprint. Default ``"tdmpc2"``.
-        loss_kwargs (dict, optional): extra :class:`TDMPC2Loss` arguments (coefficients, rho).
-        policy_loss_kwargs (dict, optional): extra :class:`TDMPC2PolicyLoss` arguments.
+        algorithm (str): the update, one of :data:`ALGORITHMS` (``"tdmpc2"``: TD-MPC2's losses and stepper;
+            ``"bmpc"``: BMPC's, for a ``BMPCWorldModel``, with the expert distribution in the replay buffer and
+            the lazy reanalyze; the acting planner should write the expert, ``expert_key="expert"``). Built by
+            :data:`~torchrl_dreammpc.trainers.algorithms.ALGORITHM_SPECS`; recorded in the checkpoint fingerprint.
+            Default ``"tdmpc2"``.
+        loss_kwargs (dict, optional): extra arguments of the algorithm's loss (``TDMPC2Loss``: coefficients, rho).
+        policy_loss_kwargs (dict, optional): extra arguments of its policy loss.
+        algorithm_kwargs (dict, optional): extra arguments of its update builder (BMPC: ``reanalyze``).
         eval_interval (int): steps between evaluations (``0``: none). Default 10_000.
         eval_episodes (int): episodes per evaluation. Default 10.
         eval_actors (mapping, optional): ``{name: actor}`` evaluated each time, the first being the training
@@ -260,6 +270,7 @@ class DreamMPCTrainer(Trainer):
         algorithm: str = "tdmpc2",
         loss_kwargs: Mapping[str, Any] | None = None,
         policy_loss_kwargs: Mapping[str, Any] | None = None,
+        algorithm_kwargs: Mapping[str, Any] | None = None,
         eval_interval: int = 10_000,
         eval_episodes: int = 10,
         eval_actors: Mapping[str, TensorDictModuleBase] | None = None,
@@ -347,6 +358,7 @@ class DreamMPCTrainer(Trainer):
         if self.pretrain_updates < 0:
             raise ValueError(f"pretrain_updates must be >= 0, got {pretrain_updates}.")
         self.episode_length = episode_length
+        self.pretraining = False  # True during the seed-phase pre-training burst (optim_steps)
         self.horizon = int(horizon)
         self.world_model = world_model
         self.actor = actor
@@ -392,12 +404,10 @@ class DreamMPCTrainer(Trainer):
             scratch_dir=None if self.log_dir is None else self.log_dir / "replay",
             fragmented=fragmented,
         )
-        loss_module = TDMPC2Loss(world_model, **dict(loss_kwargs or {}))
-        policy_loss = TDMPC2PolicyLoss(world_model, **dict(policy_loss_kwargs or {}))
-        stepper = TDMPC2OptimizationStepper(
-            loss_module, policy_loss=policy_loss, lr=lr, enc_lr_scale=enc_lr_scale, grad_clip=grad_clip, tau=tau,
-            compile=compile,
-        )
+        update = ALGORITHM_SPECS[algorithm].build_update(
+            world_model, lr=lr, enc_lr_scale=enc_lr_scale, grad_clip=grad_clip, tau=tau, compile=compile,
+            loss_kwargs=loss_kwargs, policy_loss_kwargs=policy_loss_kwargs, **dict(algorithm_kwargs or {}))
+        loss_module, stepper = update.loss_module, update.stepper
 
         # -- logging ---------------------------------------------------------------------------------------
         logger = None
@@ -443,9 +453,13 @@ class DreamMPCTrainer(Trainer):
 
         # -- hooks (registration order is execution order within a stage) -----------------------------------
         self.replay_hook = SliceReplayBufferTrainer(
-            replay_buffer, horizon, device=device, keys=REPLAY_KEYS + ((STEP_KEY,) if fragmented else ())
+            replay_buffer, horizon, device=device,
+            keys=REPLAY_KEYS + tuple(update.replay_keys) + ((STEP_KEY,) if fragmented else ()),
+            preprocess=update.replay_preprocess,
         )
         self.replay_hook.register(self)
+        for hook in update.hooks:  # the algorithm's own (BMPC: the lazy reanalyze, after the replay sample)
+            hook.register(self)
         self.update_schedule = _UpdateSchedule(utd_ratio)
         self.update_schedule.register(self)
         if type(collector) is not Collector:
@@ -519,9 +533,11 @@ class DreamMPCTrainer(Trainer):
     def optim_steps(self, batch: TensorDictBase) -> None:
         """TD-MPC2's update schedule: nothing during the seed phase, ``pretrain_updates`` updates once at its
         end, then ``utd_ratio`` updates per collected step."""
+        self.pretraining = False
         if self.collected_frames < self.seed_frames:
             return
         if self._optim_count == 0 and self.pretrain_updates:
+            self.pretraining = True  # read by algorithms that skip parts of the update then (BMPC: the policy)
             updates = self.pretrain_updates
             if self.verbose:
                 print(f"[train] seed phase done ({self.collected_frames} random steps): pre-training with "
@@ -533,7 +549,10 @@ class DreamMPCTrainer(Trainer):
         if updates <= 0:
             return
         self.optim_steps_per_batch = updates
-        super().optim_steps(batch)
+        try:
+            super().optim_steps(batch)
+        finally:
+            self.pretraining = False
 
     def save_trainer(self, force_save: bool = False) -> None:
         """Checkpoints on multiples of ``checkpoint_interval`` (and at the end), not ``interval`` after the last."""
