@@ -78,7 +78,8 @@ def build_bmpc_update(world_model: BMPCWorldModel, *, lr: float = 3e-4, enc_lr_s
     distribution stored with every transition and BMPC's lazy reanalyze.
 
     Args:
-        reanalyze (mapping, optional): ``interval`` (BMPC: 10), ``num_slices`` (20) and ``planner``: the
+        reanalyze (mapping, optional): ``interval`` (BMPC: 10), ``num_slices`` (20), ``states_per_call`` (see
+            :class:`LazyReanalyze`; ``None``: ``"auto"``) and ``planner``: the
             :class:`~torchrl_dreammpc.planners.MPPIPlanner` arguments of the re-planner (default
             :data:`BMPC_REANALYZE_PLANNER`; ``horizon`` is BMPC's ``reanalyze_horizon``). As in BMPC, the re-planner
             runs 2 more iterations for action spaces of 20 dimensions or more (its large-action heuristic).
@@ -90,9 +91,11 @@ def build_bmpc_update(world_model: BMPCWorldModel, *, lr: float = 3e-4, enc_lr_s
     planner = MPPIPlanner(world_model, expert_key=EXPERT_KEY, **planner_kwargs)
     hook = LazyReanalyze(planner, interval=int(options.pop("interval", 10)),
                          num_slices=int(options.pop("num_slices", 20)), expert_key=EXPERT_KEY,
-                         context=world_model.exploration_prior)
+                         context=world_model.exploration_prior,
+                         states_per_call=options.pop("states_per_call", None) or "auto")
     if options:
-        raise TypeError(f"Unknown reanalyze option(s) {sorted(options)}; known: interval, num_slices, planner.")
+        raise TypeError(f"Unknown reanalyze option(s) {sorted(options)}; known: interval, num_slices, "
+                        "states_per_call, planner.")
     loss_module = BMPCLoss(world_model, **dict(loss_kwargs or {}))
     policy_loss = BMPCPolicyLoss(world_model, **dict(policy_loss_kwargs or {}))
     stepper = BMPCOptimizationStepper(loss_module, policy_loss=policy_loss, lr=lr, enc_lr_scale=enc_lr_scale,

@@ -13,7 +13,12 @@ from torchrl.trainers import Trainer, TrainerHookBase
 
 from torchrl_dreammpc.planners.base import LatentPlannerBase
 
-__all__ = ["LazyReanalyze"]
+__all__ = ["LazyReanalyze", "CPU_STATES_PER_CALL"]
+
+#: States per reanalyze planner call on a CPU (see ``LazyReanalyze(states_per_call=...)``): measured with BMPC's
+#: MPPI (512 samples, 6 iterations) on the 1M model, 1 thread, 60 states in chunks of 1 / 3 / 6 / 12 / 20 / 60:
+#: 36 / 35-39 / 33-37 / 43 / 38 / 58-65 s (a loaded 2-core machine: compare within the row).
+CPU_STATES_PER_CALL = 6
 
 
 class LazyReanalyze(TrainerHookBase):
@@ -50,6 +55,10 @@ class LazyReanalyze(TrainerHookBase):
         index_key (NestedKey): the storage indices of the sample. Default ``"index"``.
         context (callable, optional): a context-manager factory entered around each re-plan (e.g. the model's
             exploration prior).
+        states_per_call (int or "auto"): states per planner call (each state is planned independently; only the
+            cost changes). ``"auto"`` (default): :data:`CPU_STATES_PER_CALL` on a CPU, where a 60-state MPPI call
+            (30720 rows) runs ~1.7x slower per state than 6-state calls (its activations outgrow the caches;
+            docs/performance.md), all at once on other devices.
 
     Examples:
         >>> from torchrl_dreammpc.modules import BMPCWorldModel
@@ -73,6 +82,7 @@ class LazyReanalyze(TrainerHookBase):
         observation_key: NestedKey = "observation",
         index_key: NestedKey = "index",
         context: Callable[[], contextlib.AbstractContextManager] | None = None,
+        states_per_call: int | str = "auto",
     ) -> None:
         for name, value, low in (("interval", interval, 0), ("num_slices", num_slices, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -84,6 +94,10 @@ class LazyReanalyze(TrainerHookBase):
         self.interval, self.num_slices = interval, num_slices
         self.expert_key, self.observation_key, self.index_key = expert_key, observation_key, index_key
         self.context = context
+        if states_per_call != "auto" and (isinstance(states_per_call, bool) or not isinstance(states_per_call, int)
+                                          or states_per_call < 1):
+            raise ValueError(f"states_per_call must be a positive integer or 'auto', got {states_per_call!r}.")
+        self.states_per_call = states_per_call
         self.updates = 0  # updates counted (BMPC's update_count)
         self.reanalyzed = 0  # states re-planned so far
         self.replay_buffer = None
@@ -113,16 +127,24 @@ class LazyReanalyze(TrainerHookBase):
         world_model = self.planner.world_model
         modes = [(m, m.training) for m in world_model.modules()]
         world_model.eval()
-        self.planner.reset()  # BMPC plans with t0=True: no warm start
+        chunk = self.states_per_call
+        if chunk == "auto":
+            chunk = CPU_STATES_PER_CALL if obs.device.type == "cpu" else n * H
+        parts = []
         try:
             with self.context() if self.context is not None else contextlib.nullcontext(), \
                     set_exploration_type(ExplorationType.RANDOM):
-                planned = self.planner(TensorDict({self.planner.observation_key: obs}, [n * H], device=obs.device))
+                for start in range(0, n * H, chunk):
+                    self.planner.reset()  # BMPC plans with t0=True: no warm start
+                    rows = obs[start:start + chunk]
+                    parts.append(self.planner(TensorDict({self.planner.observation_key: rows}, [rows.shape[0]],
+                                                         device=obs.device)))
         finally:
             for module, training in modes:
                 module.training = training
             self.planner.reset()
-        expert = TensorDict({name: planned.get(self._entry(name)) for name in ("loc", "scale")}, [n * H])
+        expert = TensorDict({name: torch.cat([part.get(self._entry(name)) for part in parts])
+                             for name in ("loc", "scale")}, [n * H])
         if self.replay_buffer is not None:
             index = batch.get(self.index_key)[:n].reshape(n * H, -1)[:, 0].cpu()  # 1-D storage: one index per row
             device = getattr(self.replay_buffer.storage, "device", None)
