@@ -84,6 +84,7 @@ def build_bmpc_update(world_model: BMPCWorldModel, *, lr: float = 3e-4, enc_lr_s
             :data:`BMPC_REANALYZE_PLANNER`; ``horizon`` is BMPC's ``reanalyze_horizon``). As in BMPC, the re-planner
             runs 2 more iterations for action spaces of 20 dimensions or more (its large-action heuristic).
     """
+    loss_module = BMPCLoss(world_model, **dict(loss_kwargs or {}))  # first: it refuses a model of another family
     options = dict(reanalyze or {})
     planner_kwargs = {**BMPC_REANALYZE_PLANNER, **dict(options.pop("planner", None) or {})}
     if world_model.action_dim >= 20:
@@ -96,7 +97,6 @@ def build_bmpc_update(world_model: BMPCWorldModel, *, lr: float = 3e-4, enc_lr_s
     if options:
         raise TypeError(f"Unknown reanalyze option(s) {sorted(options)}; known: interval, num_slices, "
                         "states_per_call, planner.")
-    loss_module = BMPCLoss(world_model, **dict(loss_kwargs or {}))
     policy_loss = BMPCPolicyLoss(world_model, **dict(policy_loss_kwargs or {}))
     stepper = BMPCOptimizationStepper(loss_module, policy_loss=policy_loss, lr=lr, enc_lr_scale=enc_lr_scale,
                                       grad_clip=grad_clip, tau=tau, compile=compile, expert_key=EXPERT_KEY)

@@ -458,7 +458,8 @@ class DreamMPCTrainer(Trainer):
             preprocess=update.replay_preprocess,
         )
         self.replay_hook.register(self)
-        for hook in update.hooks:  # the algorithm's own (BMPC: the lazy reanalyze, after the replay sample)
+        self.algorithm_hooks = list(update.hooks)  # the algorithm's own (BMPC: the lazy reanalyze)
+        for hook in self.algorithm_hooks:  # registered after the replay hook: they see the [B, H] sample
             hook.register(self)
         self.update_schedule = _UpdateSchedule(utd_ratio)
         self.update_schedule.register(self)
