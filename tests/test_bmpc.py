@@ -250,7 +250,8 @@ def test_planners_write_their_expert_distribution():
     prior_std = wm.policy_params(wm.encode(obs["observation"]))[1].exp()
     close(out["bmpc", "expert", "scale"], prior_std.clamp(0.05, 2.0))
     # the prior alone is no planner: it writes none (BMPC stores NaN then)
-    assert "expert" not in PolicyActor(wm, expert_key="expert")(obs.clone()).keys()
+    prior = PolicyActor(wm, expert_key="expert")
+    assert "expert" not in prior(obs.clone()).keys() and prior.out_keys == ["action"]
     # without expert_key nothing is written
     assert "expert" not in MPPIPlanner(wm, **SMALL_MPPI)(obs.clone()).keys()
 

@@ -177,6 +177,8 @@ class LatentPlannerBase(TensorDictModuleBase, abc.ABC):
 
     #: sub-key under which diagnostics are written: ``("planner", name)``.
     diagnostics_key = "planner"
+    #: whether :meth:`plan` produces an expert distribution (written under ``expert_key`` when one is given).
+    writes_expert = True
 
     def __init__(
         self,
@@ -203,7 +205,7 @@ class LatentPlannerBase(TensorDictModuleBase, abc.ABC):
         self.in_keys = [observation_key, is_init_key]
         self.out_keys = [action_key]
         self.expert_key = expert_key
-        if expert_key is not None:
+        if expert_key is not None and self.writes_expert:
             self.out_keys += [self._expert_entry("loc"), self._expert_entry("scale")]
         self.diagnostics = bool(diagnostics)
         self.generator = generator
