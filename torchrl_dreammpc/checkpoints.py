@@ -457,7 +457,8 @@ def _finish(config, state_dict: Mapping[str, torch.Tensor], device):
 def from_tdmpc2_checkpoint(path_or_state_dict, obs_dim=None, action_dim=None, *, model_size: int | None = None,
                            episode_length: int | None = None, discount: float | None = None,
                            device: str | torch.device = "cpu", strict: bool = True) -> TDMPC2WorldModel:
-    """Build a :class:`TDMPC2WorldModel` from a checkpoint of TD-MPC2's public code.
+    """Build a :class:`TDMPC2WorldModel` from a checkpoint of TD-MPC2's public code (or a :class:`BMPCWorldModel`
+    from one of BMPC's, which its state-value ensemble identifies: see :func:`convert_tdmpc2_state_dict`).
 
     Every tensor is mapped: encoder, dynamics, reward, policy prior, termination head (episodic models), the
     online Q ensemble and the target Qs. Sizes (observation and action widths, latent, enc/mlp dims, encoder
