@@ -600,7 +600,8 @@ def render(payload: dict) -> str:
                          f"{ratio_m} | {t} |")
     comp = [r for r in res if r.get("compile_s") is not None]
     if comp:
-        lines += ["", "Compile time (the first two calls, which compile; once per process and batch size): " +
+        lines += ["", "First two compiled calls of this run (inductor's on-disk cache warm; cold-cache compile "
+                  "times: *Compile time* below): " +
                   "; ".join(f"{r['model_size']}M {labels[r['row']].split(' vs ')[0]}: {r['compile_s']:.0f} s"
                             for r in comp) + "."]
     impl = {r.get("implementation") for r in res if r.get("implementation")}

@@ -5,12 +5,17 @@
     python recipes/evaluate.py checkpoint=walker-walk-1.pt task=walker-walk model_size=1   # a TD-MPC2 checkpoint
     python recipes/evaluate.py checkpoint=<run dir> video=true                             # + one MP4 per planner
 
-``checkpoint`` is a trainer run dir or checkpoint dir (the world model is rebuilt from the config stored in it
-and only its weights are read), a ``world_model.pt`` written by ``save_world_model``, or a checkpoint of
-TD-MPC2's public code. Every planner plays ``episodes`` episodes from the same initial states (the env is
+``checkpoint`` is a trainer run dir or checkpoint dir (the world model, TD-MPC2's or DreamerV3's, is rebuilt from
+the config stored in it and only its weights are read), a ``world_model.pt`` written by ``save_world_model``, or a
+checkpoint of TD-MPC2's public code. A DreamerV3 model acts through its RSSM state estimator (the planners read
+its latent), in envs with its acting transforms. Every planner plays ``episodes`` episodes from the same initial
+states (the env is
 reseeded with ``seed`` before each planner), in TorchRL's DETERMINISTIC exploration mode. The table (mean ± std
 return, success rate on Meta-World, ms per step of acting, ms per env step overall) is printed and saved as
-``results.json`` and ``results.csv`` in ``output_dir``.
+``results.json`` (with every episode's return and success flag) and ``results.csv`` in ``output_dir``. Every
+error a user can cause (a missing, truncated, corrupted or foreign file, another task's checkpoint, an unknown task
+or planner, a bad value, a missing optional suite) stops the script with one line, ``evaluate.py: <what>``, and
+exit status 1.
 """
 from __future__ import annotations
 
@@ -24,11 +29,27 @@ from pathlib import Path
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
-from torchrl_dreammpc.trainers import EvaluationHook, find_trainer_checkpoint, load_world_model_from_trainer_checkpoint
-from torchrl_dreammpc.trainers.builders import PLANNERS, ConfigError, make_planner
+from torchrl_dreammpc.checkpoints import CheckpointError
+from torchrl_dreammpc.planners import NonFiniteActionError
+from torchrl_dreammpc.trainers import (
+    ConfigMismatchError,
+    EvaluationHook,
+    find_trainer_checkpoint,
+    load_world_model_from_trainer_checkpoint,
+)
+from torchrl_dreammpc.trainers.builders import PLANNERS, ConfigError, check_device, make_actor
 
 CONFIG_DIR = Path(__file__).resolve().parent / "config"
+
+
+class UserError(Exception):
+    """An error the user caused (a path, a file, a value): printed as one line, exit status 1, no traceback."""
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
 
 
 def planner_config(name: str, overrides: dict) -> dict:
@@ -40,6 +61,27 @@ def planner_config(name: str, overrides: dict) -> dict:
     return cfg
 
 
+def check_config(cfg: dict) -> None:
+    """Checks the values that do not need the model (before anything is loaded or written)."""
+    for key in ("episodes", "seed"):
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "episodes" else 0):
+            raise ConfigError(f"{key} must be an integer >= {1 if key == 'episodes' else 0}, got {value!r}.")
+    threads = cfg.get("threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"threads must be a positive integer (or null), got {threads!r}.")
+    if not isinstance(cfg["video"], bool):
+        raise ConfigError(f"video must be true or false, got {cfg['video']!r}.")
+    if not isinstance(cfg["planners"], list) or not cfg["planners"]:
+        raise ConfigError(f"planners must be a non-empty list of planner names, got {cfg['planners']!r}.")
+    if len(set(cfg["planners"])) != len(cfg["planners"]):
+        raise ConfigError(f"planners lists a planner twice: {cfg['planners']}.")
+    unused = sorted(set(cfg["planner_args"] or {}) - set(cfg["planners"]))
+    if unused:
+        raise ConfigError(f"planner_args names {unused}, which are not in planners={cfg['planners']}.")
+    check_device(cfg["device"])
+
+
 def load_model(cfg: dict, device: str):
     """Returns ``(world_model, task_name, source_description)`` for any supported checkpoint kind."""
     from torchrl_dreammpc.checkpoints import load_any
@@ -47,20 +89,23 @@ def load_model(cfg: dict, device: str):
 
     path = Path(cfg["checkpoint"])
     if not path.exists():
-        raise SystemExit(f"evaluate.py: checkpoint={str(path)!r} does not exist.")
+        raise UserError(f"checkpoint={str(path)!r} does not exist.")
     if path.is_dir():
         if find_trainer_checkpoint(path) is not None:
-            world_model, fingerprint = load_world_model_from_trainer_checkpoint(path, device=device)
+            try:
+                world_model, fingerprint = load_world_model_from_trainer_checkpoint(path, device=device)
+            except (CheckpointError, ConfigMismatchError) as err:
+                raise UserError(f"cannot load the trainer checkpoint in {path}: {err}") from err
             task = fingerprint["task"]
             if cfg["task"] is not None and task_info(cfg["task"]).task != task:
-                raise SystemExit(f"evaluate.py: task={cfg['task']!r} but the checkpoint was trained on {task!r}.")
+                raise UserError(f"task={cfg['task']!r} but the checkpoint was trained on {task!r}.")
             return world_model, task, f"trainer checkpoint {fingerprint['checkpoint']}"
         if (path / "world_model.pt").exists():
             path = path / "world_model.pt"
         else:
-            raise SystemExit(f"evaluate.py: {path} holds neither a trainer checkpoint nor a world_model.pt.")
+            raise UserError(f"{path} holds neither a trainer checkpoint nor a world_model.pt.")
     if cfg["task"] is None:
-        raise SystemExit(f"evaluate.py: task=... is required to evaluate the model file {path}.")
+        raise UserError(f"task=... is required to evaluate the model file {path}.")
     info = task_info(cfg["task"])
     env = make_env(info.task)
     obs_spec, action_spec = env.observation_spec["observation"], env.action_spec
@@ -69,12 +114,15 @@ def load_model(cfg: dict, device: str):
     if cfg.get("model_size") is not None:
         kwargs["model_size"] = int(cfg["model_size"])
     try:
-        world_model = load_any(str(path), obs_spec, action_spec, device=device, episode_length=info.episode_length,
-                               **kwargs)
-    except ValueError as err:
-        if "only apply to TD-MPC2 checkpoints" not in str(err):
-            raise
-        world_model = load_any(str(path), obs_spec, action_spec, device=device)  # ours: config is stored
+        try:
+            world_model = load_any(str(path), obs_spec, action_spec, device=device,
+                                   episode_length=info.episode_length, **kwargs)
+        except CheckpointError as err:
+            if "only apply to TD-MPC2 checkpoints" not in str(err):
+                raise
+            world_model = load_any(str(path), obs_spec, action_spec, device=device)  # ours: config is stored
+    except CheckpointError as err:
+        raise UserError(f"cannot load {path} for task {info.task!r}: {err}") from err
     return world_model.eval(), info.task, f"model file {path}"
 
 
@@ -106,17 +154,12 @@ def record_video(create_env, actor, path: Path, seed: int, size: tuple[int, int]
         import imageio.v2 as imageio
         import imageio_ffmpeg  # noqa: F401  (the ffmpeg binary imageio writes MP4 with)
     except ImportError as err:
-        raise RuntimeError(f"video=true needs imageio with its ffmpeg plugin (pip install 'imageio[ffmpeg]'): {err}")
+        raise UserError(f"video=true needs imageio with its ffmpeg plugin (pip install 'imageio[ffmpeg]'): {err}")
     env = create_env()
     base = env.base_env
     height, width = size
-    if callable(getattr(base, "render", None)):
-        render = functools.partial(base.render, height=height, width=width)
-    elif hasattr(getattr(base, "sim", None), "physics"):  # dm_control tasks: render the suite's camera 0
-        render = functools.partial(base.sim.physics.render, height=height, width=width, camera_id=0)
-    else:
-        raise RuntimeError(f"video=true: the {type(base).__name__} env of this task exposes no render(); video "
-                           "recording is not possible for it here.")
+    # every suite's env renders its own video camera (SuiteEnv.render: DMC, Meta-World, HumanoidBench)
+    render = functools.partial(base.render, height=height, width=width)
     env.set_seed(seed)
     frames = []
     try:
@@ -130,7 +173,7 @@ def record_video(create_env, actor, path: Path, seed: int, size: tuple[int, int]
                     break
                 td = td["next"]
     except Exception as err:  # MuJoCo's GL backends raise assorted errors without a display / GPU
-        raise RuntimeError(
+        raise UserError(
             f"video=true: MuJoCo could not render here (MUJOCO_GL={os.environ.get('MUJOCO_GL')!r}): "
             f"{type(err).__name__}: {err}. Rendering needs EGL (a GPU or Mesa's EGL) or OSMesa.") from err
     finally:
@@ -144,30 +187,50 @@ def record_video(create_env, actor, path: Path, seed: int, size: tuple[int, int]
 
 @hydra.main(config_path="config", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from torchrl_dreammpc.envs import make_env
+    from torchrl_dreammpc.envs import TaskNotAvailableError, UnknownTaskError
 
-    cfg = OmegaConf.to_container(cfg, resolve=True)
+    try:
+        cfg = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as err:
+        raise SystemExit(f"evaluate.py: {err.full_key}=... is required (e.g. checkpoint=<run dir or .pt file>).")
+    try:
+        evaluate(cfg)
+    except (UserError, ConfigError, UnknownTaskError, TaskNotAvailableError, NonFiniteActionError) as err:
+        raise SystemExit(f"evaluate.py: {_one_line(err)}")
+    except ImportError as err:  # an optional suite (HumanoidBench, Meta-World) or imageio-ffmpeg missing
+        raise SystemExit(f"evaluate.py: a package this task needs is missing: {_one_line(err)}")
+
+
+def evaluate(cfg: dict) -> None:
+    from torchrl_dreammpc.envs import make_env, with_transforms
+
+    check_config(cfg)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
-    if not isinstance(cfg["episodes"], int) or cfg["episodes"] < 1:
-        raise SystemExit(f"evaluate.py: episodes must be a positive integer, got {cfg['episodes']!r}.")
     names = list(cfg["planners"])
-    try:
-        planner_cfgs = {name: planner_config(name, cfg["planner_args"]) for name in names}
-    except ConfigError as err:
-        raise SystemExit(f"evaluate.py: {err}")
+    planner_cfgs = {name: planner_config(name, cfg["planner_args"] or {}) for name in names}
 
     world_model, task, source = load_model(cfg, cfg["device"])
-    create_env = functools.partial(make_env, task, seed=int(cfg["seed"]))
+    # A recurrent model (DreamerV3) carries its state in the env: its acting transforms are appended.
+    create_env = with_transforms(functools.partial(make_env, task, seed=int(cfg["seed"])),
+                                 world_model.acting_transforms())
     probe = create_env()
     action_spec = probe.action_spec
     probe.close()
-    actors = {name: make_planner(planner_cfgs[name], world_model, action_spec=action_spec) for name in names}
+    actors = {}
+    for name in names:
+        try:
+            actors[name] = make_actor(planner_cfgs[name], world_model, action_spec=action_spec)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"planner {name} (recipes/config/planner/{name}.yaml + planner_args.{name}): {err}")
     timers = {name: _Timer(actor) for name, actor in actors.items()}
 
     print(f"[evaluate] {task}: {source}; {cfg['episodes']} episodes per planner, seed {cfg['seed']}", flush=True)
+    max_steps = cfg.get("max_steps")
+    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
+        raise SystemExit(f"evaluate.py: max_steps must be a positive integer or null, got {max_steps!r}.")
     hook = EvaluationHook(actors, create_env, interval=0, episodes=int(cfg["episodes"]), seed=int(cfg["seed"]),
-                          verbose=False)
+                          max_steps=max_steps, verbose=False)
     results = hook.evaluate(step=0)
     hook.shutdown()
 
@@ -188,6 +251,8 @@ def main(cfg: DictConfig) -> None:
             "plan_ms_per_step": timers[name].ms,
             "ms_per_step": metrics["ms_per_step"],
             "episodes": int(metrics["episodes"]),
+            "episode_returns": metrics.get("episode_returns"),  # results.json only (paired comparisons)
+            "episode_successes": metrics.get("episode_successes"),
         })
     if cfg["video"]:
         for row in rows:
@@ -199,7 +264,8 @@ def main(cfg: DictConfig) -> None:
                "results": rows}
     (out_dir / "results.json").write_text(json.dumps(payload, indent=2))
     with (out_dir / "results.csv").open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(file, fieldnames=[key for key in rows[0] if not key.startswith("episode_")],
+                                extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 

@@ -1,9 +1,11 @@
-"""Train a TD-MPC2 world model online, acting with Dream-MPC (or MPPI, or the policy prior).
+"""Train a TD-MPC2 (or DreamerV3: algorithm=dreamer_v3) world model online, acting with Dream-MPC (or MPPI, or the
+policy prior).
 
     python recipes/train.py                                         # = preset=quickstart: a few minutes on 2 CPUs
     python recipes/train.py preset=quickstart seed=2                # the same, with overrides
     python recipes/train.py task=cartpole-swingup planner=dream_mpc model_size=1 steps=100000 seed=1 \
         run_dir=/data/runs/cartpole-dream-1M-s1 resume=true          # re-run the same command after a crash
+    python recipes/train.py preset=dreamer_cpu task=cartpole-swingup steps=100000 run_dir=runs/cartpole-dreamer-s1
 
 Every value is in recipes/config/train.yaml (published TD-MPC2 / Dream-MPC defaults, cited there); override any
 of them on the command line. Without any argument the script runs the quickstart preset (the README's command);
@@ -15,6 +17,8 @@ With ``resume=true`` (the default) the run continues from its last complete chec
 """
 from __future__ import annotations
 
+import fcntl
+import os
 import re
 import sys
 from pathlib import Path
@@ -22,8 +26,11 @@ from pathlib import Path
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torchrl.checkpoint import CheckpointError as TorchRLCheckpointError
 
-from torchrl_dreammpc.trainers import ConfigMismatchError, read_eval_csv
+from torchrl_dreammpc.checkpoints import CheckpointError
+from torchrl_dreammpc.planners import NonFiniteActionError
+from torchrl_dreammpc.trainers import ConfigMismatchError, NonFiniteUpdateError, read_eval_csv
 from torchrl_dreammpc.trainers.builders import ConfigError, build_trainer, validate_train_config
 
 
@@ -35,6 +42,23 @@ def quote_model_size(argv: list[str]) -> list[str]:
         match = re.fullmatch(r"(model_size)=(\d+(?:,\d+)*)", arg)
         out.append(f"{match[1]}=" + ",".join(f"'{v}'" for v in match[2].split(",")) if match else arg)
     return out
+
+
+def lock_run_dir(run_dir: Path):
+    """An exclusive lock on ``run_dir/.lock`` for this process's lifetime (the OS drops it when the process dies):
+    two trainings writing one run directory would interleave checkpoints and logs."""
+    handle = (run_dir / ".lock").open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        raise SystemExit(f"train.py: {run_dir} is being trained by another process ({handle.read().strip()}); "
+                         "wait for it to end or stop it.")
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    return handle
 
 
 @hydra.main(config_path="config", config_name="train", version_base="1.3")
@@ -52,24 +76,29 @@ def main(cfg: DictConfig) -> float | None:
                          f"or choose another run_dir.")
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_run_dir(run_dir)  # noqa: F841  (held until the process ends)
 
     # 2. Build (collector, replay buffer, losses, stepper, evaluator, loggers, checkpoints) and resume.
     trainer, _ = build_trainer(cfg, checked=checked)
     if cfg["resume"]:
         try:
             trainer.resume()
-        except ConfigMismatchError as err:
+        except (ConfigMismatchError, CheckpointError, TorchRLCheckpointError) as err:
             raise SystemExit(f"train.py: {err}")
-    run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.create(cfg), run_dir / "config.yaml")
-    print(f"[train] {checked['task_info'].task}, planner {cfg['planner']['name']}, model_size {cfg['model']['size']}, "
+    print(f"[train] {checked['task_info'].task}, {trainer.fingerprint['algorithm']}, planner {cfg['planner']['name']}, "
+          f"model_size {trainer.fingerprint['model_size']}, "
           f"{cfg['steps']} steps (seed phase {checked['seed_steps']}), run dir {run_dir}", flush=True)
 
     # 3. Train.
     if trainer.collected_frames >= trainer.total_frames:
         print(f"[train] already complete: {trainer.collected_frames} steps.", flush=True)
     else:
-        trainer.train()
+        try:
+            trainer.train()
+        except (NonFiniteUpdateError, NonFiniteActionError) as err:  # the message names the step and what to do
+            raise SystemExit(f"train.py: {err}")
     curve = read_eval_csv(run_dir / "eval.csv") if (run_dir / "eval.csv").exists() else []
     if curve:
         print("[train] eval returns: " + ", ".join(f"{step}: {ret:.1f}" for step, ret in curve), flush=True)

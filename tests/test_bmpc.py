@@ -108,7 +108,7 @@ def test_refusals_name_the_problem():
     with pytest.raises(ValueError, match="no termination model"):
         BMPCWorldModel(5, 2, model_size=1, episodic=True, **TINY)
     wm = bmpc_model()
-    with pytest.raises(TypeError, match="use BMPCLoss"):
+    with pytest.raises(TypeError, match="a BMPCWorldModel trains with BMPCLoss"):
         TDMPC2Loss(wm)
     with pytest.raises(TypeError, match="BMPCLoss trains a BMPCWorldModel"):
         BMPCLoss(TDMPC2WorldModel(5, 2, model_size=1, **TINY))
@@ -448,7 +448,7 @@ def test_bmpc_trainer_trains_reanalyzes_and_resumes(tmp_path):
                          algorithm_kwargs=None, total_frames=300)
     with pytest.raises(ValueError, match="algorithm: checkpoint has 'bmpc', this run has 'tdmpc2'"):
         other.resume()
-    with pytest.raises(TypeError, match="BMPCLoss trains a BMPCWorldModel"):
+    with pytest.raises(TypeError, match="algorithm='bmpc' trains a world model of family 'bmpc', got a TDMPC2"):
         make_trainer(tmp_path / "x", world_model=tdmpc2, actor=GradientMPCPlanner(tdmpc2))
 
 
@@ -462,16 +462,14 @@ def test_checkpoint_formats_of_both_families(tmp_path):
         assert torch.equal(a, b)
     with pytest.raises(CheckpointError, match="model family: checkpoint BMPCConfig, expected TDMPC2Config"):
         load_world_model(path, expect_config=TDMPC2WorldModel(5, 2, model_size=1, **TINY).config)
-    # a version-1 file (written before families existed) is a TD-MPC2 model
+    # a TD-MPC2 file keeps the layout it had before families existed (no "family" entry) and loads as TD-MPC2's
     q_model = TDMPC2WorldModel(5, 2, model_size=1, **TINY)
     payload = torch.load(save_world_model(q_model, tmp_path / "q.pt"), weights_only=True)
-    del payload["family"]
-    payload["version"] = 1
-    torch.save(payload, tmp_path / "v1.pt")
-    assert type(load_world_model(tmp_path / "v1.pt")) is TDMPC2WorldModel
-    payload["version"], payload["family"] = 2, "dreamer"
+    assert "family" not in payload and payload["version"] == 1
+    assert type(load_world_model(tmp_path / "q.pt")) is TDMPC2WorldModel
+    payload["family"] = "dreamer"
     torch.save(payload, tmp_path / "unknown.pt")
-    with pytest.raises(CheckpointError, match="'dreamer' world model"):
+    with pytest.raises(CheckpointError, match="world model of family 'dreamer'"):
         load_world_model(tmp_path / "unknown.pt")
     assert isinstance(load_any(path, 5, 2), BMPCWorldModel)
 

@@ -80,7 +80,9 @@ def _batch(update) -> TensorDict:
     return TensorDict({
         "observation": obs[:-1].transpose(0, 1), "action": action.transpose(0, 1),
         "expert": {"loc": inputs["expert_loc"].transpose(0, 1), "scale": inputs["expert_scale"].transpose(0, 1)},
-        "next": {"observation": obs[1:].transpose(0, 1), "reward": reward.transpose(0, 1)},
+        # BMPC has no termination model; the loss still requires the flags every replayed batch carries
+        "next": {"observation": obs[1:].transpose(0, 1), "reward": reward.transpose(0, 1),
+                 "terminated": torch.zeros(B, H, 1, dtype=torch.bool)},
     }, [B, H])
 
 

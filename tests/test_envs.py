@@ -1,6 +1,8 @@
 """Tests of the task suite (torchrl_dreammpc.envs): DMC, Meta-World, the shared base env and make_env."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -266,12 +268,6 @@ def test_unknown_task_without_close_match():
         task_info(3)
 
 
-@pytest.mark.parametrize("task", ["cheetah-jump", "cup-spin", "reacher-three-easy", "pendulum-spin"])
-def test_custom_tdmpc2_task_not_available_yet(task):
-    with pytest.raises(TaskNotAvailableError, match="not available yet"):
-        make_env(task)
-
-
 def test_lqr_is_rejected():
     with pytest.raises(TaskNotAvailableError, match="lqr"):
         task_info("lqr-lqr-2-1")
@@ -337,6 +333,305 @@ def test_parallel_env_steps_and_matches_serial_seeding():
         torch.testing.assert_close(td["observation"][:, 0], serial, rtol=0, atol=0)
     finally:
         env.close()
+
+
+# -- TD-MPC2's own DMC tasks ----------------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+TDMPC2_ENVS = REPO.parent / "shared" / "peers" / "tdmpc2-e9f5932-envs.tar.gz"
+PUBLISHED_TDMPC2 = REPO.parent / "shared" / "reference" / "published-results" / "tdmpc2"
+
+# (task, observation size, action size, TD-MPC2's module in tdmpc2/envs/tasks/ and the factory defining it there)
+TDMPC2_TASKS = [
+    ("walker-walk-backwards", 24, 6, "walker", "walk_backwards"),
+    ("walker-run-backwards", 24, 6, "walker", "run_backwards"),
+    ("cheetah-run-backwards", 17, 6, "cheetah", "run_backwards"),
+    ("hopper-hop-backwards", 15, 4, "hopper", "hop_backwards"),
+    ("cheetah-run-front", 17, 6, "cheetah", "run_front"),
+    ("cheetah-run-back", 17, 6, "cheetah", "run_back"),
+    ("cheetah-jump", 17, 6, "cheetah", "jump"),
+    ("reacher-three-easy", 8, 3, "reacher", "three_easy"),
+    ("reacher-three-hard", 8, 3, "reacher", "three_hard"),
+    ("cup-spin", 8, 2, "ball_in_cup", "spin"),
+    ("pendulum-spin", 3, 1, "pendulum", "spin"),
+]
+
+# The 39 DMControl tasks TD-MPC2 publishes results for (../shared/reference/published-results/tdmpc2/).
+PUBLISHED_DMC_TASKS = [
+    "acrobot-swingup", "cartpole-balance", "cartpole-balance-sparse", "cartpole-swingup", "cartpole-swingup-sparse",
+    "cheetah-jump", "cheetah-run", "cheetah-run-back", "cheetah-run-backwards", "cheetah-run-front", "cup-catch",
+    "cup-spin", "dog-run", "dog-stand", "dog-trot", "dog-walk", "finger-spin", "finger-turn-easy",
+    "finger-turn-hard", "fish-swim", "hopper-hop", "hopper-hop-backwards", "hopper-stand", "humanoid-run",
+    "humanoid-stand", "humanoid-walk", "pendulum-spin", "pendulum-swingup", "quadruped-run", "quadruped-walk",
+    "reacher-easy", "reacher-hard", "reacher-three-easy", "reacher-three-hard", "walker-run",
+    "walker-run-backwards", "walker-stand", "walker-walk", "walker-walk-backwards",
+]  # fmt: skip
+
+
+def _flat(time_step) -> np.ndarray:
+    return np.concatenate([np.asarray(v, dtype=np.float64).ravel() for v in time_step.observation.values()])
+
+
+@pytest.fixture(scope="module")
+def tdmpc2_tasks(tmp_path_factory):
+    """TD-MPC2's task modules (tdmpc2/envs/tasks/*.py of the peer archive), imported as they are."""
+    if not TDMPC2_ENVS.exists():
+        pytest.skip(f"TD-MPC2's task definitions are not here ({TDMPC2_ENVS})")
+    import importlib.util
+    import tarfile
+
+    from dm_control import suite as dm_suite
+    from dm_control.utils import containers
+
+    root = tmp_path_factory.mktemp("tdmpc2")
+    with tarfile.open(TDMPC2_ENVS) as archive:
+        archive.extractall(root, filter="data")
+    modules = {}
+    with pytest.MonkeyPatch.context() as patch:
+        for name in sorted({row[3] for row in TDMPC2_TASKS}):
+            # on import they add their tasks to dm_control's per-domain registries: give them throwaway ones
+            patch.setattr(getattr(dm_suite, name), "SUITE", containers.TaggedTasks())
+            spec = importlib.util.spec_from_file_location(f"tdmpc2_{name}", root / "tdmpc2/envs/tasks" / f"{name}.py")
+            modules[name] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(modules[name])
+    return modules
+
+
+def _model_arrays_that_differ(ours, theirs) -> list[str]:
+    differ = []
+    for name in dir(ours):
+        value = getattr(ours, name, None) if not name.startswith("_") else None
+        if isinstance(value, np.ndarray) and not np.array_equal(value, getattr(theirs, name), equal_nan=True):
+            differ.append(name)
+    return differ
+
+
+def _set_random_state(physics_pair, rng, task):
+    """Puts both simulations in the same random state: joints moved and spun, far from the initial states."""
+    physics = physics_pair[0]
+    scale = rng.choice([0.1, 1.0])
+    qpos = physics.data.qpos + rng.uniform(-scale, scale, physics.model.nq)
+    qvel = rng.normal(0.0, 6.0, physics.model.nv)
+    offset = rng.uniform(-0.08, 0.08, 2)  # reacher: the target near the finger, inside or outside its radius
+    for physics in physics_pair:
+        with physics.reset_context():
+            physics.data.qpos[:], physics.data.qvel[:] = qpos, qvel
+        if task.startswith("reacher"):
+            physics.named.model.geom_pos["target", :2] = physics.named.data.geom_xpos["finger", :2] + offset
+            physics.forward()
+
+
+@pytest.mark.parametrize("task,obs_size,action_size,module,factory", TDMPC2_TASKS)
+def test_tdmpc2_task_matches_tdmpc2s_definition(tdmpc2_tasks, task, obs_size, action_size, module, factory):
+    from tensordict import TensorDict
+
+    ours = make_base_env(task, seed=3)
+    theirs = getattr(tdmpc2_tasks[module], factory)(random=3)
+    # the same body: every array of the two compiled MuJoCo models is equal
+    assert _model_arrays_that_differ(ours.physics.model.ptr, theirs.physics.model.ptr) == []
+    assert ours.observation_spec["observation"].shape == (obs_size,)
+    assert sum(int(np.prod(v.shape)) for v in theirs.observation_spec().values()) == obs_size
+    assert ours.action_spec.shape == theirs.action_spec().shape == (action_size,)
+
+    # the same initial states, steps, observations and rewards (TD-MPC2 repeats each action twice)
+    np.testing.assert_allclose(ours.reset()["observation"].numpy(), _flat(theirs.reset()), rtol=1e-6, atol=1e-6)
+    rng = np.random.default_rng(0)
+    for _ in range(25):
+        action = rng.uniform(-1, 1, action_size).astype(np.float32)
+        td = ours.step(TensorDict({"action": torch.from_numpy(action)}, []))["next"]
+        steps = [theirs.step(action.astype(np.float64)) for _ in range(2)]
+        np.testing.assert_allclose(td["observation"].numpy(), _flat(steps[1]), rtol=1e-5, atol=1e-5)
+        assert td["reward"].item() == pytest.approx(steps[0].reward + steps[1].reward, rel=1e-6, abs=1e-6)
+
+    # the same reward function on states far from where an episode starts
+    values = []
+    for _ in range(200):
+        _set_random_state((ours.physics, theirs.physics), rng, task)
+        value = ours.sim.task.get_reward(ours.physics)
+        assert value == pytest.approx(theirs.task.get_reward(theirs.physics), rel=1e-12, abs=1e-12)
+        values.append(value)
+    assert max(values) - min(values) > 0.3  # the states reach different parts of the reward
+
+
+@pytest.mark.parametrize("task,obs_size,action_size", [row[:3] for row in TDMPC2_TASKS])
+def test_tdmpc2_task_specs_and_full_rollout(task, obs_size, action_size):
+    env = make_env(task, seed=0)
+    check_env_specs(env)
+    assert env.observation_spec["observation"].shape == (obs_size,)
+    assert env.action_spec.shape == (action_size,)
+    torch.manual_seed(0)
+    td = env.rollout(600)
+    assert td.shape == (500,) and td["next", "truncated"][-1].item() and not td["next", "terminated"].any()
+    assert torch.isfinite(td["next", "observation"]).all()
+    reward = td["next", "reward"]
+    assert ((reward >= 0) & (reward <= 2)).all()  # two control steps of rewards in [0, 1]
+
+
+def test_spin_task_rewards_at_set_states():
+    # pendulum-spin: full reward from 9 rad/s either way, falling linearly to 0.5 at 4.5 rad/s and 0 at rest
+    env = make_base_env("pendulum-spin", seed=0)
+    env.reset()
+    physics, expected = env.physics, {0.0: 0.0, 4.5: 0.5, -6.75: 0.75, 9.0: 1.0, -12.0: 1.0}
+    for speed, reward in expected.items():
+        with physics.reset_context():
+            physics.named.data.qvel["hinge"] = speed
+        assert env.sim.task.get_reward(physics) == pytest.approx(reward)
+    # cup-spin: nothing while the ball is in the cup, however fast; far (>= 0.5 m) and fast (>= 6 m/s) pays 1
+    env = make_base_env("cup-spin", seed=0)
+    env.reset()
+    physics = env.physics
+    assert physics.in_target() == 1.0  # it starts in the cup (90 % of episodes; seed 0 is one of them)
+    in_cup = physics.data.qpos.copy()
+    with physics.reset_context():
+        physics.data.qpos[:] = in_cup  # the ball where it is ...
+        physics.named.data.qvel[["ball_x", "ball_z"]] = [8.0, 0.0]  # ... and fast
+    assert env.sim.task.get_reward(physics) == 0.0
+    with physics.reset_context():
+        physics.named.data.qpos[["ball_x", "ball_z"]] = [0.6, -0.1]
+        physics.named.data.qvel[["ball_x", "ball_z"]] = [0.0, -8.0]
+    assert physics.in_target() == 0.0
+    assert env.sim.task.get_reward(physics) == pytest.approx(1.0)
+
+
+def test_three_link_reacher_body():
+    env = make_base_env("reacher-three-easy", seed=0)
+    env.reset()
+    physics = env.physics
+    model = physics.named.model
+    assert list(model.jnt_range.axes.row.names) == ["shoulder0", "shoulder1", "wrist"]
+    np.testing.assert_allclose(np.degrees(model.jnt_range[["shoulder1", "wrist"]]), [[-80, 80], [-80, 80]])
+    assert model.jnt_limited["shoulder0"] == 0
+    assert list(model.actuator_gear.axes.row.names) == ["shoulder0", "shoulder1", "wrist"]
+    with physics.reset_context():
+        physics.data.qpos[:] = 0.0  # stretched out along x: three 9 cm links
+    np.testing.assert_allclose(physics.named.data.geom_xpos["finger", :2], [0.27, 0.0], atol=1e-9)
+    assert physics.model.opt.timestep == 0.02 and env.sim.control_timestep() == 0.02
+
+
+def test_every_published_tdmpc2_dmc_task_builds():
+    if PUBLISHED_TDMPC2.exists():  # the list above is the published one
+        import dm_control.suite
+
+        domains = {dmc_domain.replace("ball_in_cup", "cup").replace("point_mass", "pointmass")
+                   for dmc_domain in dm_control.suite._DOMAINS}
+        published = sorted(p.stem for p in PUBLISHED_TDMPC2.glob("*.csv") if p.stem.split("-")[0] in domains)
+        assert published == sorted(PUBLISHED_DMC_TASKS)
+    assert len(PUBLISHED_DMC_TASKS) == 39
+    for task in PUBLISHED_DMC_TASKS:
+        assert task_info(task).task == task
+        env = make_env(task, seed=0)
+        assert env.rollout(2)["next", "observation"].shape[0] == 2, task
+        env.close()
+
+
+# -- rendering -------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gl():
+    """Skips a test where MuJoCo cannot open an offscreen GL context (no EGL / OSMesa)."""
+    env = make_base_env("pendulum-swingup", seed=0)
+    env.reset()
+    try:
+        env.render(8, 8)
+    except RuntimeError as err:
+        pytest.skip(f"MuJoCo has no offscreen GL backend here: {err}")
+    finally:
+        env.close()
+
+
+@pytest.mark.parametrize(
+    "task,camera", [("cartpole-swingup", 0), ("quadruped-walk", 2), ("reacher-three-easy", 0), ("mw-reach", "corner4")]
+)
+def test_render_frames_of_dmc_and_metaworld(gl, task, camera):
+    env = make_env(task, seed=0)
+    base = env.base_env
+    assert base.default_camera == camera
+    td = env.reset()
+    frames = [base.render(height=48, width=64)]
+    for _ in range(4):
+        td = env.step(td.set("action", torch.ones(env.action_spec.shape)))["next"]
+        frames.append(base.render(height=48, width=64))
+    for frame in frames:
+        assert frame.shape == (48, 64, 3) and frame.dtype == np.uint8
+        assert frame.std() > 5  # a picture, not a blank buffer
+    assert not np.array_equal(frames[0], frames[-1])  # the scene moved, and each frame is its own array
+    assert base.render(height=48, width=64, camera=-1).shape == (48, 64, 3)  # MuJoCo's free camera
+    assert base.render(height=8, width=700).shape == (8, 700, 3)  # beyond the model's 640-pixel buffer
+    env.close()
+
+
+def test_dmc_frames_are_dm_controls_pixels(gl):
+    env = make_base_env("walker-walk", seed=0)
+    env.reset()
+    try:
+        np.testing.assert_array_equal(env.render(48, 64), env.physics.render(48, 64, camera_id=0))
+    finally:
+        env.physics.free()  # dm_control's own GL context, freed before the interpreter's exit
+        env.close()
+
+
+def test_metaworld_video_camera_is_tdmpc2s():
+    # TD-MPC2 films Meta-World with "corner2" moved to (0.75, 0.075, 0.7): Meta-World 3's "corner4"
+    model = make_base_env("mw-reach", seed=0).sim.model
+    corner2, corner4 = model.camera("corner2"), model.camera("corner4")
+    np.testing.assert_allclose(corner4.pos, [0.75, 0.075, 0.7])
+    np.testing.assert_allclose(corner4.quat, corner2.quat)
+    assert corner4.fovy == corner2.fovy
+
+
+def test_render_rejects_bad_sizes_and_cameras():
+    env = make_base_env("cartpole-swingup", seed=0)
+    env.reset()
+    with pytest.raises(ValueError, match="height must be a positive int"):
+        env.render(0, 8)
+    with pytest.raises(ValueError, match="width must be a positive int"):
+        env.render(8, 8.5)
+    with pytest.raises(ValueError, match=r"Unknown camera 'nope'; this model's cameras are \['fixed', 'lookatcart'\]"):
+        env.render(8, 8, camera="nope")
+    with pytest.raises(ValueError, match="Unknown camera 7"):
+        env.render(8, 8, camera=7)
+
+
+def test_render_without_a_gl_backend_says_what_to_set(monkeypatch):
+    import mujoco
+
+    def no_context(*args, **kwargs):
+        raise OSError("libEGL.so.1: cannot open shared object file")
+
+    monkeypatch.setattr(mujoco, "Renderer", no_context)
+    env = make_base_env("cartpole-swingup", seed=0)
+    env.reset()
+    with pytest.raises(RuntimeError, match="MUJOCO_GL=egl or MUJOCO_GL=osmesa") as err:
+        env.render(8, 8)
+    assert "libEGL.so.1" in str(err.value)
+
+
+def test_torchrl_pixel_render_transform_records_frames(gl):
+    from torchrl.record import PixelRenderTransform
+
+    env = make_env("cartpole-swingup", seed=0).append_transform(PixelRenderTransform(height=24, width=32))
+    td = env.rollout(3)
+    assert td["pixels"].shape == (3, 24, 32, 3) and td["next", "pixels"].shape == (3, 24, 32, 3)
+    assert td["pixels"].dtype == torch.uint8
+    env.close()
+
+
+def test_evaluate_record_video_writes_a_metaworld_mp4(gl, tmp_path):
+    import importlib.util
+
+    import imageio.v2 as imageio
+    from torchrl.envs import StepCounter
+
+    spec = importlib.util.spec_from_file_location("evaluate_recipe", REPO / "recipes" / "evaluate.py")
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+    def short_episodes():  # 12 agent steps instead of 100: the test stays fast on a CPU renderer
+        return make_env("mw-reach", seed=0).append_transform(StepCounter(max_steps=12, step_count_key="video_step"))
+
+    path = evaluate.record_video(short_episodes, lambda td: td.set("action", torch.ones(4)), tmp_path / "policy.mp4",
+                                 seed=0, size=(48, 64))
+    frames = imageio.mimread(path)
+    assert len(frames) == 13  # the reset and 12 agent steps
+    assert frames[0].shape == (48, 64, 3)
+    assert np.abs(frames[0].astype(int) - frames[-1]).mean() > 1  # the arm moved
 
 
 # -- the base class's step rules, on a scripted stand-in simulator ------------------------------------------

@@ -179,3 +179,23 @@ def test_collector_with_gradient_planner_on_h1hand():
     assert batch["action"].shape[-1] == 61
     assert torch.isfinite(batch["action"]).all() and batch["action"].abs().max() <= 1
     assert batch["action"].std(0).sum() > 0  # sampled candidates: the actions vary from step to step
+
+
+def test_render_frames_with_humanoid_bench_cameras():
+    from torchrl_dreammpc.envs import make_base_env
+
+    env = make_base_env("humanoid_h1-walk-v0", seed=0)
+    assert env.default_camera == "cam_default"  # HumanoidBench's video camera for the task, following the robot
+    assert make_base_env("humanoid_h1-hurdle-v0", seed=0).default_camera == "cam_hurdle"
+    env.reset()
+    try:
+        first = env.render(height=24, width=32)
+    except RuntimeError as err:
+        pytest.skip(f"MuJoCo has no offscreen GL backend here: {err}")
+    for _ in range(5):
+        env.step(env.full_action_spec.zero().set("action", torch.ones(19)))
+    last = env.render(height=24, width=32)  # a HumanoidBench frame takes ~1 s on a CPU GL renderer
+    for frame in (first, last):
+        assert frame.shape == (24, 32, 3) and frame.dtype.name == "uint8" and frame.std() > 5
+    assert not (first == last).all()
+    env.close()

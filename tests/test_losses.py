@@ -1,4 +1,12 @@
-"""TDMPC2Loss / TDMPC2PolicyLoss: keys, gradients, target updates, learning on a known system, bad input."""
+"""TDMPC2Loss / TDMPC2PolicyLoss: keys, gradients, target updates, learning on a known system, bad input, values
+against hand computations and against TD-MPC2's reference agent (``../shared/peers/tdmpc2_peer.py``)."""
+import copy
+import importlib.util
+import math
+import re
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +18,7 @@ from torchrl_dreammpc.objectives import RunningScale, TDMPC2Loss, TDMPC2PolicyLo
 
 TINY = dict(enc_dim=64, mlp_dim=64, latent_dim=32)
 OBS, ACT = 4, 2
+PEER = Path(__file__).resolve().parents[1].parent / "shared" / "peers" / "tdmpc2_peer.py"
 
 
 def tiny_model(**kw):
@@ -105,6 +114,127 @@ def test_loss_matches_explicit_per_head_per_step_computation():
     assert torch.allclose(out["consistency"], cons / 3, atol=1e-6)
     assert torch.allclose(out["reward_ce"], rl / 3, atol=1e-5)
     assert torch.allclose(out["value_ce"], vl / 9, atol=1e-5)
+
+
+def perturb(wm, scale=0.3, seed=3):
+    """Random values in every weight and different target Qs: zero-initialized heads would make the value target,
+    the reward loss and the policy's Q term constants, and a test of them vacuous."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in [*wm.parameters(), *wm.target_q_ensemble.buffers()]:
+            t.add_(scale * torch.randn(t.shape, generator=g))
+    return wm
+
+
+def test_terminations_enter_the_value_target_and_the_termination_loss():
+    wm = perturb(tiny_model(num_q=2, episodic=True, dropout=0.0)).eval()
+    loss = TDMPC2Loss(wm)
+    td = random_batch(B=8, H=3, seed=4)
+    terminated = torch.zeros(8, 3, 1, dtype=torch.bool)
+    terminated[:3, -1] = True  # three sub-trajectories end on their last step
+    terminated[5, 1] = True  # (and one earlier: the loss takes the flags as given)
+    td["next", "terminated"] = terminated
+    torch.manual_seed(11)
+    out = loss(td)
+    # by hand, time-major, with TD-MPC2's formulas written out
+    torch.manual_seed(11)
+    obs, act = td["observation"].transpose(0, 1), td["action"].transpose(0, 1)
+    nobs, rew = td["next", "observation"].transpose(0, 1), td["next", "reward"].transpose(0, 1)
+    term = terminated.transpose(0, 1).float()
+    with torch.no_grad():
+        nz = wm.encode(nobs)
+        q_next = wm.two_hot.decode(wm.q_logits(nz, wm.policy(nz)[0], target=True)).min(0).values  # both heads
+        target = rew + wm.discount * (1 - term) * q_next
+    zs = [wm.encode(obs[0])]
+    for t in range(3):
+        zs.append(wm.next(zs[-1], act[t]))
+    value = sum(0.5 ** t * wm.two_hot.cross_entropy(wm.q_logits(zs[t], act[t])[k], target[t]).mean()
+                for t in range(3) for k in range(2)) / (3 * 2)
+    p = torch.sigmoid(wm.termination_logits(torch.stack(zs[1:])))
+    bce = -(term * torch.log(p) + (1 - term) * torch.log(1 - p)).mean()
+    torch.testing.assert_close(out["value_ce"], value.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["termination_bce"], bce.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["loss_termination"], bce.detach(), rtol=1e-5, atol=1e-6)  # coefficient 1
+    # the flags matter: the same batch without them gives another value loss (bootstrapped terminal rows)
+    assert (q_next[term.bool()].abs() > 1e-3).all()
+    td["next", "terminated"] = torch.zeros_like(terminated)
+    torch.manual_seed(11)
+    assert abs(loss(td)["value_ce"].item() - out["value_ce"].item()) > 1e-4
+
+
+def test_policy_loss_matches_a_hand_computation():
+    wm = perturb(tiny_model(num_q=2, dropout=0.0)).eval()
+    pi_loss = TDMPC2PolicyLoss(wm, entropy_coef=0.01)  # larger than TD-MPC2's 1e-4 so that the entropy term shows
+    zs = wm.encode(torch.randn(4, 16, OBS, generator=torch.Generator().manual_seed(5))).detach()  # [H+1, B, L]
+    torch.manual_seed(9)
+    out = pi_loss(TensorDict({"latents": zs}, []))
+    torch.manual_seed(9)
+    with torch.no_grad():
+        mean, log_std = wm.policy_params(zs)
+        eps = torch.randn_like(mean)
+        a = torch.tanh(mean + eps * log_std.exp())
+        log_gauss = (-0.5 * eps ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1, keepdim=True)
+        logp = log_gauss - torch.log(F.relu(1 - a ** 2) + 1e-6).sum(-1, keepdim=True)
+        scaled_entropy = -logp * (ACT * log_gauss) / (logp + 1e-8)
+        q = wm.two_hot.decode(wm.q_logits(zs, a)).mean(0)  # [H+1, B, 1]: the average of the two heads
+        p5, p95 = np.percentile(q[0].flatten().numpy(), [5, 95])
+        scale = 1.0 + 0.01 * (max(1.0, p95 - p5) - 1.0)  # RunningScale starts at 1, tau = 0.01
+        per_step = -(0.01 * scaled_entropy + q / scale).mean(dim=(1, 2))
+        expected = (per_step * 0.5 ** torch.arange(4)).mean()
+    assert p95 - p5 > 1.0  # the scale actually moves
+    assert out["pi_scale"].item() == pytest.approx(scale, rel=1e-5)
+    torch.testing.assert_close(out["loss_pi"].detach(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["pi_scaled_entropy"], scaled_entropy.mean(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tdmpc2_peer():
+    if not PEER.is_file():
+        pytest.skip(f"TD-MPC2's reference agent {PEER} is not here (the ../shared folder is absent)")
+    spec = importlib.util.spec_from_file_location("tdmpc2_peer", PEER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_losses_equal_tdmpc2_reference_agent(tdmpc2_peer, monkeypatch):
+    """Our TDMPC2Loss / TDMPC2PolicyLoss on the weights of TD-MPC2's own agent and on its batch give the
+    consistency, reward, value and policy losses that its ``_update`` / ``update_pi`` compute. Dropout 0 and two Q
+    heads on both sides; the policy's sampling noise is zero on both sides (``torch.randn_like`` → zeros), so
+    nothing random differs."""
+    from torchrl_dreammpc.checkpoints import from_tdmpc2_checkpoint
+
+    torch.manual_seed(0)
+    agent = tdmpc2_peer.make_agent(model_size=1, obs_dim=5, action_dim=2, num_q=2, dropout=0.0, batch_size=32)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # random values everywhere (the reference zero-initializes its reward and Q outputs)
+        for t in agent.model.parameters():
+            t.add_(0.1 * torch.randn(t.shape, generator=g))
+        for t in agent.model._target_Qs_params.values(True, True):  # (a clone, not among the parameters)
+            t.add_(0.3 * torch.randn(t.shape, generator=g))
+    obs, action, reward, terminated = tdmpc2_peer.random_batch(agent, seed=2)
+    terminated[-1, :5] = 1.0
+    wm = from_tdmpc2_checkpoint({"model": agent.model.state_dict()}, obs_dim=5, action_dim=2, episode_length=500)
+    assert wm.config.num_q == 2 and wm.discount == agent.discount
+    batch = TensorDict({"observation": obs[:-1].transpose(0, 1), "action": action.transpose(0, 1),
+                        "next": {"observation": obs[1:].transpose(0, 1), "reward": reward.transpose(0, 1),
+                                 "terminated": terminated.transpose(0, 1).bool()}}, [32, 3])
+    monkeypatch.setattr(torch, "randn_like", lambda x, **kw: torch.zeros_like(x, **kw))
+    out = TDMPC2Loss(wm)(batch)
+    ours_pi = TDMPC2PolicyLoss(wm)(out)
+    # the reference's policy loss first (update_pi steps its policy: restored before _update reads it)
+    pi_state = copy.deepcopy(agent.model._pi.state_dict())
+    ref_pi = agent.update_pi(out["latents"].clone(), None)
+    agent.model._pi.load_state_dict(pi_state)
+    ref = agent._update(obs, action, reward, terminated)
+    for ours_key, ref_key in (("consistency", "consistency_loss"), ("reward_ce", "reward_loss"),
+                              ("value_ce", "value_loss")):
+        torch.testing.assert_close(out[ours_key], ref[ref_key], rtol=1e-5, atol=1e-6, msg=ours_key)
+    torch.testing.assert_close(ours_pi["loss_pi"].detach(), ref_pi["pi_loss"].detach(), rtol=1e-5, atol=1e-6)
+    assert out["value_ce"] > 0.1 and out["reward_ce"] > 0.1 and out["consistency"] > 1e-4  # not trivially 0
+    # the termination flags reached the value target (so a dropped (1 - terminated) would fail the comparison)
+    batch["next", "terminated"] = torch.zeros_like(batch["next", "terminated"])
+    assert abs(TDMPC2Loss(wm)(batch)["value_ce"] - out["value_ce"]) > 1e-3
 
 
 def test_targets_get_no_gradients_and_soft_update_moves_by_tau():
@@ -225,6 +355,27 @@ def test_bad_batches_raise_clear_errors():
     flat = random_batch().reshape(-1)
     with pytest.raises(ValueError, match=r"batch size \[B, H\]"):
         loss(flat)
+    # every entry is required, none is defaulted
+    for key in ("action", ("next", "terminated"), ("next", "reward")):
+        td = random_batch()
+        del td[key]
+        with pytest.raises(KeyError, match=rf"needs \[{re.escape(repr(key))}\] in the batch"):
+            loss(td)
+    td = random_batch()
+    td["next", "reward"] = td["next", "reward"].squeeze(-1)
+    with pytest.raises(ValueError, match=r"\('next', 'reward'\) must have shape \[B, H, 1\] = \[16, 3, 1\] \(B sub-trajectories of H steps\), got \[16, 3\]"):
+        loss(td)
+    td = random_batch()
+    td["next", "terminated"] = torch.zeros(16, 3, 2, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"\('next', 'terminated'\) must have shape \[B, H, 1\]"):
+        loss(td)
+    for kwargs, name in ((dict(reward_coef=float("inf")), "reward_coef"), (dict(rho=float("nan")), "rho"),
+                         (dict(discount=1.5), "discount"), (dict(validate="yes"), "validate")):
+        with pytest.raises(ValueError, match=name):
+            TDMPC2Loss(wm, **kwargs)
+    for kwargs, name in ((dict(entropy_coef=float("inf")), "entropy_coef"), (dict(scale_tau=2.0), "scale_tau")):
+        with pytest.raises(ValueError, match=name):
+            TDMPC2PolicyLoss(wm, **kwargs)
     with pytest.raises(ValueError, match="rho"):
         TDMPC2Loss(wm, rho=0.0)
     with pytest.raises(ValueError, match="lr"):

@@ -9,8 +9,15 @@ from tensordict import TensorDict
 from torchrl.data import Bounded
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
+from torchrl_dreammpc import envs
 from torchrl_dreammpc.modules import TDMPC2WorldModel, WorldModelBase
-from torchrl_dreammpc.planners import GradientMPCPlanner, LatentPlannerBase, MPPIPlanner, PolicyActor
+from torchrl_dreammpc.planners import (
+    GradientMPCPlanner,
+    LatentPlannerBase,
+    MPPIPlanner,
+    NonFiniteActionError,
+    PolicyActor,
+)
 
 TINY = dict(enc_dim=32, mlp_dim=32, latent_dim=16)
 EVAL = ExplorationType.DETERMINISTIC
@@ -28,6 +35,18 @@ def tiny_model(obs_dim=5, action_dim=2, **kw):
 
 def gen(seed=0):
     return torch.Generator().manual_seed(seed)
+
+
+def perturbed_model(**kw):
+    """tiny_model with its zero-initialized reward and Q output layers perturbed: the imagined return then depends
+    on the actions, so gradient steps move them."""
+    wm = tiny_model(**kw)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        last_q = getattr(wm.q_ensemble, f"weight_{wm.q_ensemble.num_layers - 1}")
+        for t in (wm.reward_head.module.net[-1].weight, last_q):
+            t.add_(0.5 * torch.randn(t.shape, generator=g))
+    return wm
 
 
 def obs_td(obs, is_init=None):
@@ -340,13 +359,42 @@ def test_unbatched_and_multi_dim_batches():
 
 
 def test_inference_mode_and_no_grad_callers():
-    wm = tiny_model()
-    planner = GradientMPCPlanner(wm, iterations=2)
+    # Under inference_mode / no_grad (how collectors call actors) the gradient steps must still be taken: the plan
+    # equals a normal call's on the same noise, and differs from the plan without gradient steps.
+    wm = perturbed_model()
+    obs = torch.randn(3, 5)
+    normal = GradientMPCPlanner(wm, iterations=2, generator=gen(3))
+    a_ref = normal(obs_td(obs))["action"]
+    for context in (torch.inference_mode, torch.no_grad):
+        planner = GradientMPCPlanner(wm, iterations=2, generator=gen(3))
+        with context():
+            a = planner(obs_td(obs))["action"]
+        assert torch.equal(a, a_ref) and torch.equal(planner.last_plan, normal.last_plan), context.__name__
+    unoptimized = GradientMPCPlanner(wm, iterations=0, generator=gen(3))
     with torch.inference_mode():
-        a = planner(obs_td(torch.randn(3, 5)))["action"]
-    with torch.no_grad():
-        b = planner(obs_td(torch.randn(3, 5)))["action"]
-    assert a.shape == b.shape == (3, 2)
+        unoptimized(obs_td(obs))
+    assert (unoptimized.last_plan - normal.last_plan).abs().max() > 1e-3  # the gradient steps moved the plan
+
+
+def test_reset_env_mask_forgets_only_those_envs():
+    wm = tiny_model()
+    obs1, obs2 = torch.randn(4, 5), torch.randn(4, 5)
+    mask = torch.tensor([True, False, False, True])
+    kw = dict(warm_start_weight=1.0, iterations=0)
+    by_reset, by_is_init = (GradientMPCPlanner(wm, generator=gen(6), **kw) for _ in range(2))
+    for planner in (by_reset, by_is_init):
+        planner(obs_td(obs1))
+    first = by_reset.last_plan.clone()
+    by_reset.reset(mask)
+    by_reset(obs_td(obs2))
+    by_is_init(obs_td(obs2, mask))
+    # reset(env_mask) is the same as is_init=mask: masked envs plan from the prior, the others replay their plan
+    assert torch.equal(by_reset.last_plan, by_is_init.last_plan)
+    shifted = torch.cat([first[:, :, 1:], first[:, :, -1:]], dim=2)
+    assert torch.equal(by_reset.last_plan[~mask], shifted[~mask])
+    assert not torch.allclose(by_reset.last_plan[mask], shifted[mask])
+    with pytest.raises(ValueError, match="env_mask has 3 entries but the planner holds state for 4 envs"):
+        by_reset.reset(torch.tensor([True, False, True]))
 
 
 # ---------------------------------------------------------------------------------------------- bounds, modes
@@ -417,6 +465,54 @@ def test_episodic_models_drop_rewards_after_termination():
     assert ret_all.item() < r0.item()
 
 
+class WallModel(ForkModel):
+    """1-D, z' = z + a, r = -a², Q = V; the episode ends (termination probability 1) once z >= 1."""
+
+    def termination(self, z):
+        return (z >= 1.0).to(z.dtype)
+
+
+def test_imagined_return_stops_at_the_predicted_termination():
+    V, g = 2.0, 0.9
+    planner = GradientMPCPlanner(WallModel(V=V), horizon=3, uncertainty_weight=0.0)
+    # row 0 walks into the wall at z_2 = 1.2; row 1 never reaches it (z_3 = 0.6)
+    actions = torch.tensor([[0.6, 0.2]] * 3).unsqueeze(-1)  # [H=3, M=2, A=1]
+    ret, _ = planner.imagine(torch.zeros(2, 1), actions, None)
+    # row 0: r_0 and r_1 (the transition that ends the episode) count; r_2 and the terminal value do not
+    assert ret[0].item() == pytest.approx(-0.36 - g * 0.36)
+    assert ret[1].item() == pytest.approx(-0.04 * (1 + g + g ** 2) + g ** 3 * V)
+
+
+def test_tdmpc2_episodic_imagine_matches_a_hand_computation():
+    """The fused planning path of an episodic TDMPC2WorldModel against the model's own methods, step by step:
+    rewards, the terminal value and the disagreement penalty after the first predicted termination are dropped."""
+    wm = perturbed_model(episodic=True)
+    with torch.no_grad():  # sharpen the termination head so that episodes end at different steps per candidate
+        wm.termination_head.module[-1].weight.mul_(200.0)
+    H, M = 3, 64
+    g = torch.Generator().manual_seed(2)
+    z0 = wm.encode(torch.randn(M, 5, generator=g))
+    actions = torch.rand(H, M, 2, generator=g) * 2 - 1
+    planner = GradientMPCPlanner(wm, horizon=H)
+    with torch.no_grad():
+        ret, unc = planner.imagine(z0, actions, None, uncertainty=True)
+        z, alive = z0, torch.ones(M, 1)
+        expected, penalty, alive_at = torch.zeros(M, 1), torch.zeros(M, 1), []
+        for t in range(H):
+            expected += wm.discount ** t * alive * wm.reward(z, actions[t])
+            penalty += alive * wm.value_disagreement(z, actions[t])
+            z = wm.next(z, actions[t])
+            alive = alive * (wm.termination(z) <= 0.5).float()
+            alive_at.append(alive)
+        a_H = wm.policy(z, deterministic=True)[0]
+        expected += wm.discount ** H * alive * wm.value(z, a_H, reduce="avg")
+        penalty += alive * wm.value_disagreement(z, a_H)
+    alive_at = torch.cat(alive_at, 1)  # [M, H]
+    assert 0 < alive_at.sum() < alive_at.numel() and (alive_at[:, 0] > alive_at[:, -1]).any()  # a mix of endings
+    torch.testing.assert_close(ret, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(unc, penalty, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------- validation
 @pytest.mark.parametrize("cls,kwargs,name", [
     (GradientMPCPlanner, dict(num_candidates=0), "num_candidates"),
@@ -434,6 +530,18 @@ def test_episodic_models_drop_rewards_after_termination():
     (MPPIPlanner, dict(temperature=0.0), "temperature"),
     (MPPIPlanner, dict(min_std=0.5, max_std=0.1), "max_std"),
     (MPPIPlanner, dict(eval_selection="argmax"), "eval_selection"),
+    (GradientMPCPlanner, dict(lr=float("inf")), "lr must be a finite real number, got inf"),
+    (GradientMPCPlanner, dict(exploration_std=float("inf")), "exploration_std must be a finite"),
+    (GradientMPCPlanner, dict(max_grad_norm=float("nan")), "max_grad_norm must be a finite"),
+    (GradientMPCPlanner, dict(uncertainty_weight=float("inf")), "uncertainty_weight must be a finite"),
+    (MPPIPlanner, dict(temperature=float("inf")), "temperature must be a finite"),
+    (MPPIPlanner, dict(max_std=float("inf")), "max_std must be a finite"),
+    (GradientMPCPlanner, dict(uncertainty_grad="false"), r"uncertainty_grad must be true or false, got 'false' \(str\)"),
+    (GradientMPCPlanner, dict(diagnostics="true"), "diagnostics must be true or false"),
+    (MPPIPlanner, dict(check_finite="no"), "check_finite must be true or false"),
+    (PolicyActor, dict(compile="fast"), r"compile must be true, false or a torch.compile mode \(default, "),
+    (GradientMPCPlanner, dict(compile=1), "compile must be true, false or a torch.compile mode"),
+    (PolicyActor, dict(generator=0), "generator must be a torch.Generator"),
     (PolicyActor, dict(low=1.0, high=-1.0), "low < high"),
     (PolicyActor, dict(low=[-1.0, -1.0, -1.0]), "bounds must have 2"),
 ])
@@ -450,6 +558,54 @@ def test_wrong_observation_width_raises():
         GradientMPCPlanner(tiny_model(), check_finite=True)(obs_td(torch.full((5,), float("nan"))))
     with pytest.raises(TypeError, match="WorldModelBase"):
         GradientMPCPlanner(torch.nn.Linear(2, 2))
+
+
+PLANNER_MAKERS = [
+    lambda wm, **kw: GradientMPCPlanner(wm, **kw),
+    lambda wm, **kw: MPPIPlanner(wm, num_samples=32, num_elites=4, iterations=2, num_pi_trajs=4, **kw),
+    lambda wm, **kw: PolicyActor(wm, **kw),
+]
+
+
+@pytest.mark.parametrize("make", PLANNER_MAKERS, ids=["dream-mpc", "mppi", "policy"])
+def test_nan_observation_is_refused_by_default(make):
+    wm = tiny_model()
+    obs = torch.randn(3, 5)
+    obs[1, 2] = float("nan")
+    planner = make(wm)
+    planner(obs_td(torch.randn(3, 5)))  # a finite step first: the warm start must be dropped by the failure
+    with pytest.raises(NonFiniteActionError, match=r"observation 'observation' holds 1 NaN/inf value\(s\) \(in env"
+                                                   r"\(s\) \[1\]"):
+        planner(obs_td(obs))
+    assert planner.last_plan is None
+    # check_finite=False is the opt-out: the NaN goes through (Dream-MPC, the prior), or MPPI, whose NaN scores
+    # count as 0 (TD-MPC2), returns a finite action picked at random: what the default check exists to refuse
+    unchecked = make(wm, check_finite=False)(obs_td(obs))["action"]
+    assert torch.isfinite(unchecked[1]).all() == isinstance(planner, MPPIPlanner)
+
+
+@pytest.mark.parametrize("make", PLANNER_MAKERS[:2], ids=["dream-mpc", "mppi"])
+def test_nan_weights_are_named(make):
+    # NaN Q weights: Dream-MPC's gradient turns the action NaN; MPPI's NaN scores (TD-MPC2 maps them to 0) would
+    # pick a random finite action, which the check of the executed plan's score refuses.
+    wm = tiny_model()
+    with torch.no_grad():
+        wm.q_ensemble.weight_0[0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteActionError, match=r"parameter 'qvalue.module.net.weight_0' holds 1 NaN/inf"):
+        make(wm)(obs_td(torch.randn(2, 5)))
+
+
+def test_check_finite_default_follows_the_observation_device():
+    # None: checked for CPU observations (no extra device sync), skipped for device-resident ones (a host sync
+    # per step); True / False force it.
+    auto, always, never = (GradientMPCPlanner(tiny_model(), check_finite=c) for c in (None, True, False))
+    cpu, device = torch.zeros(2, 5), torch.zeros(2, 5, device="meta")
+    assert auto._checks_finite(cpu) and not auto._checks_finite(device)
+    assert always._checks_finite(device) and not never._checks_finite(cpu)
+    # the fast path sums; finite values whose sum overflows are re-checked exactly and pass
+    auto._check_finite_step(torch.full((2, 5), 3e38), torch.zeros(2, 2), torch.zeros(2, 1))
+    with pytest.raises(NonFiniteActionError, match="imagined return of the executed plan"):
+        auto._check_finite_step(torch.zeros(2, 5), torch.zeros(2, 2), torch.tensor([[0.0], [float("-inf")]]))
 
 
 def test_all_planners_share_the_base():
@@ -471,7 +627,6 @@ def test_cuda():
 # ---------------------------------------------------------------------------------------------- TorchRL integration
 @pytest.fixture(scope="module")
 def cartpole():
-    envs = pytest.importorskip("torchrl_dreammpc.envs")
     env = envs.make_env("cartpole-swingup")
     yield env
     env.close()
@@ -490,7 +645,6 @@ def test_rollout_and_collector_on_cartpole(cartpole):
     assert ro["is_init"][0].item() and not ro["is_init"][1:].any()
 
     # A batched env (2 envs in one TorchRL env): one warm start per env, reset by each env's own "is_init".
-    envs = pytest.importorskip("torchrl_dreammpc.envs")
     batched_env = envs.make_env("cartpole-swingup", num_envs=2)
     mppi = MPPIPlanner(wm, action_spec=batched_env.action_spec, num_samples=32, num_elites=4, iterations=2)
     ro = batched_env.rollout(3, policy=mppi)
@@ -510,20 +664,33 @@ def test_rollout_and_collector_on_cartpole(cartpole):
 @pytest.mark.slow
 def test_multi_sync_collector_on_cartpole():
     # Worker processes rebuild the env and receive a copy of the planner: each keeps its own warm-start state.
+    # With one candidate, horizon 1, no gradient step and a full warm start (rho = 1), a planner that keeps its
+    # state replays its first action for the whole episode: each worker's actions are constant (and differ
+    # between the differently seeded workers); a planner that lost its state between calls would draw a new
+    # prior sample every step.
     import functools
 
     from torchrl.collectors import MultiSyncCollector
 
-    envs = pytest.importorskip("torchrl_dreammpc.envs")
     wm = TDMPC2WorldModel(5, 1, model_size=1, **TINY).eval()
-    collector = MultiSyncCollector([functools.partial(envs.make_env, "cartpole-swingup")] * 2, GradientMPCPlanner(wm),
-                                   frames_per_batch=16, total_frames=32)
-    frames = 0
+    planner = GradientMPCPlanner(wm, num_candidates=1, horizon=1, iterations=0, warm_start_weight=1.0)
+    collector = MultiSyncCollector([functools.partial(envs.make_env, "cartpole-swingup")] * 2, planner,
+                                   frames_per_batch=16, total_frames=32, cat_results="stack")
+    collector.set_seed(3)
+    batches = []
     for batch in collector:
-        assert batch["action"].shape[-1] == 1 and ((batch["action"] >= -1) & (batch["action"] <= 1)).all()
-        frames += batch.numel()
+        assert ((batch["action"] >= -1) & (batch["action"] <= 1)).all()
+        batches.append(batch)
     collector.shutdown()
-    assert frames == 32
+    data = torch.cat(batches, dim=1)  # [workers, steps]
+    assert data.shape == (2, 16) and data["is_init"][:, 0].all() and not data["is_init"][:, 1:].any()
+    actions = data["action"].squeeze(-1)
+    assert (actions == actions[:, :1]).all(), actions
+    assert actions[0, 0] != actions[1, 0]
+    # the same planner without a warm start does vary within an episode (so the assertion above can fail)
+    fresh = GradientMPCPlanner(wm, num_candidates=1, horizon=1, iterations=0, warm_start_weight=0.0)
+    varied = torch.stack([fresh(obs_td(o))["action"] for o in data["observation"][0, :4]])
+    assert not (varied == varied[:1]).all()
 
 
 def test_uncertainty_penalty_needs_two_q_heads():

@@ -3,17 +3,25 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pytest
-from hydra import compose, initialize_config_dir
+import functools
+import importlib.util
+import inspect
 
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from torchrl_dreammpc.planners import LatentPlannerBase
 from torchrl_dreammpc.trainers import read_eval_csv
-from torchrl_dreammpc.trainers.builders import ConfigError, validate_train_config
+from torchrl_dreammpc.trainers.builders import PLANNERS, ConfigError, build_trainer, validate_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "recipes" / "train.py"
@@ -43,7 +51,10 @@ def test_published_defaults_and_quickstart_preset():
     cfg = compose_train()
     # uncertainty_weight null: the model family's lambda (0.01 with TD-MPC2's, 0.1 with BMPC's; tests/test_bmpc.py)
     assert cfg["planner"] == {"name": "dream_mpc", "num_candidates": 5, "horizon": 3, "iterations": 1, "lr": 0.1,
-                              "warm_start_weight": 0.1, "uncertainty_weight": None, "max_grad_norm": 20.0}
+                              "warm_start_weight": 0.1, "uncertainty_weight": None, "max_grad_norm": 20.0,
+                              "uncertainty_grad": False, "exploration_std": 0.0, "diagnostics": False,
+                              "check_finite": None, "compile": False,
+                              "latent_key": None}
     assert (cfg["batch_size"], cfg["horizon"], cfg["lr"], cfg["enc_lr_scale"], cfg["grad_clip"], cfg["tau"]) == \
         (256, 3, 3e-4, 0.3, 20.0, 0.01)
     assert cfg["seed_steps"] is None and cfg["pretrain_updates"] is None and cfg["utd_ratio"] == 1.0
@@ -71,11 +82,11 @@ def test_validation_names_the_bad_value():
         check("task=cartpole-swingupp")
     with pytest.raises(ConfigError, match=r"steps=2000 must exceed the seed phase of 2500"):
         check("steps=2000")
-    with pytest.raises(ConfigError, match=r"lr must be a positive number, got -0.001"):
+    with pytest.raises(ConfigError, match=r"lr must be a finite number > 0, got -0.001"):
         check("lr=-1e-3")
-    with pytest.raises(ConfigError, match=r"lr must be a positive number, got 0"):
+    with pytest.raises(ConfigError, match=r"lr must be a finite number > 0, got 0"):
         check("lr=0")
-    with pytest.raises(ConfigError, match=r"batch_size must be a positive integer, got 0"):
+    with pytest.raises(ConfigError, match=r"batch_size must be an integer >= 1, got 0"):
         check("batch_size=0")
     with pytest.raises(ConfigError, match=r"planner=dream_mpc: .*num_candidates must be an integer >= 1, got 0"):
         check("planner.num_candidates=0")
@@ -83,11 +94,80 @@ def test_validation_names_the_bad_value():
         check("collector.backend=mpi")
 
 
+#: Constructor arguments that are not settings (objects, keys, bounds from the env's spec).
+# expert_key: wired by the trainer (algorithm=bmpc, algorithm_options.acting_expert), not a planner setting
+_NOT_SETTINGS = {"self", "world_model", "action_spec", "low", "high", "observation_key", "action_key", "is_init_key",
+                 "generator", "kwargs", "expert_key"}
+
+
+@pytest.mark.parametrize("name", sorted(PLANNERS))
+def test_every_planner_argument_is_in_its_yaml_with_the_constructor_default(name):
+    # docs/usage.md promises that any planner argument can be set as planner.<name> (no "+"): Hydra only allows
+    # that for keys of the file.
+    params = {**inspect.signature(LatentPlannerBase.__init__).parameters,
+              **inspect.signature(PLANNERS[name].__init__).parameters}
+    defaults = {key: p.default for key, p in params.items() if key not in _NOT_SETTINGS}
+    cfg = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "planner" / f"{name}.yaml"))
+    assert cfg.pop("name") == name
+    assert cfg == defaults
+    compose_train(f"planner={name}", "planner.check_finite=false", "planner.diagnostics=true")  # no "+" needed
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.latent_dim=12", "latent_dim must be a multiple of simnorm_dim=8"),
+    ("+model.dropout=1.5", "dropout must be < 1.0, got 1.5"),
+    ("model.num_q=0", "num_q must be an integer >= 1, got 0"),
+    ("+model.foo=1", r"Unknown TDMPC2Config field\(s\) \['foo'\]"),
+    ("+model.discount=0.9", "model.discount cannot be set: it comes from discount="),
+    ("loss.rho=0", r"loss \(TDMPC2Loss of algorithm=tdmpc2\): rho must be > 0.0, got 0.0"),
+    ("loss.reward_coef=inf", "reward_coef must be a finite real number, got inf"),
+    ("+loss.foo=1", "unexpected keyword argument 'foo'"),
+    ("policy_loss.entropy_coef=-1", "entropy_coef must be >= 0.0"),
+    ("discount=1.5", r"discount must be a finite number in \(0, 1\] \(or null\), got 1.5"),
+    ("buffer_size=0", "buffer_size must be an integer >= 1 \\(or null\\), got 0"),
+    ("buffer_size=2", "buffer_size=2 cannot hold one sub-trajectory of horizon=3"),
+    ("tau=2", r"tau must be a finite number in \(0, 1\], got 2"),
+    ("grad_clip=inf", "grad_clip must be a finite number > 0, got inf"),
+    ("enc_lr_scale=inf", "enc_lr_scale must be a finite number > 0, got inf"),
+    ("utd_ratio=nan", "utd_ratio must be a finite number > 0, got nan"),
+    ("seed_steps=0", r"seed_steps must be an integer >= 1 \(or null\), got 0"),
+    ("threads=0", r"threads must be an integer >= 1 \(or null\), got 0"),
+    ("resume=maybe", "resume must be true or false, got 'maybe'"),
+    ("compile=fast", "compile must be true, false or a torch.compile mode"),
+    ("device=tpu", "device must be 'auto', 'cpu', 'cuda' or 'cuda:<index>', got 'tpu'"),
+    ("planner.uncertainty_grad='false'", "uncertainty_grad must be true or false, got 'false'"),
+    ("planner.lr=inf", "planner=dream_mpc: lr must be a finite real number, got inf"),
+    ("model.num_q=1", r"planner=dream_mpc: uncertainty_weight=0.01 needs a value ensemble of at least 2"),
+    ("+eval_planners.fast.name=cem", r"Unknown planner 'cem' \(eval_planners.fast.name\)"),
+    ("+eval_planners.policy.lr=1", r"Unknown planner None \(eval_planners.policy.name\)"),
+    ("+eval_planners.dream_mpc.name=policy", "eval_planners.dream_mpc: the training planner is already evaluated"),
+    ("+eval_planners.pi.name=policy +eval_planners.pi.lr=1", r"eval_planners.pi=policy: .*unexpected keyword argument 'lr'"),
+])
+def test_validation_covers_every_value(override, message):
+    cfg = compose_train("model_size='1'", "steps=5000", *override.split())
+    cfg["run_dir"] = "unused"
+    with pytest.raises(ConfigError, match=message):
+        validate_train_config(cfg)
+
+
+def test_eval_planners_become_eval_actors_with_their_csv(tmp_path):
+    tiny = ["model_size='1'" if arg == "model_size=1" else arg for arg in TINY]  # (the CLI quotes it: train.py)
+    cfg = compose_train(*tiny, "steps=200", "+eval_planners.policy.name=policy", f"run_dir={tmp_path / 'run'}")
+    cfg = OmegaConf.to_container(OmegaConf.create(cfg), resolve=True)
+    trainer, world_model = build_trainer(cfg)
+    hook = trainer.evaluation
+    assert hook.names == ["dream_mpc", "policy"]
+    assert type(hook.actors["policy"]).__name__ == "PolicyActor" and hook.actors["policy"].world_model is world_model
+    assert hook.csv_for("policy") == tmp_path / "run" / "eval_policy.csv"
+    hook.shutdown()
+    trainer.collector.shutdown()
+
+
 @pytest.mark.parametrize("override, message", [
     ("planner=cem", "cem"),                      # Hydra: no planner/cem.yaml (lists the available ones)
     ("task=no-such-task", "'no-such-task'"),
     ("steps=100", "steps=100 must exceed the seed phase of 2500"),
-    ("lr=-1", "lr must be a positive number, got -1"),
+    ("lr=-1", "lr must be a finite number > 0, got -1"),
 ])
 def test_cli_rejects_bad_values_before_any_work(tmp_path, override, message):
     run_dir = tmp_path / "run"
@@ -169,13 +249,114 @@ def test_train_checkpoint_resume_evaluate_end_to_end(tmp_path):
     assert results["task"] == "cartpole-swingup" and "checkpoint-000000000400" in results["source"]
     assert [row["planner"] for row in results["results"]] == ["policy", "mppi", "dream_mpc"]
     for row in results["results"]:
-        assert row["episodes"] == 1 and row["plan_ms_per_step"] > 0 and row["return_mean"] >= 0
+        assert row["episodes"] == 1 and row["plan_ms_per_step"] > 0
+        # every episode's return is kept (paired comparisons) and agrees with TorchRL's mean
+        assert row["episode_returns"] == [pytest.approx(row["return_mean"], rel=1e-5, abs=1e-4)]
     assert (out / "results.csv").read_text().splitlines()[0].startswith("planner,return_mean,return_std")
     # ... and the world-model file the run wrote at its end
     from_file = run(EVALUATE, f"checkpoint={run_dir / 'world_model.pt'}", "task=cartpole-swingup",
                     "planners=[policy]", "episodes=1", "threads=1", f"output_dir={tmp_path / 'eval2'}")
     assert from_file.returncode == 0, from_file.stderr[-3000:]
-    assert json.loads((tmp_path / "eval2" / "results.json").read_text())["results"][0]["planner"] == "policy"
+    again = json.loads((tmp_path / "eval2" / "results.json").read_text())["results"][0]
+    assert again["planner"] == "policy"
+    # The same weights (the last checkpoint and world_model.pt are the same model), the deterministic prior and the
+    # same initial states (seed): exactly the same return. A different episode start would change it.
+    assert again["return_mean"] == results["results"][0]["return_mean"]
+
+
+# ---------------------------------------------------------------------------------------------------- evaluate.py
+def _load_evaluate_module():
+    spec = importlib.util.spec_from_file_location("evaluate_recipe", EVALUATE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def evaluate_inputs(tmp_path_factory):
+    """A trainer run (60 steps, tiny model), its world_model.pt, and broken files."""
+    from torchrl_dreammpc.checkpoints import save_world_model
+    from torchrl_dreammpc.envs import make_env
+    from torchrl_dreammpc.modules import TDMPC2WorldModel
+    from torchrl_dreammpc.planners import PolicyActor
+    from torchrl_dreammpc.trainers import DreamMPCTrainer
+
+    root = tmp_path_factory.mktemp("evaluate")
+    torch.manual_seed(0)
+    wm = TDMPC2WorldModel(5, 1, model_size=1, enc_dim=32, mlp_dim=32, latent_dim=16)
+    DreamMPCTrainer(create_env_fn=functools.partial(make_env, "cartpole-swingup", seed=1), world_model=wm,
+                    actor=PolicyActor(wm), total_frames=60, batch_size=8, seed_frames=50, pretrain_updates=2,
+                    buffer_capacity=100, eval_interval=0, eval_at_start=False, log_dir=root / "run",
+                    checkpoint_dir=root / "run" / "checkpoints", checkpoint_interval=50, task="cartpole-swingup",
+                    planner_name="policy", verbose=False).train()
+    model_file = root / "run" / "world_model.pt"
+    raw = model_file.read_bytes()
+    (root / "truncated.pt").write_bytes(raw[: len(raw) // 2])
+    (root / "garbage.pt").write_bytes(b"not a checkpoint " * 50)
+    torch.save({"weights": torch.zeros(3)}, root / "foreign.pt")
+    with torch.no_grad():
+        wm.encoder.module[0].weight[0, 0] = float("nan")
+    save_world_model(wm, root / "nan.pt")
+    return root
+
+
+def _evaluate_error(module, root, monkeypatch=None, **overrides) -> str:
+    cfg = OmegaConf.load(CONFIG_DIR / "evaluate.yaml")
+    for key in ("defaults", "hydra"):
+        cfg.pop(key)
+    cfg.merge_with({"planners": ["policy"], "episodes": 1, "output_dir": str(root / "out"), **overrides})
+    with pytest.raises(SystemExit) as info:
+        module.main(cfg)  # hydra.main passes a given config straight to the function
+    message = str(info.value.code)
+    assert message.startswith("evaluate.py: ") and "\n" not in message, message
+    return message
+
+
+def test_evaluate_reports_each_user_error_in_one_line(evaluate_inputs, monkeypatch):
+    module, root = _load_evaluate_module(), evaluate_inputs
+    run, model = root / "run", root / "run" / "world_model.pt"
+    cases = [
+        (dict(checkpoint=str(root / "nope")), "does not exist"),
+        (dict(checkpoint=str(root / "garbage.pt"), task="cartpole-swingup"),
+         f"cannot load {root / 'garbage.pt'} .*truncated/corrupted or not a checkpoint"),
+        (dict(checkpoint=str(root / "truncated.pt"), task="cartpole-swingup"),
+         f"cannot load {root / 'truncated.pt'} .*truncated/corrupted"),
+        (dict(checkpoint=str(root / "foreign.pt"), task="cartpole-swingup"),
+         f"cannot load {root / 'foreign.pt'} .*does not look like a TD-MPC2 world-model checkpoint"),
+        (dict(checkpoint=str(root / "nan.pt"), task="cartpole-swingup"),
+         r"holds NaN/inf values in 1 tensor\(s\) .*encoder.module.0.weight"),
+        (dict(checkpoint=str(model), task="walker-walk"), "Checkpoint expects observation width 5, the task gives 24"),
+        (dict(checkpoint=str(run), task="walker-walk"), "task='walker-walk' but the checkpoint was trained on"),
+        (dict(checkpoint=str(model), task="walker-wlak"), "Unknown task 'walker-wlak'. Did you mean 'walker-walk'"),
+        (dict(checkpoint=str(model)), r"task=\.\.\. is required"),
+        (dict(checkpoint=str(model), task="cartpole-swingup", planners=["cem"]), "Unknown planner 'cem'"),
+        (dict(checkpoint=str(model), task="cartpole-swingup", episodes=0), "episodes must be an integer >= 1"),
+        (dict(checkpoint=str(model), task="cartpole-swingup", planner_args={"dreammpc": {"lr": 1}}),
+         r"planner_args names \['dreammpc'\]"),
+        (dict(checkpoint=str(model), task="cartpole-swingup", planners=["dream_mpc"],
+              planner_args={"dream_mpc": {"lr": -1}}), "planner dream_mpc .*lr must be > 0.0, got -1"),
+    ]
+    for overrides, pattern in cases:
+        message = _evaluate_error(module, root, **overrides)
+        assert re.search(pattern, message), (overrides, message)
+    # a missing optional suite (HumanoidBench here): the install hint, on one line
+    from torchrl_dreammpc.envs import humanoid
+
+    monkeypatch.setattr(humanoid, "is_installed", lambda: False)
+    message = _evaluate_error(module, root, checkpoint=str(model), task="humanoid_h1-walk-v0")
+    assert "a package this task needs is missing: HumanoidBench is not installed" in message
+    # a trainer checkpoint whose weight file was cut short
+    victim = sorted(run.glob("checkpoints/checkpoint-000000000060/components/*-loss_module/state/*.memmap"))[0]
+    victim.write_bytes(victim.read_bytes()[:4])
+    assert "(a truncated copy?)" in _evaluate_error(module, root, checkpoint=str(run))
+
+
+def test_evaluate_cli_exits_with_one_line(tmp_path):
+    (tmp_path / "bad.pt").write_bytes(b"junk")
+    result = run(EVALUATE, f"checkpoint={tmp_path / 'bad.pt'}", "task=cartpole-swingup", timeout=120)
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [lines[-1]] and lines[0].startswith(f"evaluate.py: cannot load {tmp_path / 'bad.pt'}"), lines
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -188,7 +369,8 @@ BMPC_TINY = ["algorithm=bmpc", "algorithm_options.reanalyze.num_slices=4", "algo
 
 def test_bmpc_config_is_bmpcs_and_is_validated():
     cfg = compose_train("algorithm=bmpc", "model_size='5'")
-    assert cfg["algorithm"] == "bmpc" and cfg["model"]["episodic"] is False
+    # no model.episodic: a run derives it (BMPC's models never have a termination head, see make_world_model)
+    assert cfg["algorithm"] == "bmpc" and "episodic" not in cfg["model"]
     assert cfg["loss"] == {"consistency_coef": 20.0, "reward_coef": 0.1, "value_coef": 0.1, "rho": 0.5}
     assert cfg["policy_loss"] == {"entropy_coef": 1e-4, "rho": 0.5}
     options = cfg["algorithm_options"]
@@ -217,7 +399,7 @@ def test_bmpc_config_is_bmpcs_and_is_validated():
         check("algorithm_options.reanalyze.planner.num_elites=1000")
     with pytest.raises(ConfigError, match="entropy_coef must be >= 0"):
         check("policy_loss.entropy_coef=-1")
-    with pytest.raises(ConfigError, match="acting_expert only applies to algorithm=bmpc"):
+    with pytest.raises(ConfigError, match=r"algorithm_options \['acting_expert'\] only apply to algorithm=bmpc"):
         check("+algorithm_options.acting_expert=true", algorithm="tdmpc2")
 
 

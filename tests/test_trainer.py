@@ -9,8 +9,10 @@ import json
 import pytest
 import torch
 from tensordict import TensorDict
+from tensordict.nn import TensorDictModuleBase
 from torchrl.checkpoint import GlobalRNGState
 
+from torchrl_dreammpc.checkpoints import CheckpointError
 from torchrl_dreammpc.envs import make_env
 from torchrl_dreammpc.modules import TDMPC2WorldModel
 from torchrl_dreammpc.objectives import TDMPC2Loss
@@ -18,12 +20,17 @@ from torchrl_dreammpc.planners import GradientMPCPlanner, PolicyActor
 from torchrl_dreammpc.trainers import (
     ConfigMismatchError,
     DreamMPCTrainer,
+    EvaluationHook,
+    MultiLogger,
+    NonFiniteUpdateError,
     SliceReplayBufferTrainer,
     TDMPC2OptimizationStepper,
+    load_world_model_from_trainer_checkpoint,
     make_replay_buffer,
     read_eval_csv,
     seed_steps,
 )
+from torchrl_dreammpc.trainers.hooks import _episode_metrics
 
 TINY = dict(enc_dim=32, mlp_dim=32, latent_dim=16)
 TASK = "cartpole-swingup"  # observation width 5, action width 1, 500-step episodes
@@ -150,6 +157,51 @@ def test_stepper_state_holds_optimizers_and_q_scale():
     assert other.pi_optim.state_dict()["state"][0]["step"] == stepper.pi_optim.state_dict()["state"][0]["step"]
 
 
+def test_non_finite_update_stops_before_the_optimizer_step():
+    wm = tiny_world_model()
+    stepper = TDMPC2OptimizationStepper(TDMPC2Loss(wm))
+    stepper.step(None, random_batch())
+    with torch.no_grad():
+        wm.reward_head.module.net[0].weight[0, 0] = float("nan")
+    before = {k: v.clone() for k, v in wm.state_dict().items()}
+    adam_before = stepper.wm_optim.state_dict()["state"][0]["exp_avg"].clone()
+    with pytest.raises(NonFiniteUpdateError, match=r"Non-finite world-model loss \(update 2\): loss_reward = nan, "
+                                                   r"grad_norm = nan\. The optimizer step was not taken") as info:
+        stepper.step(None, random_batch())
+    assert info.value.update == 2 and set(info.value.terms) == {"loss_reward", "grad_norm"}
+    # nothing was written: weights, optimizer moments, update count; no gradient left behind; acting mode restored
+    for key, value in wm.state_dict().items():
+        assert torch.equal(value.nan_to_num(), before[key].nan_to_num()), key
+    assert torch.equal(stepper.wm_optim.state_dict()["state"][0]["exp_avg"], adam_before)
+    assert stepper.num_updates == 1 and all(p.grad is None for p in wm.parameters()) and not wm.training
+    # the opt-out lets it through (and the NaN reaches the weights: what the check prevents)
+    TDMPC2OptimizationStepper(TDMPC2Loss(wm), check_finite=False).step(None, random_batch())
+    assert not torch.isfinite(wm.q_ensemble.weight_0).all()
+    for kwargs, message in ((dict(grad_clip=float("inf")), "grad_clip must be a finite"),
+                            (dict(tau=1.5), "tau must be <= 1.0"), (dict(compile="fastest"), "compile must be"),
+                            (dict(check_finite="yes"), "check_finite must be true or false")):
+        with pytest.raises(ValueError, match=message):
+            TDMPC2OptimizationStepper(TDMPC2Loss(tiny_world_model()), **kwargs)
+
+
+def test_non_finite_update_in_training_names_the_step_and_the_last_checkpoint(tmp_path):
+    trainer = make_trainer(tmp_path, total_frames=150)
+
+    def poison():  # after the checkpoint of step 100 and the planner's action of step 111, before its update
+        if trainer.collected_frames == 111:
+            with torch.no_grad():
+                trainer.world_model.dynamics.module.net[0].weight.fill_(float("inf"))
+
+    trainer.register_op("pre_optim_steps", poison)
+    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-000000000100"
+    with pytest.raises(NonFiniteUpdateError, match=rf"\(update 71, collected step 111\): loss_consistency = nan.*"
+                                                   rf"Last checkpoint: {checkpoint}"):
+        trainer.train()
+    # the named checkpoint is whole and finite: training can go on from it
+    world_model, _ = load_world_model_from_trainer_checkpoint(checkpoint)
+    assert all(torch.isfinite(v).all() for v in world_model.state_dict().values())
+
+
 # ---------------------------------------------------------------------------------------------------------
 # replay
 # ---------------------------------------------------------------------------------------------------------
@@ -212,6 +264,17 @@ def test_slice_sampler_never_crosses_an_episode_end():
         _check_slices(hook.sample(), H)
 
 
+def test_replay_refuses_batches_without_a_stored_key():
+    rb = make_replay_buffer(capacity=100, horizon=3, batch_size=4)
+    hook = SliceReplayBufferTrainer(rb, 3)
+    batch = _episodes([10])
+    with pytest.raises(KeyError, match=r"lacks \[\('next', 'terminated'\)\]"):
+        hook.extend(batch.exclude(("next", "terminated")))
+    assert len(rb) == 0  # nothing half-written
+    hook.extend(batch)
+    assert len(rb) == 10
+
+
 # ---------------------------------------------------------------------------------------------------------
 # trainer
 # ---------------------------------------------------------------------------------------------------------
@@ -226,8 +289,10 @@ def test_collector_acts_with_the_trained_modules(tmp_path):
     assert "update_weights" not in trainer._modules
 
 
-def test_seed_phase_pretraining_then_one_update_per_step(tmp_path):
-    trainer = make_trainer(tmp_path, total_frames=120, seed_frames=50, pretrain_updates=10, checkpoints=False)
+@pytest.mark.parametrize("utd_ratio, after_seed", [(1.0, 50), (0.5, 25), (2.0, 100)])
+def test_seed_phase_pretraining_then_utd_updates_per_step(tmp_path, utd_ratio, after_seed):
+    trainer = make_trainer(tmp_path, total_frames=100, seed_frames=50, pretrain_updates=10, checkpoints=False,
+                           utd_ratio=utd_ratio)
     planner_calls = _count_calls(trainer.actor)
     updates = [0]
     step = trainer.optimization_stepper.step
@@ -238,10 +303,10 @@ def test_seed_phase_pretraining_then_one_update_per_step(tmp_path):
 
     trainer.optimization_stepper.step = counting_step
     trainer.train()
-    assert trainer.collected_frames == 120
-    assert planner_calls[0] == 120 - 50  # random actions during the seed phase, the planner afterwards
-    assert updates[0] == trainer._optim_count == 10 + (120 - 50)  # pre-training burst, then UTD 1
-    assert len(trainer.replay_buffer) == 120
+    assert trainer.collected_frames == 100
+    assert planner_calls[0] == 100 - 50  # random actions during the seed phase, the planner afterwards
+    assert updates[0] == trainer._optim_count == 10 + after_seed  # pre-training burst, then utd_ratio per step
+    assert len(trainer.replay_buffer) == 100
     assert seed_steps(500) == 2500 and seed_steps(100) == 1000  # TD-MPC2: max(1000, 5 * episode_length)
 
 
@@ -335,8 +400,23 @@ def test_resume_uses_last_complete_checkpoint_only(tmp_path):
 def test_trainer_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="total_frames=50 does not exceed the seed phase"):
         make_trainer(tmp_path, total_frames=50, seed_frames=50)
-    with pytest.raises(ValueError, match="lr must be > 0, got -0.001"):
+    with pytest.raises(ValueError, match="lr must be > 0.0, got -0.001"):
         make_trainer(tmp_path, lr=-1e-3)
+    with pytest.raises(ValueError, match="utd_ratio must be a finite real number, got inf"):
+        make_trainer(tmp_path, utd_ratio=float("inf"))
+    with pytest.raises(ValueError, match="buffer_capacity must be a positive integer, got 0"):
+        make_trainer(tmp_path, buffer_capacity=0)
+    with pytest.raises(ValueError, match="buffer_capacity=2 cannot hold one sub-trajectory of horizon=3"):
+        make_trainer(tmp_path, buffer_capacity=2)
+    # the actor must plan over the model being trained (another one would never be updated)
+    wm, other = tiny_world_model(), tiny_world_model(seed=1)
+    with pytest.raises(ValueError, match=r"actor \(GradientMPCPlanner\) must act through the world model being "
+                                         r"trained: it plans over another TDMPC2WorldModel instance"):
+        make_trainer(tmp_path, world_model=wm, actor=GradientMPCPlanner(other))
+    with pytest.raises(ValueError, match=r"eval_actors\['policy'\] \(PolicyActor\) must act through"):
+        make_trainer(tmp_path, world_model=wm, actor=GradientMPCPlanner(wm), eval_actors={"policy": PolicyActor(other)})
+    with pytest.raises(ValueError, match="the world model is not among its submodules"):
+        make_trainer(tmp_path, world_model=wm, actor=torch.nn.Linear(5, 1))
     with pytest.raises(ValueError, match="observation width 5 and action width 1.*observation width 6"):
         make_trainer(tmp_path, world_model=tiny_world_model(obs_dim=6))
     with pytest.raises(NotImplementedError, match="learner_backend='ray'"):
@@ -473,3 +553,127 @@ def test_snapshots_every_interval_survive_rotation_and_resume(tmp_path):
     assert snapshots.joinpath("step_00000150.pt").exists()
     with pytest.raises(ValueError, match="snapshot_interval must be an integer >= 0"):
         make_trainer(tmp_path, snapshot_interval=-5)
+
+
+def test_memmap_replay_trains_checkpoints_and_resumes(tmp_path):
+    from torchrl.data import LazyMemmapStorage
+
+    first = make_trainer(tmp_path, total_frames=100, replay_memmap=True)
+    assert isinstance(first.replay_buffer.storage, LazyMemmapStorage)
+    first.train()
+    scratch = tmp_path / "run" / "replay"
+    assert any(scratch.rglob("*.memmap"))  # on disk under <log_dir>/replay, not in RAM
+    second = make_trainer(tmp_path, total_frames=120, replay_memmap=True)
+    second.resume()
+    assert len(second.replay_buffer) == 100
+    torch.testing.assert_close(second.replay_buffer[:]["observation"], first.replay_buffer[:]["observation"])
+    second.train()
+    assert len(second.replay_buffer) == 120 and second._optim_count == 10 + 120 - 50
+
+
+def test_truncated_checkpoint_file_is_refused_before_loading(tmp_path):
+    make_trainer(tmp_path, total_frames=60).train()
+    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-000000000060"
+    victim = sorted((checkpoint / "components").glob("*-loss_module/state/*.memmap"))[1]
+    size = victim.stat().st_size
+    victim.write_bytes(victim.read_bytes()[: size // 2])  # TorchRL would memory-map it and read garbage
+    trainer = make_trainer(tmp_path, total_frames=100)
+    with pytest.raises(CheckpointError, match=rf"{victim.name} has {size // 2} bytes, but its recorded shape .* "
+                                              rf"needs {size} \(a truncated copy\?\)"):
+        trainer.resume()
+    assert trainer.collected_frames == 0
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_world_model_from_trainer_checkpoint(tmp_path / "run")
+
+
+def test_extra_eval_actors_write_their_own_csv(tmp_path):
+    wm = tiny_world_model(obs_dim=39, action_dim=4)  # Meta-World: 100-step episodes keep the evaluations short
+    trainer = make_trainer(tmp_path, world_model=wm, total_frames=100, eval_interval=50, eval_episodes=1,
+                           eval_actors={"dream_mpc": PolicyActor(wm), "policy": PolicyActor(wm)}, checkpoints=False,
+                           task="mw-reach")
+    trainer.train()
+    run = tmp_path / "run"
+    main, extra = read_eval_csv(run / "eval.csv"), read_eval_csv(run / "eval_policy.csv")
+    assert [step for step, _ in main] == [step for step, _ in extra] == [50, 100]
+    # two identical deterministic actors on the same initial states: the same returns
+    assert main == extra
+
+
+class _Recorder(TensorDictModuleBase):
+    """Wraps an actor; records the observation of every episode start it sees."""
+
+    def __init__(self, act):
+        super().__init__()
+        self.act, self.starts = act, []
+        self.in_keys, self.out_keys = ["observation", "is_init"], ["action"]
+
+    def forward(self, td):
+        if bool(td["is_init"].any()):
+            self.starts.append(td["observation"].clone())
+        return td.set("action", self.act(td["observation"]))
+
+
+def test_evaluation_same_initial_states_and_metaworld_success(tmp_path):
+    """Every actor, and every evaluation, starts from the same initial states (the env is reseeded), episodes differ
+    among themselves (Meta-World draws a new goal per episode), and the success rate is the fraction of episodes
+    whose success flag was set: 1 for TD-MPC2's scripted reach policy, 0 for an actor that does not move."""
+    from metaworld.policies import SawyerReachV3Policy
+
+    script = SawyerReachV3Policy()
+
+    def scripted(obs):
+        flat = obs.reshape(-1, obs.shape[-1]).double().numpy()
+        actions = [torch.as_tensor(script.get_action(o), dtype=torch.float32) for o in flat]
+        return torch.stack(actions).reshape(*obs.shape[:-1], -1).clamp(-1, 1)
+
+    actors = {"scripted": _Recorder(scripted), "still": _Recorder(lambda obs: torch.zeros(*obs.shape[:-1], 4))}
+    hook = EvaluationHook(actors, functools.partial(make_env, "mw-reach", seed=3), interval=0, episodes=2, seed=3,
+                          csv_path=tmp_path / "eval.csv", verbose=False)
+    for actor in actors.values():
+        actor.starts.clear()  # (the collectors call each actor once when they are built, to read its outputs)
+    first, second = hook.evaluate(0), hook.evaluate(10)
+    hook.shutdown()
+    assert (first["scripted"]["success"], first["still"]["success"]) == (1.0, 0.0)
+    assert first["scripted"]["return"] == second["scripted"]["return"]  # deterministic actor, same initial states
+    starts = [torch.stack(actor.starts) for actor in actors.values()]
+    assert starts[0].shape[0] == starts[1].shape[0] == 4  # 2 episodes x 2 evaluations: no episode played for nothing
+    for s in starts:
+        torch.testing.assert_close(s[:2], s[2:], rtol=0, atol=0)  # each evaluation: the same initial states
+    torch.testing.assert_close(starts[0], starts[1], rtol=0, atol=0)  # each actor: the same initial states
+    assert not torch.equal(starts[0][0], starts[0][1])  # (two episodes do differ: the check is not vacuous)
+    assert [s for s, _ in read_eval_csv(tmp_path / "eval.csv")] == [0, 10]
+    assert [s for s, _ in read_eval_csv(tmp_path / "eval_still.csv")] == [0, 10]
+
+
+def test_episode_metrics_count_episodes():
+    # three episodes in one evaluation batch (traj_format="cat"): success at some step of episodes 0 and 2
+    ids = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])
+    success = torch.tensor([0, 1, 0, 0, 0, 0, 0, 1], dtype=torch.bool).unsqueeze(-1)
+    reward = torch.tensor([1.0, 2.0, 3.0, 10.0, 20.0, 0.5, 0.5, 0.5]).unsqueeze(-1)
+    batch = TensorDict({"next": {"success": success, "reward": reward}, "collector": {"traj_ids": ids}}, [8])
+    assert _episode_metrics(batch) == {"episode_returns": [6.0, 30.0, 1.5],
+                                       "episode_successes": [True, False, True], "success": pytest.approx(2 / 3)}
+    # DMC: no success entry
+    assert _episode_metrics(batch.exclude(("next", "success"))) == {"episode_returns": [6.0, 30.0, 1.5]}
+
+
+def test_logger_truncation_on_resume_drops_later_rows(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torchrl.record.loggers import CSVLogger, TensorboardLogger
+
+    logger = MultiLogger([TensorboardLogger(exp_name="tb", log_dir=str(tmp_path)),
+                          CSVLogger(exp_name="csv", log_dir=str(tmp_path))])
+    for step in range(0, 500, 100):
+        logger.log_scalar("loss", float(step), step=step)
+    logger.flush()
+    logger.truncate_after(200)  # a run killed at step 400 resumes from its checkpoint of step 200
+    for step in (300, 400):
+        logger.log_scalar("loss", -float(step), step=step)  # the resumed run logs these steps again
+    logger.flush()
+    rows = (tmp_path / "csv" / "scalars" / "loss.csv").read_text().split()
+    assert rows == ["0,0.0", "100,100.0", "200,200.0", "300,-300.0", "400,-400.0"]
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(0, 0.0), (100, 100.0), (200, 200.0),
+                                                                   (300, -300.0), (400, -400.0)]
+    logger.shutdown()

@@ -13,11 +13,13 @@ Two on-disk formats are understood:
   (built on TD-MPC2's) writes the same keys, with a state-value ensemble (``_Qs`` whose input is the latent alone)
   and ``expl_log_std_min`` / ``expl_log_std_dif``: such a checkpoint gives a
   :class:`~torchrl_dreammpc.modules.BMPCWorldModel`.
-* **Ours**: ``{"format": "torchrl_dreammpc.world_model", "version": 2, "family": model.family,
-  "config": asdict(model.config), "state_dict": model.state_dict()}``, written by :func:`save_world_model` for
-  any registered model family (:data:`WORLD_MODEL_FAMILIES`: ``"tdmpc2"``, ``"bmpc"``) and read by
-  :func:`load_world_model`, which rebuilds the family's class. Version 1 files (no ``family``) are TD-MPC2 models.
-  :func:`load_any` takes either format.
+* **Ours**: ``{"format": "torchrl_dreammpc.world_model", "version": 1, "config": asdict(model.config),
+  "state_dict": model.state_dict()}``, written by :func:`save_world_model` and read by :func:`load_world_model`,
+  which rebuilds the model of the family the file records (:data:`FAMILIES`). :func:`load_any` takes either
+  format. A model of another family than TD-MPC2's (:class:`~torchrl_dreammpc.modules.BMPCWorldModel`,
+  :class:`~torchrl_dreammpc.modules.DreamerV3WorldModel`) adds ``"family": "bmpc"`` / ``"dreamer_v3"``; a file
+  without that entry is a TD-MPC2 model, so TD-MPC2 files keep exactly the layout they always had (and code that
+  predates a family refuses its files by name rather than misreading them).
 
 Every loader validates the complete converted state dict (keys, shapes, data) against the architecture before a
 model is built, and raises :class:`CheckpointError` naming the problem; no partially loaded model is returned.
@@ -39,6 +41,7 @@ from typing import Any
 import torch
 
 from torchrl_dreammpc.modules.bmpc import BMPCConfig, BMPCWorldModel
+from torchrl_dreammpc.modules.dreamer import DreamerV3Config, DreamerV3WorldModel
 from torchrl_dreammpc.modules.world_model import (
     MODEL_SIZES,
     TDMPC2Config,
@@ -49,9 +52,10 @@ from torchrl_dreammpc.modules.world_model import (
 __all__ = [
     "CheckpointError",
     "FORMAT",
+    "check_finite_state",
     "FORMAT_VERSION",
-    "WORLD_MODEL_FAMILIES",
-    "register_world_model_family",
+    "FAMILIES",
+    "build_world_model",
     "convert_tdmpc2_state_dict",
     "from_tdmpc2_checkpoint",
     "save_world_model",
@@ -60,29 +64,14 @@ __all__ = [
 ]
 
 FORMAT = "torchrl_dreammpc.world_model"
-FORMAT_VERSION = 2
-
-#: Model families our format saves and loads: ``family`` name → class. A class provides ``family``,
-#: ``config_class`` (a dataclass) and ``from_config(config)``.
-WORLD_MODEL_FAMILIES: dict[str, type] = {"tdmpc2": TDMPC2WorldModel, "bmpc": BMPCWorldModel}
-
-
-def register_world_model_family(cls: type) -> type:
-    """Makes :func:`save_world_model` / :func:`load_world_model` handle another model family (usable as a class
-    decorator). The class needs ``family``, ``config_class`` and ``from_config``."""
-    for attr in ("family", "config_class", "from_config"):
-        if not hasattr(cls, attr):
-            raise TypeError(f"{cls.__name__} lacks {attr!r}, which a world-model family needs.")
-    WORLD_MODEL_FAMILIES[cls.family] = cls
-    return cls
-
-
-def _family_of_config(config) -> type:
-    for cls in WORLD_MODEL_FAMILIES.values():
-        if type(config) is cls.config_class:
-            return cls
-    raise TypeError(f"{type(config).__name__} is the config of no registered world-model family "
-                    f"({sorted(WORLD_MODEL_FAMILIES)}).")
+FORMAT_VERSION = 1
+#: Model families of our format: name (the model's ``family``) -> (config class, model class). A file without a
+#: "family" entry is "tdmpc2" (the only family when the format was defined).
+FAMILIES: dict[str, tuple[type, type]] = {
+    "tdmpc2": (TDMPC2Config, TDMPC2WorldModel),
+    "bmpc": (BMPCConfig, BMPCWorldModel),
+    "dreamer_v3": (DreamerV3Config, DreamerV3WorldModel),
+}
 
 
 class CheckpointError(ValueError):
@@ -439,8 +428,31 @@ def _tdmpc2_name(ours: str) -> str:
     return ours
 
 
+def _family(config) -> str:
+    for name, (config_cls, _) in FAMILIES.items():
+        if type(config) is config_cls:
+            return name
+    raise TypeError(f"Not the config of a known world-model family: {type(config).__name__}.")
+
+
+def build_world_model(family: str, config: Mapping[str, Any]):
+    """A freshly initialized model of ``family`` (a key of :data:`FAMILIES`) from its config's fields (as
+    ``dataclasses.asdict(model.config)`` gives them): what every loader builds before it loads weights.
+
+    Examples:
+        >>> wm = build_world_model("bmpc", dataclasses.asdict(TDMPC2Config.from_size(5, 1, 1)) | {"num_q": 2})
+        >>> type(wm).__name__, wm.config.num_q
+        ('BMPCWorldModel', 2)
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"Unknown world-model family {family!r}; known: {sorted(FAMILIES)}.")
+    fields = dict(config)
+    obs_dim, action_dim, model_size = fields.pop("obs_dim"), fields.pop("action_dim"), fields.pop("model_size")
+    return FAMILIES[family][1](obs_dim, action_dim, model_size=model_size, **fields)
+
+
 def _build(config):
-    return _family_of_config(config).from_config(config)
+    return build_world_model(_family(config), dataclasses.asdict(config))
 
 
 def _expected_shapes(config) -> dict[str, torch.Size]:
@@ -448,7 +460,19 @@ def _expected_shapes(config) -> dict[str, torch.Size]:
         return {k: v.shape for k, v in _build(config).state_dict().items()}
 
 
+def check_finite_state(state_dict: Mapping[str, torch.Tensor], where: str = "The checkpoint") -> None:
+    """Raises :class:`CheckpointError` naming the tensors that hold NaN/inf values: a model loaded with them would
+    plan with NaN scores (MPPI then picks actions at random without any error)."""
+    bad = [f"{key} ({int((~torch.isfinite(value)).sum())})" for key, value in state_dict.items()
+           if isinstance(value, torch.Tensor) and value.is_floating_point() and not value.is_meta
+           and not bool(torch.isfinite(value).all())]
+    if bad:
+        raise CheckpointError(f"{where} holds NaN/inf values in {len(bad)} tensor(s) (count in brackets): "
+                              f"{', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''}; refusing to load it.")
+
+
 def _finish(config, state_dict: Mapping[str, torch.Tensor], device):
+    check_finite_state(state_dict)
     model = _build(config)
     model.load_state_dict(state_dict, strict=True)
     return model.to(device).eval()
@@ -469,8 +493,9 @@ def from_tdmpc2_checkpoint(path_or_state_dict, obs_dim=None, action_dim=None, *,
 
     The discount is not stored in TD-MPC2 checkpoints. It is ``discount`` if given, else TD-MPC2's heuristic
     (:func:`~torchrl_dreammpc.modules.discount_from_episode_length`) applied to ``episode_length`` if given (500 →
-    0.99, 1000 → 0.995), else the :class:`TDMPC2Config` default (0.99). Give the task's episode length to plan with
-    the discount the checkpoint's values were trained with.
+    0.99, 1000 → 0.995; take it from :func:`~torchrl_dreammpc.envs.task_info`: 500 agent steps for DMC, the
+    length TD-MPC2 trains with), else the :class:`TDMPC2Config` default (0.99). Give the task's episode length to
+    plan with the discount the checkpoint's values were trained with.
 
     Args:
         path_or_state_dict: a file path, or what ``torch.load`` returned: ``{"model": state_dict}`` or a bare
@@ -494,8 +519,9 @@ def from_tdmpc2_checkpoint(path_or_state_dict, obs_dim=None, action_dim=None, *,
             tensors. Nothing is built before the whole state dict has been validated.
 
     Examples:
-        >>> model = from_tdmpc2_checkpoint("walker-walk-1.pt", obs_dim=24, action_dim=6,
-        ...                                episode_length=1000)  # doctest: +SKIP
+        >>> from torchrl_dreammpc.envs import task_info
+        >>> model = from_tdmpc2_checkpoint("walker-walk-1.pt", obs_dim=24, action_dim=6,  # DMC: 500 steps, γ 0.99
+        ...                                episode_length=task_info("walker-walk").episode_length)  # doctest: +SKIP
         >>> z = model.encode(torch.zeros(1, 24))  # doctest: +SKIP
     """
     obj = _read(path_or_state_dict) if isinstance(path_or_state_dict, (str, os.PathLike)) else path_or_state_dict
@@ -509,17 +535,18 @@ def from_tdmpc2_checkpoint(path_or_state_dict, obs_dim=None, action_dim=None, *,
 # our own format
 # ---------------------------------------------------------------------------------------------------------------
 def save_world_model(model, path: str | os.PathLike) -> Path:
-    """Save a world model of any registered family (:class:`TDMPC2WorldModel`, :class:`BMPCWorldModel`, ...) with
+    """Save a world model of any family of :data:`FAMILIES` (:class:`TDMPC2WorldModel`,
+    :class:`~torchrl_dreammpc.modules.BMPCWorldModel`, :class:`~torchrl_dreammpc.modules.DreamerV3WorldModel`) with
     its config, atomically.
 
-    The file holds ``{"format": "torchrl_dreammpc.world_model", "version": 2, "family": model.family,
-    "config": asdict(model.config), "state_dict": model.state_dict()}`` (tensors moved to CPU). It is written to a
-    temporary file in the same
+    The file holds ``{"format": "torchrl_dreammpc.world_model", "version": 1, "config": asdict(model.config),
+    "state_dict": model.state_dict()}`` (tensors moved to CPU), plus ``"family": model.family`` for a model of
+    another family than TD-MPC2's. It is written to a temporary file in the same
     directory and moved into place with ``os.replace``, so an interrupted save never leaves a truncated checkpoint
     (an existing file at ``path`` stays intact until the new one is complete).
 
     Args:
-        model: the model (online and target value ensembles included).
+        model: the model (online and target value ensembles / critics included).
         path: destination file; parent directories are created.
 
     Returns:
@@ -530,16 +557,17 @@ def save_world_model(model, path: str | os.PathLike) -> Path:
         >>> p = save_world_model(wm, "/tmp/wm.pt")  # doctest: +SKIP
         >>> wm2 = load_world_model(p, obs_dim=5, action_dim=1)  # doctest: +SKIP
     """
+    config = getattr(model, "config", None)
     family = getattr(model, "family", None)
-    cls = WORLD_MODEL_FAMILIES.get(family)
-    if cls is None or type(getattr(model, "config", None)) is not cls.config_class:
-        raise TypeError(f"save_world_model expects a world model of a registered family "
-                        f"({sorted(WORLD_MODEL_FAMILIES)}) with its config, got {type(model).__name__}.")
+    if family not in FAMILIES or type(config) is not FAMILIES[family][0]:
+        raise TypeError(f"save_world_model expects a world model of a family of {sorted(FAMILIES)} with its config, "
+                        f"got {type(model).__name__} (family {family!r}).")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": FORMAT, "version": FORMAT_VERSION, "family": family,
-               "config": dataclasses.asdict(model.config),
+    payload = {"format": FORMAT, "version": FORMAT_VERSION, "config": dataclasses.asdict(config),
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    if family != "tdmpc2":
+        payload["family"] = family
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -555,39 +583,38 @@ def save_world_model(model, path: str | os.PathLike) -> Path:
 
 
 def _config_diff(saved, expect) -> list[str]:
+    name = type(saved).__name__
     if dataclasses.is_dataclass(expect) and not isinstance(expect, type):
         if type(expect) is not type(saved):
-            return [f"model family: checkpoint {type(saved).__name__}, expected {type(expect).__name__}"]
+            return [f"model family: checkpoint {name}, expected {type(expect).__name__}"]
         expect = dataclasses.asdict(expect)
     if not isinstance(expect, Mapping):
         raise TypeError(f"expect_config must be a model config or a mapping of its fields, got {type(expect).__name__}")
     saved_d = dataclasses.asdict(saved)
     unknown = sorted(set(expect) - set(saved_d))
     if unknown:
-        raise TypeError(f"expect_config has unknown {type(saved).__name__} field(s) {unknown}")
+        raise TypeError(f"expect_config has unknown {name} field(s) {unknown}")
     return [f"{k}: checkpoint {saved_d[k]!r}, expected {v!r}" for k, v in expect.items() if saved_d[k] != v]
 
 
 def _from_ours(obj: Mapping, where: str, expect_config, obs_dim, action_dim, device):
     version = obj.get("version")
     if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
-        raise CheckpointError(f"{where} has {FORMAT} version {version!r}; this code reads versions 1 to "
-                              f"{FORMAT_VERSION}.")
+        raise CheckpointError(f"{where} has {FORMAT} version {version!r}; this code reads version {FORMAT_VERSION}.")
+    family = obj.get("family", "tdmpc2")
+    if family not in FAMILIES:
+        raise CheckpointError(f"{where} holds a world model of family {family!r}; this code reads {sorted(FAMILIES)}.")
+    config_cls = FAMILIES[family][0]
     cfg_d, sd = obj.get("config"), obj.get("state_dict")
     if not isinstance(cfg_d, Mapping) or not isinstance(sd, Mapping):
         raise CheckpointError(f"{where} lacks its 'config' or 'state_dict' entry.")
-    family = obj.get("family", "tdmpc2")  # version 1 files hold TD-MPC2 models
-    cls = WORLD_MODEL_FAMILIES.get(family)
-    if cls is None:
-        raise CheckpointError(f"{where} holds a {family!r} world model; this code knows the families "
-                              f"{sorted(WORLD_MODEL_FAMILIES)}.")
-    names = {f.name for f in dataclasses.fields(cls.config_class)}
+    names = {f.name for f in dataclasses.fields(config_cls)}
     if set(cfg_d) - names:
         raise CheckpointError(f"{where} has unknown config field(s) {sorted(set(cfg_d) - names)}.")
     try:
-        config = cls.config_class(**cfg_d)
-    except TypeError as err:
-        raise CheckpointError(f"{where} has an incomplete config: {err}") from err
+        config = config_cls(**cfg_d)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{where} has an incomplete or invalid config: {err}") from err
     obs_dim, action_dim = _spec_dim(obs_dim, "obs_dim"), _spec_dim(action_dim, "action_dim")
     if obs_dim is not None and obs_dim != config.obs_dim:
         raise CheckpointError(f"Checkpoint expects observation width {config.obs_dim}, the task gives {obs_dim}.")
@@ -619,16 +646,16 @@ def load_world_model(path: str | os.PathLike, expect_config=None, *, obs_dim=Non
     Args:
         path: the checkpoint file.
         expect_config (a model config or a mapping, optional): refuse the checkpoint unless its config has
-            these values (all fields and the family of a config such as ``TDMPC2Config`` / ``BMPCConfig``; only
-            the given keys of a mapping). The error names every differing field.
+            these values (all fields and the family of a config such as ``TDMPC2Config`` / ``BMPCConfig`` /
+            ``DreamerV3Config``; only the given keys of a mapping). The error names every differing field.
         obs_dim / action_dim (int or TorchRL spec, optional): refuse a checkpoint made for other sizes.
         device: where the returned model lives.
 
     Returns:
-        the model, in eval mode (call ``.train()`` to continue training).
+        the model (of the family the file holds), in eval mode (call ``.train()`` to continue training).
 
     Raises:
-        CheckpointError: unreadable file, wrong format tag or version (a TD-MPC2 checkpoint included: use
+        CheckpointError: unreadable file, wrong format tag, version or family (a TD-MPC2 checkpoint included: use
             :func:`load_any`), config mismatch, or a state dict that does not fit the config.
 
     Examples:
@@ -664,7 +691,8 @@ def load_any(path_or_state_dict, obs_dim=None, action_dim=None, *, expect_config
 
     Examples:
         >>> model = load_any(cfg.checkpoint, obs_dim=env.observation_spec["observation"],
-        ...                  action_dim=env.action_spec, episode_length=1000)  # doctest: +SKIP
+        ...                  action_dim=env.action_spec,
+        ...                  episode_length=task_info(cfg.task).episode_length)  # doctest: +SKIP
     """
     is_path = isinstance(path_or_state_dict, (str, os.PathLike))
     obj = _read(path_or_state_dict) if is_path else path_or_state_dict

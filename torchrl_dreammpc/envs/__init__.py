@@ -35,6 +35,7 @@ __all__ = [
     "make_base_env",
     "make_env",
     "task_info",
+    "with_transforms",
 ]
 
 # suite name -> (module, env class name)
@@ -208,3 +209,41 @@ def make_env(task: str, seed: int = 0, device: torch.device | str = "cpu", **opt
         # TorchRL seeds worker i with the i-th seed of a chain started at `seed`, so workers differ.
         base.set_seed(seed)
     return TransformedEnv(base, Compose(InitTracker(), StepCounter(), RewardSum()))
+
+
+class _WithTransforms:
+    """``create_env_fn`` whose envs get (copies of) ``transforms`` appended; picklable for worker processes."""
+
+    def __init__(self, create_env_fn, transforms):
+        self.create_env_fn, self.transforms = create_env_fn, list(transforms)
+
+    def __call__(self):
+        from torchrl.envs import TensorDictPrimer
+
+        env = self.create_env_fn()
+        for transform in self.transforms:
+            if isinstance(transform, TensorDictPrimer):
+                keys = list(transform.primers.keys(True, True))
+                if all(key in env.observation_spec.keys(True, True) for key in keys):
+                    continue  # the env already declares these entries (its caller added the primer)
+            env = env.append_transform(transform.clone())
+        return env
+
+
+def with_transforms(create_env_fn, transforms):
+    """An env factory that appends ``transforms`` to every env ``create_env_fn`` builds.
+
+    Used for the transforms a world model's acting path needs
+    (:meth:`~torchrl_dreammpc.modules.WorldModelBase.acting_transforms`, e.g. the
+    :class:`~torchrl.envs.TensorDictPrimer` of a recurrent state). A primer whose entries the env already has is
+    not added twice. With no transforms, ``create_env_fn`` itself is returned.
+
+    Examples:
+        >>> from torchrl_dreammpc.modules import DreamerV3WorldModel
+        >>> wm = DreamerV3WorldModel(5, 1, model_size="cpu")
+        >>> create = with_transforms(functools.partial(make_env, "cartpole-swingup"), wm.acting_transforms())
+        >>> create().reset()["belief"].shape
+        torch.Size([256])
+    """
+    transforms = list(transforms)
+    return _WithTransforms(create_env_fn, transforms) if transforms else create_env_fn

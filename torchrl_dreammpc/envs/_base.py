@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import abc
+import atexit
 import ctypes.util
 import os
 import sys
+import weakref
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -15,6 +17,7 @@ from torchrl.data import Bounded, Categorical, Composite, Unbounded
 from torchrl.envs import EnvBase
 
 __all__ = [
+    "OffscreenRenderer",
     "SimStep",
     "default_mujoco_gl",
     "SuiteEnv",
@@ -46,6 +49,102 @@ def default_mujoco_gl(*, headless_only: bool) -> None:
 def gym_space_dims(sim: Any) -> tuple[int, int]:
     """``(observation width, action width)`` of a gymnasium-style simulator (flat Box spaces)."""
     return int(np.prod(sim.observation_space.shape)), int(np.prod(sim.action_space.shape))
+
+
+_open_renderers: weakref.WeakSet = weakref.WeakSet()
+_close_at_exit_registered = False
+
+
+def _close_open_renderers() -> None:
+    for renderer in list(_open_renderers):
+        renderer.close()
+
+
+class OffscreenRenderer:
+    """Renders RGB frames of a MuJoCo model offscreen, through the GL backend ``MUJOCO_GL`` names.
+
+    One rendering path for the three suites (dm_control's ``physics.render`` gives the same pixels for DMC; the
+    tests check it): a :class:`mujoco.Renderer` built on first use, rebuilt when the frame size changes. The
+    model's offscreen buffer (``<visual><global offwidth offheight>``, 640 x 480 by default) is enlarged when a
+    larger frame is asked for; that is a drawing setting, it does not change the simulation.
+
+    Args:
+        model (mujoco.MjModel): the simulator's model.
+
+    Examples:
+        >>> from torchrl_dreammpc.envs import make_base_env
+        >>> env = make_base_env("cartpole-swingup")
+        >>> _ = env.reset()
+        >>> renderer = OffscreenRenderer(env.physics.model.ptr)
+        >>> renderer.render(env.physics.data.ptr, 48, 64, camera=0).shape
+        (48, 64, 3)
+        >>> renderer.close()
+    """
+
+    def __init__(self, model: Any):
+        self.model = model
+        self._renderer = None
+
+    def camera_names(self) -> list[str]:
+        import mujoco
+
+        return [mujoco.mj_id2name(self.model, mujoco.mjtObj.mjOBJ_CAMERA, i) or str(i) for i in range(self.model.ncam)]
+
+    def camera_id(self, camera: int | str) -> int:
+        """The id of ``camera`` (a name, or an id; ``-1`` is MuJoCo's free camera), checked against the model."""
+        import mujoco
+
+        if isinstance(camera, str):
+            camera_id = mujoco.mj_name2id(self.model, mujoco.mjtObj.mjOBJ_CAMERA, camera)  # -1: no such name
+            known = camera_id >= 0
+        elif isinstance(camera, (int, np.integer)) and not isinstance(camera, bool):
+            camera_id = int(camera)
+            known = -1 <= camera_id < self.model.ncam
+        else:
+            raise TypeError(f"camera must be a camera name or id, got {camera!r}.")
+        if not known:
+            raise ValueError(f"Unknown camera {camera!r}; this model's cameras are {self.camera_names()} "
+                             "(or -1, MuJoCo's free camera).")
+        return camera_id
+
+    def render(self, data: Any, height: int, width: int, camera: int | str) -> np.ndarray:
+        """Returns the frame of ``data`` seen by ``camera``: a new ``(height, width, 3)`` uint8 array."""
+        camera_id = self.camera_id(camera)
+        if self._renderer is None or (self._renderer.height, self._renderer.width) != (height, width):
+            self.close()
+            visual = self.model.vis.global_
+            visual.offwidth, visual.offheight = max(visual.offwidth, width), max(visual.offheight, height)
+            self._renderer = self._make_renderer(height, width)
+        self._renderer.update_scene(data, camera=camera_id)
+        return self._renderer.render()
+
+    def _make_renderer(self, height: int, width: int):
+        import mujoco
+
+        global _close_at_exit_registered
+        try:
+            renderer = mujoco.Renderer(self.model, height, width)
+        except Exception as err:  # each GL backend fails in its own way without a display / GPU / Mesa
+            raise RuntimeError(
+                f"MuJoCo could not open an offscreen GL context (MUJOCO_GL={os.environ.get('MUJOCO_GL')!r}): "
+                f"{type(err).__name__}: {err}. Offscreen rendering needs EGL (a GPU driver or Mesa's libEGL) "
+                "or OSMesa: set MUJOCO_GL=egl or MUJOCO_GL=osmesa before MuJoCo is first imported."
+            ) from err
+        _open_renderers.add(self)
+        if not _close_at_exit_registered:
+            # Renderers still open at exit are closed before the GL backend shuts down (MuJoCo's EGL module
+            # registers its eglTerminate when the first context opens; atexit runs this, registered later,
+            # first). Otherwise their __del__ runs during interpreter teardown and prints EGL errors.
+            atexit.register(_close_open_renderers)
+            _close_at_exit_registered = True
+        return renderer
+
+    def close(self) -> None:
+        """Frees the GL context (also done at exit for renderers still open)."""
+        if self._renderer is not None:
+            self._renderer.close()
+            self._renderer = None
+        _open_renderers.discard(self)
 
 
 class UnknownTaskError(ValueError):
@@ -116,8 +215,12 @@ class SuiteEnv(EnvBase):
     would be three different transform stacks with suite-specific info readers; one small adapter keeps the
     convention in one place. Everything above the base env (transforms, batching, collectors) is TorchRL's.
 
+    :meth:`render` draws the simulator's current state (MuJoCo, offscreen) from the suite's default camera
+    (:attr:`default_camera`) or another one; TorchRL's :class:`~torchrl.record.PixelRenderTransform` calls it.
+
     Subclasses build the simulator and implement :meth:`_sim_reset`, :meth:`_sim_step` and
-    :meth:`_sim_seed`; they call ``super().__init__`` once the observation and action sizes are known.
+    :meth:`_sim_seed`; they call ``super().__init__`` once the observation and action sizes are known. For
+    :meth:`render` they implement :meth:`_sim_model_and_data` (and may set :attr:`default_camera`).
 
     Args:
         info (TaskInfo): the task's metadata (episode length, action repeat, ...).
@@ -149,6 +252,7 @@ class SuiteEnv(EnvBase):
         super().__init__(device=device, batch_size=torch.Size([]))
         self.info = info
         self.sim = sim
+        self._renderer = None
         self._elapsed = 0
         self._success = False
         if (action_low is None) != (action_high is None):
@@ -198,6 +302,56 @@ class SuiteEnv(EnvBase):
 
     def _sim_close(self) -> None:
         """Frees the simulator's resources (renderers, ...)."""
+
+    def _sim_model_and_data(self) -> tuple[Any, Any]:
+        """The simulator's ``mujoco.MjModel`` and ``mujoco.MjData``, for :meth:`render`."""
+        raise NotImplementedError(f"{type(self).__name__} does not render.")
+
+    def _postprocess_frame(self, frame: np.ndarray) -> np.ndarray:
+        """Adjusts a rendered frame (e.g. its orientation) for the suite's cameras."""
+        return frame
+
+    # -- rendering -----------------------------------------------------------------------------------
+    #: Camera :meth:`render` uses when none is given: a name or id of the model's cameras.
+    default_camera: int | str = 0
+
+    def render(self, height: int = 240, width: int = 320, camera: int | str | None = None) -> np.ndarray:
+        """Renders the simulator's current state offscreen with MuJoCo.
+
+        The GL backend is the one ``MUJOCO_GL`` names (``egl`` or ``osmesa`` without a display; the suite
+        modules choose ``egl`` on a headless Linux machine when it is unset and libEGL is present).
+
+        Args:
+            height (int, optional): frame height in pixels. Defaults to ``240``.
+            width (int, optional): frame width in pixels. Defaults to ``320``.
+            camera (int or str, optional): a camera name or id of the model (``-1``: MuJoCo's free camera).
+                Defaults to :attr:`default_camera`, the suite's video camera (see ``docs/tasks.md``).
+
+        Returns:
+            np.ndarray: an RGB frame, ``(height, width, 3)`` uint8 (a new array on every call).
+
+        Raises:
+            ValueError: for a size that is not a positive int, or a camera the model does not have.
+            RuntimeError: when MuJoCo cannot open an offscreen GL context here (the message says which backend
+                was tried and what to set).
+
+        Examples:
+            >>> from torchrl_dreammpc.envs import make_env
+            >>> env = make_env("cartpole-swingup")
+            >>> _ = env.reset()
+            >>> env.base_env.render(height=48, width=64).shape
+            (48, 64, 3)
+        """
+        for name, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"render: {name} must be a positive int, got {value!r}.")
+        model, data = self._sim_model_and_data()
+        if self._renderer is None or self._renderer.model is not model:
+            if self._renderer is not None:
+                self._renderer.close()
+            self._renderer = OffscreenRenderer(model)
+        camera = self.default_camera if camera is None else camera
+        return self._postprocess_frame(self._renderer.render(data, int(height), int(width), camera))
 
     # -- EnvBase -------------------------------------------------------------------------------------
     def _flags(self, done: bool, terminated: bool, truncated: bool) -> dict[str, torch.Tensor]:
@@ -253,6 +407,9 @@ class SuiteEnv(EnvBase):
 
     def close(self, *, raise_if_closed: bool = True) -> None:
         if not self.is_closed:
+            if getattr(self, "_renderer", None) is not None:
+                self._renderer.close()
+                self._renderer = None
             self._sim_close()
         super().close(raise_if_closed=raise_if_closed)
 

@@ -5,6 +5,9 @@ TD-MPC2 spells ``ball_in_cup`` as ``cup`` (``cup-catch``) and ``point_mass`` as 
 accepted in place of dashes after the domain (``cartpole-balance_sparse``), as are the suite's own domain
 names (``ball_in_cup-catch``). ``humanoid_CMU-stand`` / ``-walk`` / ``-run`` keep their suite name.
 
+Besides the suite's tasks, TD-MPC2's own (``cheetah-jump``, ``cup-spin``, ``reacher-three-easy``,
+``walker-run-backwards``, ...) are available, defined in :mod:`~torchrl_dreammpc.envs.dmc_tasks`.
+
 Every task runs with action repeat 2 and 500 agent steps per episode (1000 control steps, the suite's own
 length), ending as ``truncated``.
 """
@@ -22,8 +25,9 @@ default_mujoco_gl(headless_only=True)  # before dm_control picks its rendering b
 
 from dm_control import suite  # noqa: E402
 from dm_control.rl import control  # noqa: E402
-from dm_control.suite import cheetah, hopper, quadruped, walker  # noqa: E402
-from dm_control.utils import rewards  # noqa: E402
+from dm_control.suite import quadruped  # noqa: E402
+
+from .dmc_tasks import custom_task_factories  # noqa: E402
 
 __all__ = ["ACTION_REPEAT", "EPISODE_LENGTH", "DMControlTaskEnv", "lookup", "task_names"]
 
@@ -36,97 +40,14 @@ _DOMAIN_ALIASES = {"ball_in_cup": "cup", "point_mass": "pointmass"}
 # lqr has unbounded actions (no [-1, 1] box to map onto) and episodes that end on convergence only.
 _UNSUPPORTED_DOMAINS = ("lqr",)
 
-# TD-MPC2's own DMC tasks that are not implemented here yet.
-_UNAVAILABLE_CUSTOM_TASKS = (
-    "cheetah-run-front",
-    "cheetah-run-back",
-    "cheetah-jump",
-    "reacher-three-easy",
-    "reacher-three-hard",
-    "cup-spin",
-    "pendulum-spin",
-)
-
 
 def _key(name: str) -> str:
     return name.replace("_", "-").lower()
 
 
-# -- TD-MPC2's custom "backwards" tasks: the suite's reward with the sign of the speed flipped ------------
-class BackwardsPlanarWalker(walker.PlanarWalker):
-    """``walker.PlanarWalker`` rewarding speed towards ``-x`` instead of ``+x``."""
-
-    def get_reward(self, physics):
-        standing = rewards.tolerance(
-            physics.torso_height(), bounds=(walker._STAND_HEIGHT, float("inf")), margin=walker._STAND_HEIGHT / 2
-        )
-        upright = (1 + physics.torso_upright()) / 2
-        stand_reward = (3 * standing + upright) / 4
-        move_reward = rewards.tolerance(
-            -physics.horizontal_velocity(),
-            bounds=(self._move_speed, float("inf")),
-            margin=self._move_speed / 2,
-            value_at_margin=0.5,
-            sigmoid="linear",
-        )
-        return stand_reward * (5 * move_reward + 1) / 6
-
-
-class BackwardsCheetah(cheetah.Cheetah):
-    """``cheetah.Cheetah`` rewarding running towards ``-x``."""
-
-    def get_reward(self, physics):
-        return rewards.tolerance(
-            -physics.speed(),
-            bounds=(cheetah._RUN_SPEED, float("inf")),
-            margin=cheetah._RUN_SPEED,
-            value_at_margin=0,
-            sigmoid="linear",
-        )
-
-
-class BackwardsHopper(hopper.Hopper):
-    """``hopper.Hopper(hopping=True)`` rewarding hops towards ``-x``."""
-
-    def get_reward(self, physics):
-        standing = rewards.tolerance(physics.height(), (hopper._STAND_HEIGHT, 2))
-        hopping = rewards.tolerance(
-            -physics.speed(),
-            bounds=(hopper._HOP_SPEED, float("inf")),
-            margin=hopper._HOP_SPEED / 2,
-            value_at_margin=0.5,
-            sigmoid="linear",
-        )
-        return standing * hopping
-
-
-# The factories mirror the suite's own (same model, control timestep and task arguments).
-def _walker_backwards(move_speed: float) -> Callable[..., control.Environment]:
-    def load(time_limit, random):
-        physics = walker.Physics.from_xml_string(*walker.get_model_and_assets())
-        task = BackwardsPlanarWalker(move_speed=move_speed, random=random)
-        return control.Environment(physics, task, time_limit=time_limit, control_timestep=walker._CONTROL_TIMESTEP)
-
-    return load
-
-
-def _cheetah_run_backwards(time_limit, random) -> control.Environment:
-    physics = cheetah.Physics.from_xml_string(*cheetah.get_model_and_assets())
-    return control.Environment(physics, BackwardsCheetah(random=random), time_limit=time_limit)
-
-
-def _hopper_hop_backwards(time_limit, random) -> control.Environment:
-    physics = hopper.Physics.from_xml_string(*hopper.get_model_and_assets())
-    task = BackwardsHopper(hopping=True, random=random)
-    return control.Environment(physics, task, time_limit=time_limit, control_timestep=hopper._CONTROL_TIMESTEP)
-
-
-_CUSTOM_TASKS: dict[str, Callable[..., control.Environment]] = {
-    "walker-walk-backwards": _walker_backwards(walker._WALK_SPEED),
-    "walker-run-backwards": _walker_backwards(walker._RUN_SPEED),
-    "cheetah-run-backwards": _cheetah_run_backwards,
-    "hopper-hop-backwards": _hopper_hop_backwards,
-}
+# TD-MPC2's own tasks (backwards walker / cheetah / hopper, cheetah on one foot and jumping, three-link reacher,
+# cup-spin, pendulum-spin), defined in dmc_tasks.py.
+_CUSTOM_TASKS: dict[str, Callable[..., control.Environment]] = custom_task_factories()
 
 
 class _QuadrupedPhysics(quadruped.Physics):
@@ -159,7 +80,7 @@ def _index() -> dict[str, str]:
     for name, (domain, task) in _suite_tasks().items():
         index[_key(name)] = name
         index[_key(f"{domain}-{task}")] = name
-    for name in (*_CUSTOM_TASKS, *_UNAVAILABLE_CUSTOM_TASKS):
+    for name in _CUSTOM_TASKS:
         index[_key(name)] = name
     return index
 
@@ -173,7 +94,7 @@ def lookup(task: str) -> TaskInfo | None:
     """Returns the task's :class:`TaskInfo`, ``None`` if the name is no DMC task.
 
     Raises:
-        TaskNotAvailableError: for TD-MPC2 custom tasks not implemented here, and for ``lqr``.
+        TaskNotAvailableError: for ``lqr``.
     """
     name = _index().get(_key(task))
     if name is None:
@@ -183,11 +104,6 @@ def lookup(task: str) -> TaskInfo | None:
                 "and no time limit."
             )
         return None
-    if name in _UNAVAILABLE_CUSTOM_TASKS:
-        raise TaskNotAvailableError(
-            f"{task!r} is one of TD-MPC2's custom DMC tasks and is not available yet in torchrl_dreammpc "
-            f"(available custom tasks: {', '.join(sorted(_CUSTOM_TASKS))})."
-        )
     return TaskInfo(
         task=name, suite=SUITE, episode_length=EPISODE_LENGTH, action_repeat=ACTION_REPEAT, episodic=False
     )
@@ -247,6 +163,8 @@ class DMControlTaskEnv(SuiteEnv):
             action_high=None if native_unit_box else high,
             sim=env,
         )
+        # TD-MPC2's video cameras: the suite's camera 0, the quadruped's camera 2 (it follows the robot).
+        self.default_camera = 2 if info.task.startswith("quadruped-") else 0
 
     @property
     def physics(self):
@@ -270,3 +188,8 @@ class DMControlTaskEnv(SuiteEnv):
     def _sim_seed(self, seed: int) -> None:
         # dm_control draws initial states from the task's RandomState.
         self.sim.task._random = np.random.RandomState(seed)
+
+    def _sim_model_and_data(self):
+        # The same pixels as dm_control's physics.render (tests/test_envs.py checks it), through the renderer
+        # the other suites use.
+        return self.physics.model.ptr, self.physics.data.ptr

@@ -206,6 +206,8 @@ class HumanoidBenchTaskEnv(SuiteEnv):
         self._pending_seed = None
         # HumanoidBench takes normalised actions in [-1, 1] and rescales them to the actuator ranges itself.
         super().__init__(info, *gym_space_dims(sim), device=device, seed=seed, sim=sim)
+        # HumanoidBench's own video camera for the task (e.g. "cam_default", following the robot).
+        self.default_camera = sim.camera_name or 0
 
     def _sim_reset(self) -> np.ndarray:
         # gymnasium seeds through reset(seed=...); a seed given with set_seed applies to the next reset.
@@ -222,3 +224,8 @@ class HumanoidBenchTaskEnv(SuiteEnv):
 
     def _sim_close(self) -> None:
         self.sim.close()
+
+    def _sim_model_and_data(self):
+        # HumanoidBench's own render() needs a render_mode chosen at construction and draws goal markers for
+        # reach / push through its viewer; frames here come from the shared offscreen renderer, without them.
+        return self.sim.model, self.sim.data

@@ -25,11 +25,23 @@ class WorldModelBase(TensorDictModuleBase, abc.ABC):
     Shapes: ``obs`` ``[*B, obs_dim]``, latents ``z`` ``[*B, latent_dim]``, actions ``a`` ``[*B, action_dim]``,
     scalars ``[*B, 1]``. Attributes every model provides: ``action_dim``, ``latent_dim``, ``discount`` (the
     discount its values are defined with).
+
+    Models whose latent depends on the history (a recurrent state-space model) cannot encode one observation
+    alone. They set :attr:`latent_key`: the planners then read the latent from that tensordict entry (``encode``
+    is not called), and :meth:`acting_module` puts the model's state estimator in front of the planner, with the
+    env transforms it needs (:meth:`acting_transforms`) carrying its state from step to step.
     """
 
     action_dim: int
     latent_dim: int
     discount: float
+    #: Tensordict entry holding the latent the planners act from (written by :meth:`acting_module`'s state
+    #: estimator); ``None``: the planners encode the observation themselves.
+    latent_key = None
+    #: The model family (``"tdmpc2"``, ``"bmpc"``, ``"dreamer_v3"``): the training algorithm of the same name trains
+    #: it, and our checkpoint files record it (:data:`torchrl_dreammpc.checkpoints.FAMILIES`). ``None``: a model
+    #: outside those (it still plans with every planner).
+    family: str | None = None
 
     @abc.abstractmethod
     def encode(self, obs: torch.Tensor) -> torch.Tensor:
@@ -109,6 +121,16 @@ class WorldModelBase(TensorDictModuleBase, abc.ABC):
         model may return a leaner functional view of itself (e.g. :class:`TDMPC2PlanningOps`). It is fetched once
         per control step, so it may be cached."""
         return self
+
+    def acting_transforms(self) -> list:
+        """Env transforms the acting path of this model needs (e.g. a :class:`~torchrl.envs.TensorDictPrimer`
+        declaring a recurrent state). Default: none."""
+        return []
+
+    def acting_module(self, planner: TensorDictModuleBase) -> TensorDictModuleBase:
+        """The module that acts in an env with ``planner`` over this model: the planner itself by default; a
+        model with a :attr:`latent_key` puts its state estimator in front of it."""
+        return planner
 
 
 def _prior_action(model, z: torch.Tensor, eps: torch.Tensor | None) -> torch.Tensor:

@@ -16,6 +16,7 @@ from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModule
 from torch import nn
 
+from torchrl_dreammpc._checks import check_bool, check_float, check_int
 from torchrl_dreammpc.modules.base import WorldModelBase
 from torchrl_dreammpc.modules.layers import EnsembleMLP, SimNorm, mlp, param_count, weight_init
 from torchrl_dreammpc.modules.two_hot import SymlogTwoHot
@@ -75,6 +76,23 @@ class TDMPC2Config:
     log_std_max: float = 2.0
     episodic: bool = False
     discount: float = 0.99
+
+    def __post_init__(self) -> None:
+        """Refuses a value the model cannot be built with, naming it (before any layer is allocated)."""
+        for name in ("obs_dim", "action_dim", "model_size", "enc_dim", "mlp_dim", "latent_dim", "num_enc_layers",
+                     "num_q", "simnorm_dim"):
+            check_int(name, getattr(self, name), 1)
+        check_int("num_bins", self.num_bins, 2)
+        if self.latent_dim % self.simnorm_dim:
+            raise ValueError(f"latent_dim must be a multiple of simnorm_dim={self.simnorm_dim} (SimNorm normalizes "
+                             f"groups of {self.simnorm_dim} latent features), got latent_dim={self.latent_dim}.")
+        check_float("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
+        for low, high in (("vmin", "vmax"), ("log_std_min", "log_std_max")):
+            if check_float(low, getattr(self, low)) >= check_float(high, getattr(self, high)):
+                raise ValueError(f"{low} must be < {high}, got {low}={getattr(self, low)!r}, "
+                                 f"{high}={getattr(self, high)!r}.")
+        check_bool("episodic", self.episodic)
+        check_float("discount", self.discount, low=0.0, high=1.0, low_open=True)
 
     @classmethod
     def from_size(cls, obs_dim: int, action_dim: int, model_size: int = 5, **overrides) -> "TDMPC2Config":
@@ -146,9 +164,9 @@ class TDMPC2WorldModel(WorldModelBase):
         torch.Size([2, 4, 1])
     """
 
-    #: the model family: the key of its checkpoint format and of the training algorithm that fits it.
+    #: the model family (see :attr:`WorldModelBase.family`).
     family = "tdmpc2"
-    #: the config dataclass of the family (sizes and constants, saved in checkpoints).
+    #: the config dataclass of the family (sizes and constants, saved in checkpoints); a subclass family changes it.
     config_class = TDMPC2Config
 
     def __init__(self, observation_spec, action_spec, model_size: int = 5, **overrides):
@@ -195,13 +213,6 @@ class TDMPC2WorldModel(WorldModelBase):
             in_keys=["latent", "action"], out_keys=["target_q_logits"])
 
     @classmethod
-    def from_config(cls, config: TDMPC2Config) -> "TDMPC2WorldModel":
-        """The model a config describes (freshly initialized): what checkpoints rebuild before loading weights."""
-        fields = dataclasses.asdict(config)
-        obs_dim, action_dim, size = fields.pop("obs_dim"), fields.pop("action_dim"), fields.pop("model_size")
-        return cls(obs_dim, action_dim, model_size=size, **fields)
-
-    @classmethod
     def from_tdmpc2_checkpoint(cls, path_or_state_dict, obs_dim=None, action_dim=None, **kwargs) -> "TDMPC2WorldModel":
         """Build a model from a checkpoint of TD-MPC2's public code (sizes inferred, every tensor mapped, eval mode).
 
@@ -209,8 +220,10 @@ class TDMPC2WorldModel(WorldModelBase):
         arguments (``model_size``, ``episode_length``, ``discount``, ``device``, ``strict``) and the errors raised.
 
         Examples:
-            >>> wm = TDMPC2WorldModel.from_tdmpc2_checkpoint("cartpole-swingup-1.pt", obs_dim=5, action_dim=1,
-            ...                                              episode_length=1000)  # doctest: +SKIP
+            >>> from torchrl_dreammpc.envs import task_info
+            >>> wm = TDMPC2WorldModel.from_tdmpc2_checkpoint(  # 500 agent steps on DMC: discount 0.99
+            ...     "cartpole-swingup-1.pt", obs_dim=5, action_dim=1,
+            ...     episode_length=task_info("cartpole-swingup").episode_length)  # doctest: +SKIP
         """
         from torchrl_dreammpc.checkpoints import from_tdmpc2_checkpoint  # checkpoints.py imports this module
 

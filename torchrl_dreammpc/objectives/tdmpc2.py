@@ -24,6 +24,7 @@ from tensordict.utils import NestedKey
 from torch import nn
 from torchrl.objectives import LossModule
 
+from torchrl_dreammpc._checks import MissingKeyError, check_bool, check_float
 from torchrl_dreammpc.modules.world_model import TDMPC2WorldModel
 
 __all__ = ["TDMPC2Loss", "TDMPC2PolicyLoss", "RunningScale", "make_tdmpc2_optimizers"]
@@ -63,8 +64,10 @@ class TDMPC2Loss(LossModule):
 
     Expects a tensordict of sub-trajectories with batch size ``[B, H]`` (batch-major, as TorchRL's
     ``SliceSampler`` yields them once reshaped): ``"observation"`` ``[B, H, O]``, ``"action"`` ``[B, H, A]``,
-    ``("next", "observation")``, ``("next", "reward")`` ``[B, H, 1]`` and ``("next", "terminated")``. The H+1
-    observations of TD-MPC2's sub-trajectory are ``observation[:, 0]`` followed by ``("next", "observation")``.
+    ``("next", "observation")`` ``[B, H, O]``, ``("next", "reward")`` ``[B, H, 1]`` and ``("next", "terminated")``
+    ``[B, H, 1]``, all required with exactly these shapes (a missing entry raises a ``KeyError``, a wrong shape a
+    ``ValueError``, naming it; nothing is defaulted or reshaped). The H+1 observations of TD-MPC2's
+    sub-trajectory are ``observation[:, 0]`` followed by ``("next", "observation")``.
 
     Losses (each weighted by ``rho**t`` over the horizon, then averaged over it, as in TD-MPC2):
 
@@ -126,26 +129,25 @@ class TDMPC2Loss(LossModule):
                  value_coef: float = 0.1, termination_coef: float = 1.0, rho: float = 0.5,
                  discount: float | None = None, validate: bool = True):
         super().__init__()
-        for name, v in dict(consistency_coef=consistency_coef, reward_coef=reward_coef, value_coef=value_coef,
-                            termination_coef=termination_coef).items():
-            if v < 0:
-                raise ValueError(f"{name} must be >= 0, got {v}")
-        if not 0 < rho <= 1:
-            raise ValueError(f"rho must be in (0, 1], got {rho}")
+        consistency_coef, reward_coef, value_coef, termination_coef = (
+            check_float(name, v, low=0.0) for name, v in (("consistency_coef", consistency_coef),
+                                                          ("reward_coef", reward_coef), ("value_coef", value_coef),
+                                                          ("termination_coef", termination_coef)))
+        rho = check_float("rho", rho, low=0.0, high=1.0, low_open=True)
         self.world_model = world_model
         self.consistency_coef, self.reward_coef = consistency_coef, reward_coef
         self.value_coef, self.termination_coef = value_coef, termination_coef
         self.rho = rho
-        self.discount = world_model.discount if discount is None else discount
-        if not 0 < self.discount <= 1:
-            raise ValueError(f"discount must be in (0, 1], got {self.discount}")
-        self.validate = validate
+        self.discount = check_float("discount", world_model.discount if discount is None else discount, low=0.0,
+                                    high=1.0, low_open=True)
+        self.validate = check_bool("validate", validate)
         self._register_targets(world_model)
 
     def _register_targets(self, world_model) -> None:
         if getattr(world_model, "family", "tdmpc2") != "tdmpc2":
             raise TypeError(f"TDMPC2Loss trains a TDMPC2WorldModel (Q values); got a {type(world_model).__name__} "
-                            "(for a BMPCWorldModel use BMPCLoss).")
+                            "(a BMPCWorldModel trains with BMPCLoss, a DreamerV3WorldModel with "
+                            "DreamerV3TrainingLoss).")
         # Views (same tensors) of the online and target Q ensembles, named the way TorchRL's target updaters
         # look for them: SoftUpdate lerps target_qvalue_params towards qvalue_params in place.
         self.qvalue_params = TensorDictParams(TensorDict.from_module(world_model.q_ensemble), no_convert=True)
@@ -156,38 +158,50 @@ class TDMPC2Loss(LossModule):
     def _forward_value_estimator_keys(self, **kwargs) -> None:
         pass  # no value estimator: the TD target is computed in forward
 
-    def _read(self, td: TensorDictBase):
+    def _inputs(self, td: TensorDictBase) -> tuple[torch.Tensor, ...]:
+        """``(observation, action, next observation, reward, terminated)``, each checked for presence and shape
+        (free: no device sync). Every entry is required: a missing ``("next", "terminated")`` is an error, not
+        zeros (a sampler that drops it would silently turn every terminal transition into a bootstrapped one)."""
         k = self.tensor_keys
-        obs, action = td.get(k.observation), td.get(k.action)
-        next_obs = td.get(("next", k.observation))
-        reward = td.get(("next", k.reward))
-        terminated = td.get(("next", k.terminated), None)
-        if obs.ndim != 3 or td.batch_dims < 2:
-            raise ValueError(f"TDMPC2Loss expects sub-trajectories with batch size [B, H]; got a tensordict with "
-                             f"batch size {tuple(td.batch_size)} and observation shape {tuple(obs.shape)}.")
-        if reward.shape[-1] != 1 or reward.ndim != 3:
-            reward = reward.reshape(*obs.shape[:2], 1)
-        if terminated is None:
-            terminated = torch.zeros_like(reward)
-        terminated = terminated.reshape(reward.shape).to(reward.dtype)
+        keys = (k.observation, k.action, ("next", k.observation), ("next", k.reward), ("next", k.terminated))
+        values = [td.get(key, None) for key in keys]
+        missing = [key for key, value in zip(keys, values) if value is None]
+        if missing:
+            raise MissingKeyError(f"{type(self).__name__} needs {missing} in the batch (it has "
+                           f"{sorted(map(str, td.keys(True, True)))}); ('next', {k.terminated!r}) holds the "
+                           "episode-end flags without time-limit truncation (all False for tasks that never end).")
+        obs, action, next_obs, reward, terminated = values
+        if obs.ndim != 3 or td.batch_dims != 2:
+            raise ValueError(f"{type(self).__name__} expects sub-trajectories with batch size [B, H]; got a tensordict "
+                             f"with batch size {tuple(td.batch_size)} and observation shape {tuple(obs.shape)}.")
+        wm = self.world_model
+        wm.check_inputs(obs=obs, action=action, check_finite=False)  # names a wrong width
+        wm.check_inputs(obs=next_obs, check_finite=False)
+        B, H = obs.shape[:2]
+        for key, value, width in zip(keys, values, (wm.obs_dim, wm.action_dim, wm.obs_dim, 1, 1)):
+            if tuple(value.shape) != (B, H, width):
+                raise ValueError(f"{key!r} must have shape [B, H, {width}] = {[B, H, width]} (B sub-trajectories "
+                                 f"of H steps), got {list(value.shape)}.")
+        return obs, action, next_obs, reward, terminated
+
+    def _read(self, td: TensorDictBase):
+        obs, action, next_obs, reward, terminated = self._inputs(td)
+        terminated = terminated.to(reward.dtype)
         if self.validate and not torch.compiler.is_compiling():
             # (Under torch.compile the data-dependent check would break the graph: call check_batch eagerly
             # before the compiled update instead, as TDMPC2OptimizationStepper does.)
-            self._check(obs, action, next_obs, reward)
+            self._check_finite(obs, action, next_obs, reward)
         # time-major: [H, B, ...]
         return (obs[:, 0], action.transpose(0, 1), next_obs.transpose(0, 1), reward.transpose(0, 1),
                 terminated.transpose(0, 1))
 
     def check_batch(self, tensordict: TensorDictBase) -> None:
-        """Raise a ValueError naming the problem if the batch has wrong widths or NaN/inf values."""
-        k = self.tensor_keys
-        obs, action = tensordict.get(k.observation), tensordict.get(k.action)
-        self._check(obs, action, tensordict.get(("next", k.observation)), tensordict.get(("next", k.reward)))
+        """Raise a KeyError / ValueError naming the problem if the batch lacks an entry, has a wrong shape or holds
+        NaN/inf values."""
+        obs, action, next_obs, reward, _ = self._inputs(tensordict)
+        self._check_finite(obs, action, next_obs, reward)
 
-    def _check(self, obs, action, next_obs, reward) -> None:
-        wm = self.world_model
-        wm.check_inputs(obs=obs, action=action, check_finite=False)
-        wm.check_inputs(obs=next_obs, check_finite=False)
+    def _check_finite(self, obs, action, next_obs, reward) -> None:
         # One fused reduction over the whole batch, then the per-field search only on failure.
         if not bool(torch.isfinite(torch.cat([obs.flatten(), next_obs.flatten(), action.flatten(),
                                               reward.flatten()])).all()):
@@ -278,11 +292,10 @@ class TDMPC2PolicyLoss(LossModule):
         super().__init__()
         if getattr(world_model, "family", "tdmpc2") != "tdmpc2":
             raise TypeError(f"TDMPC2PolicyLoss maximizes Q of a TDMPC2WorldModel; got a {type(world_model).__name__} "
-                            "(for a BMPCWorldModel use BMPCPolicyLoss).")
-        if entropy_coef < 0:
-            raise ValueError(f"entropy_coef must be >= 0, got {entropy_coef}")
-        if not 0 < rho <= 1:
-            raise ValueError(f"rho must be in (0, 1], got {rho}")
+                            "(a BMPCWorldModel trains its policy with BMPCPolicyLoss).")
+        entropy_coef = check_float("entropy_coef", entropy_coef, low=0.0)
+        rho = check_float("rho", rho, low=0.0, high=1.0, low_open=True)
+        scale_tau = check_float("scale_tau", scale_tau, low=0.0, high=1.0, low_open=True)
         self.world_model = world_model
         self.entropy_coef, self.rho = entropy_coef, rho
         self.scale = RunningScale(scale_tau)
@@ -318,10 +331,9 @@ def make_tdmpc2_optimizers(world_model: TDMPC2WorldModel, lr: float = 3e-4, enc_
     Returns:
         ``(world_model_optimizer, policy_optimizer)``.
     """
-    if lr <= 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
-    if enc_lr_scale <= 0:
-        raise ValueError(f"enc_lr_scale must be > 0, got {enc_lr_scale}")
+    lr = check_float("lr", lr, low=0.0, low_open=True)
+    enc_lr_scale = check_float("enc_lr_scale", enc_lr_scale, low=0.0, low_open=True)
+    pi_eps = check_float("pi_eps", pi_eps, low=0.0, low_open=True)
     enc, rest = world_model.world_model_parameters()
     pi_params = list(world_model.policy_parameters())
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in [*enc, *rest, *pi_params]) or None

@@ -3,9 +3,9 @@
 All three share :class:`LatentPlannerBase` and use only the :class:`~torchrl_dreammpc.modules.WorldModelBase`
 methods of the model, so any model family implementing them can be planned in. See docs/planners.md.
 """
-from torchrl_dreammpc.planners.base import LatentPlannerBase
+from torchrl_dreammpc.planners.base import LatentPlannerBase, NonFiniteActionError
 from torchrl_dreammpc.planners.gradient import GradientMPCPlanner
 from torchrl_dreammpc.planners.mppi import MPPIPlanner
 from torchrl_dreammpc.planners.policy import PolicyActor
 
-__all__ = ["LatentPlannerBase", "GradientMPCPlanner", "MPPIPlanner", "PolicyActor"]
+__all__ = ["LatentPlannerBase", "GradientMPCPlanner", "MPPIPlanner", "PolicyActor", "NonFiniteActionError"]

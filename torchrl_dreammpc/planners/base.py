@@ -16,7 +16,6 @@ import abc
 import contextlib
 import functools
 import math
-import numbers
 import types
 
 import torch
@@ -24,30 +23,22 @@ from tensordict import NestedKey, TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 from torchrl.envs.utils import ExplorationType, exploration_type
 
+from torchrl_dreammpc._checks import check_bool as _check_bool
+from torchrl_dreammpc._checks import check_compile as _check_compile
+from torchrl_dreammpc._checks import check_float as _check_float
+from torchrl_dreammpc._checks import check_int as _check_int
 from torchrl_dreammpc.modules.base import WorldModelBase, state_action_trajectory_values
 
-__all__ = ["LatentPlannerBase"]
+__all__ = ["LatentPlannerBase", "NonFiniteActionError"]
 
 # Exploration types that mean "act for data collection". ``None`` (no context manager, e.g. a bare
 # ``env.rollout``) counts as exploration, like TorchRL's collectors (their default is RANDOM).
 _EXPLORING = (ExplorationType.RANDOM, None)
 
 
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-    return int(value)
-
-
-def _check_float(name: str, value, low: float = None, high: float = None, low_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value:
-        raise ValueError(f"{name} must be a real number, got {value!r}.")
-    value = float(value)
-    if low is not None and (value <= low if low_open else value < low):
-        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}.")
-    if high is not None and value > high:
-        raise ValueError(f"{name} must be <= {high}, got {value!r}.")
-    return value
+class NonFiniteActionError(ValueError):
+    """A planner was about to return a NaN/inf action; the message names the cause (the observation, a world-model
+    weight, or the planning itself)."""
 
 
 def _imagine(ops, z0: torch.Tensor, actions: torch.Tensor, terminal_eps: torch.Tensor | None,
@@ -143,19 +134,30 @@ class LatentPlannerBase(TensorDictModuleBase, abc.ABC):
         low, high (float or Tensor, optional): action bounds when no spec is given. Default ``[-1, 1]``
             (the policy prior is tanh-squashed into [-1, 1], as in TD-MPC2).
         observation_key (NestedKey): input key. Default ``"observation"``.
+        latent_key (NestedKey, optional): read the latent itself from this entry instead of encoding the
+            observation (``encode`` is then not called). Defaults to the world model's ``latent_key``: ``None``
+            for models that encode one observation (TD-MPC2), the state estimator's output for recurrent models
+            (DreamerV3, see :meth:`~torchrl_dreammpc.modules.WorldModelBase.acting_module`).
         action_key (NestedKey): output key. Default ``"action"``.
         is_init_key (NestedKey): episode-start flags. Default ``"is_init"``.
         diagnostics (bool): also write ``("planner", ...)`` entries (see the subclass). Default ``False``.
         generator (torch.Generator, optional): the RNG of the planning noise (on the model's device).
+        check_finite (bool or None): refuse to return a NaN/inf action, or to plan from a NaN/inf observation,
+            with a :class:`NonFiniteActionError` naming the cause (the observation, a non-finite world-model
+            weight, or the planning itself). Checked once per step, after planning: the observation, the action
+            and the executed plan's score, one host read. ``None`` (default): checked whenever the observation lives on the CPU (a CPU model,
+            or a CUDA model acting in a CPU simulator, whose action is copied to the host anyway: the check then
+            only adds a scalar read after that copy's synchronization; 18 µs per step measured on a loaded 2-core
+            CPU, docs/planners.md); skipped for CUDA observations (an env on the GPU), where it would add a host
+            sync per step. ``True``: always; ``False``: never.
         expert_key (NestedKey, optional): also write the planner's action distribution at the current state, the
             "expert" that BMPC's policy imitates: ``(expert_key, "loc")`` and ``(expert_key, "scale")``, each
             ``[*batch, action_dim]`` (what each planner writes is in its docstring; :class:`PolicyActor` writes
             none). Default ``None``: not written.
-        check_finite (bool): also refuse NaN/inf observations (costs a device sync per step). Default ``False``.
         compile (bool or str): ``torch.compile`` the model evaluations of a control step (:meth:`imagine` and
-            :meth:`rollout_prior`; their backward too, through AOTAutograd). A string is the compile mode. The first
-            call of each new batch size compiles (tens of seconds on a CPU); see docs/performance.md for when it
-            pays. Default ``False`` (eager). Randomness inside the model (the random pair of Q heads of TD-MPC2's
+            :meth:`rollout_prior`; their backward too, through AOTAutograd). A string is the compile mode (checked
+            here). The first call of each new batch size compiles (docs/performance.md, *Compile time*; the same
+            file says when it pays). Default ``False`` (eager). Randomness inside the model (the random pair of Q heads of TD-MPC2's
             ``"avg"`` with more than two heads) then comes from the compiled RNG stream.
 
     Examples:
@@ -188,11 +190,12 @@ class LatentPlannerBase(TensorDictModuleBase, abc.ABC):
         low: float | torch.Tensor | None = None,
         high: float | torch.Tensor | None = None,
         observation_key: NestedKey = "observation",
+        latent_key: NestedKey | None = None,
         action_key: NestedKey = "action",
         is_init_key: NestedKey = "is_init",
         diagnostics: bool = False,
         generator: torch.Generator | None = None,
-        check_finite: bool = False,
+        check_finite: bool | None = None,
         compile: bool | str = False,
         expert_key: NestedKey | None = None,
     ):
@@ -202,17 +205,18 @@ class LatentPlannerBase(TensorDictModuleBase, abc.ABC):
         self.world_model = world_model
         self.action_dim = _check_int("world_model.action_dim", world_model.action_dim, 1)
         self.observation_key, self.action_key, self.is_init_key = observation_key, action_key, is_init_key
-        self.in_keys = [observation_key, is_init_key]
+        self.latent_key = latent_key if latent_key is not None else getattr(world_model, "latent_key", None)
+        self.in_keys = [observation_key if self.latent_key is None else self.latent_key, is_init_key]
         self.out_keys = [action_key]
         self.expert_key = expert_key
         if expert_key is not None and self.writes_expert:
             self.out_keys += [self._expert_entry("loc"), self._expert_entry("scale")]
-        self.diagnostics = bool(diagnostics)
+        self.diagnostics = _check_bool("diagnostics", diagnostics)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}.")
         self.generator = generator
-        self.check_finite = bool(check_finite)
-        if not isinstance(compile, (bool, str)):
-            raise ValueError(f"compile must be a bool or a torch.compile mode string, got {compile!r}.")
-        self.compile_mode = compile  # (not ``self.compile``: that is nn.Module's method)
+        self.check_finite = None if check_finite is None else _check_bool("check_finite", check_finite)
+        self.compile_mode = _check_compile("compile", compile)  # (not ``self.compile``: that is nn.Module's method)
         self._compiled: dict = {}
         self._step_ops = None  # the model's planning ops, fetched once per forward call
         low_t, high_t = self._resolve_bounds(action_spec, low, high)
@@ -220,6 +224,8 @@ class LatentPlannerBase(TensorDictModuleBase, abc.ABC):
         self.register_buffer("action_low", low_t, persistent=False)
         self.register_buffer("action_high", high_t, persistent=False)
         self._discount_cache: tuple | None = None
+        # The executed plan's objective ([B, 1]) a subclass may set in ``plan``: included in the finiteness check.
+        self._objective: torch.Tensor | None = None
         self._clear_state()
 
     # ------------------------------------------------------------------ configuration helpers
@@ -410,16 +416,52 @@ class LatentPlannerBase(TensorDictModuleBase, abc.ABC):
         return torch.device("cpu"), torch.get_default_dtype()
 
     def _check_observation(self, obs: torch.Tensor) -> None:
+        """The observation's width (free: no device sync). Its values are checked with the action after planning."""
         wm = self.world_model
         if hasattr(wm, "check_inputs"):
-            wm.check_inputs(obs=obs, check_finite=self.check_finite)
+            wm.check_inputs(obs=obs, check_finite=False)
             return
         obs_dim = getattr(wm, "obs_dim", None)
         if obs_dim is not None and obs.shape[-1] != obs_dim:
             raise ValueError(f"observation has width {obs.shape[-1]} (shape {tuple(obs.shape)}) but the world model "
                              f"expects width {obs_dim}.")
-        if self.check_finite and not bool(torch.isfinite(obs).all()):
-            raise ValueError("observation contains NaN/inf values; refusing to plan from it.")
+
+    def _checks_finite(self, obs: torch.Tensor) -> bool:
+        return self.check_finite or (self.check_finite is None and obs.device.type == "cpu")
+
+    def _check_finite_step(self, obs: torch.Tensor, action: torch.Tensor, objective: torch.Tensor | None) -> None:
+        """Raises :class:`NonFiniteActionError` if the observation, the action or the executed plan's objective
+        (when the planner reports one) has a NaN/inf. The fast path is a sum of each (NaN and inf propagate through
+        a sum; three small kernels and one host read); the exact search runs only when the sum is not finite (which
+        a sum of large finite values can also be: then nothing is raised). On failure the warm start is dropped."""
+        total = obs.sum().item() + action.sum().item() + (0.0 if objective is None else objective.sum().item())
+        if math.isfinite(total):
+            return
+        tensors = (obs, action) if objective is None else (obs, action, objective)
+        if all(bool(torch.isfinite(t).all()) for t in tensors):
+            return
+        self._clear_state()
+        name = type(self).__name__
+        bad_obs = ~torch.isfinite(obs.reshape(-1, obs.shape[-1]))
+        if bad_obs.any():
+            envs = bad_obs.any(-1).nonzero().flatten().tolist()
+            raise NonFiniteActionError(
+                f"{name}: the observation {self.observation_key!r} holds {int(bad_obs.sum())} NaN/inf value(s) (in "
+                f"env(s) {envs[:8]}{' ...' if len(envs) > 8 else ''} of the flattened batch); refusing to plan from "
+                "it. Check the environment and its observation transforms.")
+        for kind, tensors in (("parameter", self.world_model.named_parameters()),
+                              ("buffer", self.world_model.named_buffers())):
+            for tensor_name, tensor in tensors:
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise NonFiniteActionError(
+                        f"{name}: the world model's {kind} {tensor_name!r} holds "
+                        f"{int((~torch.isfinite(tensor)).sum())} NaN/inf value(s) (a diverged update or a corrupted "
+                        "checkpoint), so planning gave a NaN/inf result; reload good weights.")
+        what = "action" if not bool(torch.isfinite(action).all()) else "imagined return of the executed plan"
+        raise NonFiniteActionError(
+            f"{name}: planning gave a NaN/inf {what} from a finite observation and finite world-model weights "
+            f"({self.extra_repr()}); the imagined returns overflowed: check the planner's arguments and the model's "
+            "predictions.")
 
     # ------------------------------------------------------------------ the actor
     @abc.abstractmethod
@@ -436,15 +478,35 @@ class LatentPlannerBase(TensorDictModuleBase, abc.ABC):
             ``(action [B, A] within the bounds, diagnostics: dict name → [B] or [B, 1] tensor, may be empty)``.
             With an :attr:`expert_key`, the diagnostics also hold the expert distribution, ``"expert_loc"`` and
             ``"expert_scale"`` ``[B, A]`` (written under ``expert_key``, whether or not ``diagnostics`` is set).
+
+        A planner that ranks plans may also set ``self._objective`` (``[B, 1]``, the executed plan's score, NaN/inf
+        where it could not be scored): the finiteness check (``check_finite``) then refuses a step whose plan was
+        picked among unscorable ones, which a finite action alone would not reveal.
         """
 
+    def _check_latent(self, z: torch.Tensor) -> None:
+        latent_dim = self.world_model.latent_dim
+        if z.shape[-1] != latent_dim:
+            raise ValueError(f"{self.latent_key!r} has width {z.shape[-1]} (shape {tuple(z.shape)}) but the world "
+                             f"model's latent has width {latent_dim}.")
+        if self.check_finite and not bool(torch.isfinite(z).all()):
+            raise ValueError(f"{self.latent_key!r} contains NaN/inf values; refusing to plan from it.")
+
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
-        obs = tensordict.get(self.observation_key, None)
+        reads_latent = self.latent_key is not None
+        key = self.latent_key if reads_latent else self.observation_key
+        obs = tensordict.get(key, None)
         if obs is None:
-            raise KeyError(f"{type(self).__name__} needs {self.observation_key!r} in the input tensordict.")
+            hint = (" It is written by the world model's state estimator: act through "
+                    "world_model.acting_module(planner), in an env with world_model.acting_transforms()."
+                    if reads_latent else "")
+            raise KeyError(f"{type(self).__name__} needs {key!r} in the input tensordict.{hint}")
         if obs.ndim == 0:
-            raise ValueError("observation must have shape [..., obs_dim], got a scalar.")
-        self._check_observation(obs)
+            raise ValueError(f"{key!r} must have shape [..., width], got a scalar.")
+        if reads_latent:
+            self._check_latent(obs)
+        else:
+            self._check_observation(obs)
         batch_shape = obs.shape[:-1]
         device, dtype = self._model_device_dtype()
         flat = obs.reshape(-1, obs.shape[-1]).to(device=device, dtype=dtype)
@@ -470,14 +532,19 @@ class LatentPlannerBase(TensorDictModuleBase, abc.ABC):
                 flat = flat.clone()
                 warm = warm.clone() if warm is not None else None
             self._step_ops = ops = self.world_model.planning_ops()
+            self._objective = None
             try:
                 with torch.no_grad():
-                    z0 = ops.encode(flat)
+                    z0 = flat.detach() if reads_latent else ops.encode(flat)
                 action, diag = self.plan(z0, warm, explore)
             finally:
                 self._step_ops = None
             self._has_prev = torch.ones(B, dtype=torch.bool, device=device)
-        tensordict.set(self.action_key, action.reshape(*batch_shape, self.action_dim).to(obs.device))
+        action = action.reshape(*batch_shape, self.action_dim).to(obs.device)
+        if self._checks_finite(obs):
+            self._check_finite_step(obs, action, self._objective)
+        self._objective = None
+        tensordict.set(self.action_key, action)
         expert = diag.pop("expert_loc", None), diag.pop("expert_scale", None)
         if self.expert_key is not None and expert[0] is not None:
             for name, value in zip(("loc", "scale"), expert):

@@ -4,9 +4,14 @@ from __future__ import annotations
 import torch
 
 from torchrl_dreammpc.modules.base import WorldModelBase
-from torchrl_dreammpc.planners.base import LatentPlannerBase, _check_float, _check_int
+from torchrl_dreammpc.planners.base import LatentPlannerBase, _check_bool, _check_float, _check_int
 
-__all__ = ["GradientMPCPlanner"]
+__all__ = ["GradientMPCPlanner", "UNCERTAINTY_WEIGHT_BY_FAMILY"]
+
+#: Dream-MPC's uncertainty weight λ by the family of the model it plans in (``uncertainty_weight=None``)
+#: [Dream-MPC]: 0.01 with TD-MPC2's world models, 0.1 with BMPC's ("Dream-MPC with a strong policy"). Other families
+#: (DreamerV3: no published value) take TD-MPC2's.
+UNCERTAINTY_WEIGHT_BY_FAMILY: dict[str, float] = {"tdmpc2": 0.01, "bmpc": 0.1}
 
 
 class GradientMPCPlanner(LatentPlannerBase):
@@ -22,9 +27,9 @@ class GradientMPCPlanner(LatentPlannerBase):
        ``J = Σ_t γ^t r(z_t, a_t) + γ^H Q̄(z_H, π(z_H)) − λ Σ_{t=0..H} u_t`` with
        ``u = mean_k(Q_k)·std_k(Q_k)`` over the Q ensemble (``Q̄``: ``value(reduce="avg")``, γ:
        ``world_model.discount``; in a state-value model such as BMPC's, ``γ^H V̄(z_H)`` and ``u_t`` over its
-       V ensemble at ``z_t``: see :meth:`~LatentPlannerBase.imagine`); the gradient of each candidate is norm-clipped to ``max_grad_norm``; actions
-       are clamped to the bounds after each step. Only the actions are differentiated (``torch.autograd.grad``):
-       no gradient reaches the model parameters;
+       V ensemble at ``z_t``: see :meth:`~LatentPlannerBase.imagine`); the gradient of each candidate is
+       norm-clipped to ``max_grad_norm``; actions are clamped to the bounds after each step. Only the actions are
+       differentiated (``torch.autograd.grad``): no gradient reaches the model parameters;
     4. ``J`` is re-evaluated; the first action of the best candidate is executed and all candidates are kept
        for the next step's warm start.
 
@@ -44,7 +49,9 @@ class GradientMPCPlanner(LatentPlannerBase):
             prior candidates are only ranked by ``J`` (a "policy + amortization + selection" ablation).
         lr (float): SGD step size (Dream-MPC: 0.1).
         warm_start_weight (float): ρ in [0, 1] (Dream-MPC: 0.1); 0 disables the warm start.
-        uncertainty_weight (float): λ >= 0 (Dream-MPC: 0.01); 0 disables the penalty.
+        uncertainty_weight (float or None): λ >= 0; 0 disables the penalty. ``None`` (default): Dream-MPC's
+            published value for the model's family, :data:`UNCERTAINTY_WEIGHT_BY_FAMILY` (0.01 with TD-MPC2's
+            models, 0.1 with BMPC's; 0.01 for other families).
         max_grad_norm (float or None): per-candidate gradient-norm clip (Dream-MPC: 20); ``None``: no clipping.
         uncertainty_grad (bool): if ``False`` (default, the authors' code), the penalty only *ranks* the candidates
             in step 4 and the gradient steps ascend the return alone (cheaper: two Q heads on the last latent
@@ -93,7 +100,7 @@ class GradientMPCPlanner(LatentPlannerBase):
         iterations: int = 1,
         lr: float = 0.1,
         warm_start_weight: float = 0.1,
-        uncertainty_weight: float = 0.01,
+        uncertainty_weight: float | None = None,
         max_grad_norm: float | None = 20.0,
         uncertainty_grad: bool = False,
         exploration_std: float = 0.0,
@@ -105,10 +112,13 @@ class GradientMPCPlanner(LatentPlannerBase):
         self.iterations = _check_int("iterations", iterations, 0)
         self.lr = _check_float("lr", lr, low=0.0, low_open=True)
         self.warm_start_weight = _check_float("warm_start_weight", warm_start_weight, low=0.0, high=1.0)
+        if uncertainty_weight is None:
+            family = getattr(world_model, "family", None)
+            uncertainty_weight = UNCERTAINTY_WEIGHT_BY_FAMILY.get(family, UNCERTAINTY_WEIGHT_BY_FAMILY["tdmpc2"])
         self.uncertainty_weight = self._check_uncertainty_weight(uncertainty_weight)
         self.max_grad_norm = (None if max_grad_norm is None
                               else _check_float("max_grad_norm", max_grad_norm, low=0.0, low_open=True))
-        self.uncertainty_grad = bool(uncertainty_grad)
+        self.uncertainty_grad = _check_bool("uncertainty_grad", uncertainty_grad)
         self.exploration_std = _check_float("exploration_std", exploration_std, low=0.0)
 
     @property
@@ -169,6 +179,7 @@ class GradientMPCPlanner(LatentPlannerBase):
             J = torch.sub(ret, unc, alpha=lam) if lam > 0 else ret
             J = J.view(B, N).nan_to_num(nan=float("-inf"))
             idx = J.argmax(1, keepdim=True)  # [B, 1]
+            self._objective = J.gather(1, idx)  # -inf where every candidate's J was NaN: the check refuses it
             a4 = a.view(H, B, N, A)
             action = expert_loc = a4[0].gather(1, idx.unsqueeze(-1).expand(B, 1, A)).squeeze(1)
             if explore and self.exploration_std > 0:

@@ -149,8 +149,8 @@ class MPPIPlanner(LatentPlannerBase):
                 sampled = torch.clamp(mean.unsqueeze(2) + std.unsqueeze(2) * r, low, high)  # [H, B, R, A]
                 actions = torch.cat([pi_actions, sampled], dim=2) if P > 0 else sampled  # [H, B, S, A]
                 ret, unc = self.imagine(z0, actions.view(H, M, A), eps_H, uncertainty=lam > 0)
-                value = ret if unc is None else ret - lam * unc
-                value = value.view(B, S).nan_to_num(0.0)
+                raw = (ret if unc is None else ret - lam * unc).view(B, S)
+                value = raw.nan_to_num(0.0)  # TD-MPC2: a NaN score counts as 0
                 elite_value, elite_idx = value.topk(E, dim=1)  # sorted, best first
                 elite_actions = actions.gather(2, elite_idx.view(1, B, E, 1).expand(H, B, E, A))  # [H, B, E, A]
                 score = torch.softmax(self.temperature * elite_value, dim=1)  # [B, E]
@@ -169,6 +169,8 @@ class MPPIPlanner(LatentPlannerBase):
                 k = (cdf < u * cdf[:, -1:]).sum(1, keepdim=True).clamp(max=E - 1)  # [B, 1]
             else:
                 k = torch.zeros(B, 1, dtype=torch.long, device=z0.device)  # best elite (topk is sorted)
+            # The executed sequence's raw score, for the base class's finiteness check (NaN: the model's fault).
+            self._objective = raw.gather(1, elite_idx.gather(1, k))
             if not explore and self.eval_selection == "mean":
                 action = mean[0]
             else:

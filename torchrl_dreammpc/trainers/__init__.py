@@ -1,12 +1,15 @@
-"""Online training of latent world models with TorchRL's Trainer: TD-MPC2's or BMPC's update, Dream-MPC's acting."""
-from torchrl_dreammpc.trainers.algorithms import ALGORITHM_SPECS, UpdateParts, build_bmpc_update, build_tdmpc2_update
+"""Online training of latent world models with TorchRL's Trainer (TD-MPC2's, BMPC's or DreamerV3's update)."""
 from torchrl_dreammpc.trainers.dream_mpc import (
+    ALGORITHMS,
+    UPDATE_BUILDERS,
     ConfigMismatchError,
     DreamMPCTrainer,
+    UpdateParts,
     find_trainer_checkpoint,
     load_world_model_from_trainer_checkpoint,
     read_fingerprint,
     seed_steps,
+    verify_checkpoint_files,
 )
 from torchrl_dreammpc.trainers.hooks import (
     CollectorCountersState,
@@ -25,17 +28,16 @@ from torchrl_dreammpc.trainers.replay import (
     SliceReplayBufferTrainer,
     make_replay_buffer,
 )
-from torchrl_dreammpc.trainers.stepper import BMPCOptimizationStepper, TDMPC2OptimizationStepper
+from torchrl_dreammpc.trainers.stepper import BMPCOptimizationStepper, NonFiniteUpdateError, TDMPC2OptimizationStepper
 
 __all__ = [
-    "ALGORITHM_SPECS",
+    "ALGORITHMS",
+    "UPDATE_BUILDERS",
     "BMPCOptimizationStepper",
     "EXPERT_KEY",
     "EXPERT_KEYS",
     "LazyReanalyze",
     "UpdateParts",
-    "build_bmpc_update",
-    "build_tdmpc2_update",
     "ConfigMismatchError",
     "CollectorCountersState",
     "DreamMPCTrainer",
@@ -44,6 +46,7 @@ __all__ = [
     "find_trainer_checkpoint",
     "load_world_model_from_trainer_checkpoint",
     "MultiLogger",
+    "NonFiniteUpdateError",
     "REPLAY_KEYS",
     "SliceReplayBufferTrainer",
     "TDMPC2OptimizationStepper",
@@ -53,4 +56,5 @@ __all__ = [
     "read_eval_csv",
     "read_fingerprint",
     "seed_steps",
+    "verify_checkpoint_files",
 ]

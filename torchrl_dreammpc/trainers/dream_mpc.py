@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,13 +15,17 @@ import torch
 from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 from torchrl.checkpoint import Checkpoint, CheckpointRotation, GlobalRNGState
+from torchrl.checkpoint import CheckpointError as TorchRLCheckpointError
 from torchrl.collectors import Collector, MultiSyncCollector
 from torchrl.envs import EnvBase
 from torchrl.record.loggers import CSVLogger, TensorboardLogger
-from torchrl.trainers import Trainer, TrainerHookBase, UpdateWeights
+from torchrl.objectives import LossModule
+from torchrl.trainers import OptimizationStepper, Trainer, TrainerHookBase, UpdateWeights
 
-from torchrl_dreammpc.modules.world_model import TDMPC2WorldModel
-from torchrl_dreammpc.trainers.algorithms import ALGORITHM_SPECS
+from torchrl_dreammpc._checks import check_float
+from torchrl_dreammpc.envs import with_transforms
+from torchrl_dreammpc.modules.base import WorldModelBase
+from torchrl_dreammpc.objectives.tdmpc2 import TDMPC2Loss, TDMPC2PolicyLoss
 from torchrl_dreammpc.trainers.hooks import (
     CollectorCountersState,
     EpisodeReturnLogger,
@@ -28,15 +33,26 @@ from torchrl_dreammpc.trainers.hooks import (
     MultiLogger,
     WorldModelSnapshots,
 )
-from torchrl_dreammpc.trainers.replay import REPLAY_KEYS, STEP_KEY, SliceReplayBufferTrainer, make_replay_buffer
+from torchrl_dreammpc.trainers.replay import (
+    EXPERT_KEYS,
+    REPLAY_KEYS,
+    STEP_KEY,
+    SliceReplayBufferTrainer,
+    make_replay_buffer,
+    mark_missing_experts,
+)
+from torchrl_dreammpc.trainers.stepper import NonFiniteUpdateError, TDMPC2OptimizationStepper
 
 __all__ = [
     "DreamMPCTrainer",
     "ConfigMismatchError",
+    "UpdateParts",
+    "UPDATE_BUILDERS",
     "seed_steps",
     "read_fingerprint",
     "find_trainer_checkpoint",
     "load_world_model_from_trainer_checkpoint",
+    "verify_checkpoint_files",
 ]
 
 #: Fingerprint entries that must agree between a checkpoint and the run resuming from it.
@@ -44,12 +60,86 @@ FINGERPRINT_KEYS = ("task", "algorithm", "model_size", "obs_dim", "action_dim", 
                     "batch_size", "buffer_capacity")
 #: Values of fingerprint entries added after checkpoints were first written (older checkpoints lack them).
 FINGERPRINT_DEFAULTS = {"algorithm": "tdmpc2"}
-#: Training algorithms (the update: losses and stepper) that :class:`DreamMPCTrainer` runs.
-ALGORITHMS = ("tdmpc2", "bmpc")
 
 
 class ConfigMismatchError(ValueError):
     """A checkpoint was written by a run with another task / model size / planner; the message names the field."""
+
+
+@dataclasses.dataclass
+class UpdateParts:
+    """An algorithm's update, as :class:`DreamMPCTrainer` wires it (what an :data:`UPDATE_BUILDERS` entry returns).
+
+    Attributes:
+        loss_module: the Trainer's ``loss_module`` (checkpointed: it holds the model's weights under
+            ``world_model.``).
+        stepper: the Trainer's ``optimization_stepper``.
+        replay_keys: entries the replay buffer stores besides :data:`~torchrl_dreammpc.trainers.replay.REPLAY_KEYS`.
+        replay_preprocess: applied to the collected rows before they are stored (see ``SliceReplayBufferTrainer``).
+        hooks: trainer hooks registered after the replay hook (each has ``register(trainer)``).
+    """
+
+    loss_module: LossModule
+    stepper: OptimizationStepper
+    replay_keys: tuple = ()
+    replay_preprocess: Callable | None = None
+    hooks: list = dataclasses.field(default_factory=list)
+
+
+def _require_family(algorithm: str, world_model) -> None:
+    """Each algorithm trains the world-model family of the same name (``world_model.family``)."""
+    family = getattr(world_model, "family", None)
+    if family != algorithm:
+        raise TypeError(f"algorithm={algorithm!r} trains a world model of family {algorithm!r}, got a "
+                        f"{type(world_model).__name__} (family {family!r}, trained by algorithm={family!r}).")
+
+
+def _tdmpc2_update(world_model, *, lr, enc_lr_scale, grad_clip, tau, compile, loss_kwargs, policy_loss_kwargs):
+    """TD-MPC2's update: :class:`TDMPC2Loss`, :class:`TDMPC2PolicyLoss`, :class:`TDMPC2OptimizationStepper`."""
+    _require_family("tdmpc2", world_model)
+    loss_module = TDMPC2Loss(world_model, **loss_kwargs)
+    policy_loss = TDMPC2PolicyLoss(world_model, **policy_loss_kwargs)
+    stepper = TDMPC2OptimizationStepper(loss_module, policy_loss=policy_loss, lr=lr, enc_lr_scale=enc_lr_scale,
+                                        grad_clip=grad_clip, tau=tau, compile=compile)
+    return UpdateParts(loss_module, stepper)
+
+
+def _bmpc_update(world_model, *, lr, enc_lr_scale, grad_clip, tau, compile, loss_kwargs, policy_loss_kwargs,
+                 reanalyze=None):
+    """BMPC's update (:func:`~torchrl_dreammpc.trainers.bmpc.make_bmpc_update`): its losses and stepper, the
+    expert distribution stored with every transition (NaN where no planner wrote one) and the lazy-reanalyze
+    hook. ``reanalyze``: the hook's options (``algorithm_kwargs={"reanalyze": {...}}`` of the trainer)."""
+    from torchrl_dreammpc.trainers.bmpc import make_bmpc_update
+
+    _require_family("bmpc", world_model)
+    loss_module, stepper, hook = make_bmpc_update(
+        world_model, lr=lr, enc_lr_scale=enc_lr_scale, grad_clip=grad_clip, tau=tau, compile=compile,
+        loss_kwargs=loss_kwargs, policy_loss_kwargs=policy_loss_kwargs, reanalyze=reanalyze)
+    return UpdateParts(loss_module, stepper, replay_keys=EXPERT_KEYS, replay_preprocess=mark_missing_experts,
+                       hooks=[hook])
+
+
+def _dreamer_v3_update(world_model, *, lr, enc_lr_scale, grad_clip, tau, compile, loss_kwargs, policy_loss_kwargs):
+    """DreamerV3's update (:func:`~torchrl_dreammpc.trainers.dreamer_v3.make_dreamer_v3_update`): ``loss_kwargs``
+    holds its optimizer and loss arguments; ``enc_lr_scale``, ``grad_clip`` and ``tau`` are TD-MPC2's and unused."""
+    from torchrl_dreammpc.trainers.dreamer_v3 import make_dreamer_v3_update
+
+    _require_family("dreamer_v3", world_model)
+    if policy_loss_kwargs:
+        raise ValueError("algorithm='dreamer_v3' takes no policy_loss_kwargs: its actor loss arguments go in "
+                         "loss_kwargs.")
+    return UpdateParts(*make_dreamer_v3_update(world_model, lr=lr, compile=compile, **loss_kwargs))
+
+
+#: Per algorithm, what builds its update: ``(world_model, *, lr, enc_lr_scale, grad_clip, tau, compile, loss_kwargs,
+#: policy_loss_kwargs, **algorithm_kwargs) -> UpdateParts``. Each trains the world-model family of its name.
+UPDATE_BUILDERS: dict[str, Callable[..., UpdateParts]] = {
+    "tdmpc2": _tdmpc2_update,
+    "bmpc": _bmpc_update,
+    "dreamer_v3": _dreamer_v3_update,
+}
+#: Training algorithms (the update: losses and stepper) that :class:`DreamMPCTrainer` runs.
+ALGORITHMS = tuple(UPDATE_BUILDERS)
 
 
 def seed_steps(episode_length: int) -> int:
@@ -87,31 +177,103 @@ def find_trainer_checkpoint(path: str | Path) -> Path | None:
     return None
 
 
+def verify_checkpoint_files(path: str | Path, components: Sequence[str] | None = None) -> None:
+    """Checks that a trainer checkpoint's files are all there and whole, before anything is loaded from it.
+
+    TorchRL memory-maps tensor files when it loads a checkpoint, so a truncated file (a copy cut short, a full
+    disk) would load as zeros or garbage without any error. This compares every ``*.memmap`` file with the shape
+    and dtype recorded beside it (``meta.json``) and checks that every file the manifest lists exists.
+
+    Args:
+        path: the checkpoint directory.
+        components (sequence of str, optional): only these components. Default: all.
+
+    Raises:
+        CheckpointError: naming the checkpoint, the file and what is wrong with it.
+    """
+    from torchrl_dreammpc.checkpoints import CheckpointError
+
+    path = Path(path)
+    try:
+        records = Checkpoint.manifest(path)["components"]
+    except Exception as err:
+        raise CheckpointError(f"{path} has no readable checkpoint manifest: {err}") from err
+    for name, record in records.items():
+        if components is not None and name not in components:
+            continue
+        root = path / record["path"]
+        for rel in record.get("files", ()):
+            if not (root / rel).is_file():
+                raise CheckpointError(f"Checkpoint {path} is incomplete: component {name!r} lacks {rel}.")
+        for meta in root.rglob("meta.json"):
+            try:
+                entries = json.loads(meta.read_text())
+            except ValueError as err:
+                raise CheckpointError(f"Checkpoint {path} is corrupted: {meta.relative_to(path)} is not JSON "
+                                      f"({err}).") from err
+            for key, info in entries.items():
+                if not isinstance(info, dict) or info.get("is_nested") or "shape" not in info:
+                    continue
+                file = meta.parent / f"{key}.memmap"
+                dtype = getattr(torch, str(info.get("dtype", "")).removeprefix("torch."), None)
+                if not file.exists() or not isinstance(dtype, torch.dtype):
+                    continue
+                expected = math.prod(info["shape"]) * dtype.itemsize
+                size = file.stat().st_size
+                if size != expected:
+                    raise CheckpointError(
+                        f"Checkpoint {path} is corrupted: {file.relative_to(path)} has {size} bytes, but its "
+                        f"recorded shape {info['shape']} of {dtype} needs {expected} (a truncated copy?).")
+
+
+class _PrefixedState:
+    """Checkpoint view of a module stored inside a larger one under ``prefix`` (the other entries are ignored)."""
+
+    def __init__(self, module: torch.nn.Module, prefix: str) -> None:
+        self.module, self.prefix = module, prefix
+
+    def state_dict(self) -> dict[str, Any]:
+        return {self.prefix + key: value for key, value in self.module.state_dict().items()}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        n = len(self.prefix)
+        self.module.load_state_dict({key[n:]: value for key, value in state_dict.items()
+                                     if key.startswith(self.prefix)})
+
+
 def load_world_model_from_trainer_checkpoint(path: str | Path, device: str | torch.device = "cpu"
-                                             ) -> tuple[TDMPC2WorldModel, dict[str, Any]]:
+                                             ) -> tuple[WorldModelBase, dict[str, Any]]:
     """Rebuilds the world model of a :class:`DreamMPCTrainer` checkpoint (a run dir or a checkpoint dir).
 
-    The model (the class of the checkpoint's algorithm: a ``TDMPC2WorldModel`` or a ``BMPCWorldModel``) is built
-    from the config stored in the checkpoint's fingerprint, then only the ``loss_module`` component (the model's
-    weights, target values included) is loaded; the replay buffer and the rest stay on disk.
+    The model (of the family the checkpoint's ``algorithm`` trains: TD-MPC2's, BMPC's or DreamerV3's) is built from
+    the config stored in the checkpoint's fingerprint, then only its weights are read from the ``loss_module``
+    component (every loss module holds the model under ``world_model.``, target values included); the replay
+    buffer and the rest stay on disk.
 
     Returns:
         ``(world_model in eval mode, fingerprint)``.
     """
+    from torchrl_dreammpc.checkpoints import CheckpointError, build_world_model, check_finite_state
+
     checkpoint_path = find_trainer_checkpoint(path)
     if checkpoint_path is None:
         raise FileNotFoundError(f"No trainer checkpoint found at {path}.")
     fingerprint = read_fingerprint(checkpoint_path)
     algorithm = fingerprint.get("algorithm", FINGERPRINT_DEFAULTS["algorithm"])
-    if algorithm not in ALGORITHM_SPECS:
+    if algorithm not in UPDATE_BUILDERS:
         raise ConfigMismatchError(f"{checkpoint_path} was written by algorithm {algorithm!r}; this code knows "
-                                  f"{sorted(ALGORITHM_SPECS)}.")
-    spec = ALGORITHM_SPECS[algorithm]
-    config = dict(fingerprint["world_model"])
-    obs_dim, action_dim, size = config.pop("obs_dim"), config.pop("action_dim"), config.pop("model_size")
-    world_model = spec.world_model_class(obs_dim, action_dim, model_size=size, **config)
-    checkpoint = Checkpoint(loss_module=spec.loss_class(world_model))
-    checkpoint.load(checkpoint_path, components=["loss_module"], map_location="cpu")
+                                  f"{list(ALGORITHMS)}.")
+    try:
+        world_model = build_world_model(algorithm, fingerprint["world_model"])  # each algorithm: its own family
+    except (TypeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{checkpoint_path} records an invalid world-model config: {err}") from err
+    verify_checkpoint_files(checkpoint_path, ["loss_module"])
+    checkpoint = Checkpoint(loss_module=_PrefixedState(world_model, "world_model."))
+    try:
+        checkpoint.load(checkpoint_path, components=["loss_module"], map_location="cpu")
+    except (TorchRLCheckpointError, RuntimeError, KeyError) as err:
+        raise CheckpointError(f"Could not load the world model of {checkpoint_path}: {err}") from err
+    check_finite_state(world_model.state_dict(), f"Checkpoint {checkpoint_path}")
     return world_model.to(device).eval(), {**fingerprint, "checkpoint": str(checkpoint_path)}
 
 
@@ -178,14 +340,20 @@ class DreamMPCTrainer(Trainer):
     Args:
         create_env_fn (callable): builds the training env (``() -> EnvBase``), e.g.
             ``functools.partial(make_env, "cartpole-swingup", seed=1)``.
-        world_model (TDMPC2WorldModel): the model to train.
-        actor (TensorDictModuleBase): the acting module (a planner over ``world_model``).
+        world_model (WorldModelBase): the model to train, of the family ``algorithm`` trains (checked):
+            :class:`~torchrl_dreammpc.modules.TDMPC2WorldModel`, :class:`~torchrl_dreammpc.modules.BMPCWorldModel`
+            with ``algorithm="bmpc"``, :class:`~torchrl_dreammpc.modules.DreamerV3WorldModel` with
+            ``algorithm="dreamer_v3"`` (the envs then get its
+            :meth:`~torchrl_dreammpc.modules.WorldModelBase.acting_transforms`).
+        actor (TensorDictModuleBase): the acting module, a planner over ``world_model`` itself (checked: an actor
+            without ``world_model`` among its submodules is refused).
         total_frames (int): agent steps to train for.
 
     Keyword Args:
         batch_size (int): sub-trajectories per update (TD-MPC2: 256).
         horizon (int): transitions per sub-trajectory (TD-MPC2: 3).
-        buffer_capacity (int, optional): replay capacity. Defaults to ``min(total_frames, 1_000_000)`` (TD-MPC2).
+        buffer_capacity (int, optional): replay capacity, ``>= horizon``. ``None`` (default): ``min(total_frames,
+            1_000_000)`` (TD-MPC2).
         seed (int): seeds the collector's env, torch and numpy (:meth:`Trainer.set_seed`).
         episode_length (int, optional): agent steps per episode; sizes the seed phase. Read from the env's
             ``info.episode_length`` (torchrl_dreammpc envs) if not given.
@@ -195,20 +363,26 @@ class DreamMPCTrainer(Trainer):
         utd_ratio (float): updates per collected step afterwards (TD-MPC2: 1).
         frames_per_batch (int): steps per collector batch and worker (1: act, then update, as TD-MPC2).
         lr (float), enc_lr_scale (float), grad_clip (float), tau (float), compile (bool or str): see
-            :class:`TDMPC2OptimizationStepper`.
-        algorithm (str): the update, one of :data:`ALGORITHMS` (``"tdmpc2"``: TD-MPC2's losses and stepper;
-            ``"bmpc"``: BMPC's, for a ``BMPCWorldModel``, with the expert distribution in the replay buffer and
-            the lazy reanalyze; the acting planner should write the expert, ``expert_key="expert"``). Built by
-            :data:`~torchrl_dreammpc.trainers.algorithms.ALGORITHM_SPECS`; recorded in the checkpoint fingerprint.
-            Default ``"tdmpc2"``.
-        loss_kwargs (dict, optional): extra arguments of the algorithm's loss (``TDMPC2Loss``: coefficients, rho).
-        policy_loss_kwargs (dict, optional): extra arguments of its policy loss.
-        algorithm_kwargs (dict, optional): extra arguments of its update builder (BMPC: ``reanalyze``).
+            :class:`TDMPC2OptimizationStepper` (``"dreamer_v3"``: only ``lr``; ``compile`` must be ``False``).
+        algorithm (str): the update, one of :data:`ALGORITHMS`, built by :data:`UPDATE_BUILDERS` and recorded in the
+            checkpoint fingerprint: ``"tdmpc2"`` (TD-MPC2's losses and stepper), ``"bmpc"`` (BMPC's, for a
+            :class:`~torchrl_dreammpc.modules.BMPCWorldModel`, with the expert distribution in the replay buffer
+            and the lazy reanalyze; the acting planner may write the expert too, ``expert_key="expert"``) or
+            ``"dreamer_v3"`` (TorchRL's DreamerV3 losses and stepper, for a
+            :class:`~torchrl_dreammpc.modules.DreamerV3WorldModel`; ``horizon`` is then the replayed sequence
+            length). Default ``"tdmpc2"``.
+        loss_kwargs (dict, optional): extra arguments of the algorithm's loss (:class:`TDMPC2Loss` /
+            ``BMPCLoss``: coefficients, rho); for ``"dreamer_v3"`` the arguments of
+            :func:`~torchrl_dreammpc.trainers.dreamer_v3.make_dreamer_v3_update`.
+        policy_loss_kwargs (dict, optional): extra arguments of its policy loss (``TDMPC2PolicyLoss`` /
+            ``BMPCPolicyLoss``).
+        algorithm_kwargs (dict, optional): extra arguments of its update builder (BMPC: ``reanalyze``, see
+            :func:`~torchrl_dreammpc.trainers.bmpc.make_bmpc_update`).
         eval_interval (int): steps between evaluations (``0``: none). Default 10_000.
         eval_episodes (int): episodes per evaluation. Default 10.
         eval_actors (mapping, optional): ``{name: actor}`` evaluated each time, the first being the training
             planner's (a second instance over the same world model keeps the training planner's warm start out
-            of evaluation). Defaults to ``{planner_name: actor}``.
+            of evaluation). Defaults to ``{planner_name: actor}``. Each must act through ``world_model`` too.
         create_eval_env_fn (callable, optional): builds the evaluation envs. Defaults to ``create_env_fn``.
         eval_seed (int, optional): seed of the evaluation envs, reset before each evaluation. Defaults to
             ``seed + 1000``.
@@ -225,7 +399,8 @@ class DreamMPCTrainer(Trainer):
         num_workers (int): collector workers. Default 1.
         collector_backend (str): ``"local"`` (in-process, or one process per worker) or ``"ray"``.
         ray_init_config (dict, optional): ``ray.init`` arguments of the Ray backend.
-        replay_memmap (bool): keep the replay buffer on disk (memmap). Default ``False``.
+        replay_memmap (bool): keep the replay buffer on disk (memmap), in ``<log_dir>/replay`` (scratch space,
+            emptied when a trainer is built: the checkpoints hold the buffer). Default ``False``.
         device (torch.device, optional): where samples are moved for the update. Defaults to the model's device.
         task (str, optional), planner_name (str, optional): recorded in the checkpoint fingerprint.
         progress_bar (bool): tqdm progress bar. Default ``False`` (one line per evaluation is printed).
@@ -250,7 +425,7 @@ class DreamMPCTrainer(Trainer):
         self,
         *,
         create_env_fn: Callable[[], EnvBase],
-        world_model: TDMPC2WorldModel,
+        world_model: WorldModelBase,
         actor: TensorDictModuleBase,
         total_frames: int,
         batch_size: int = 256,
@@ -314,10 +489,16 @@ class DreamMPCTrainer(Trainer):
         _check_positive("log_interval", log_interval)
         _check_positive("checkpoint_interval", checkpoint_interval)
         _check_positive("keep_checkpoints", keep_checkpoints)
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr}.")
-        if not utd_ratio > 0:
-            raise ValueError(f"utd_ratio must be > 0, got {utd_ratio}.")
+        if buffer_capacity is not None:
+            _check_positive("buffer_capacity", buffer_capacity)
+            if buffer_capacity < horizon:
+                raise ValueError(f"buffer_capacity={buffer_capacity} cannot hold one sub-trajectory of "
+                                 f"horizon={horizon} transitions.")
+        _check_plans_over("actor", actor, world_model)
+        for name, eval_actor in dict(eval_actors or {}).items():
+            _check_plans_over(f"eval_actors[{name!r}]", eval_actor, world_model)
+        check_float("lr", lr, low=0.0, low_open=True)
+        check_float("utd_ratio", utd_ratio, low=0.0, low_open=True)
         if eval_interval < 0:
             raise ValueError(f"eval_interval must be >= 0, got {eval_interval}.")
         if isinstance(snapshot_interval, bool) or not isinstance(snapshot_interval, int) or snapshot_interval < 0:
@@ -325,6 +506,10 @@ class DreamMPCTrainer(Trainer):
         if snapshot_interval and log_dir is None:
             raise ValueError("snapshot_interval > 0 needs a log_dir (snapshots go to <log_dir>/snapshots).")
 
+        # A recurrent model carries its state in the env's tensordict: its envs need the model's transforms.
+        create_env_fn = with_transforms(create_env_fn, world_model.acting_transforms())
+        if create_eval_env_fn is not None:
+            create_eval_env_fn = with_transforms(create_eval_env_fn, world_model.acting_transforms())
         # One env instance: specs are checked against the model, the seed phase is sized from its episode
         # length, and the single-process collector steps this very env.
         env = create_env_fn()
@@ -368,7 +553,8 @@ class DreamMPCTrainer(Trainer):
         planner_name = planner_name or type(actor).__name__
         # TD-MPC2 sizes its buffer min(steps, 1M); it is stored in the fingerprint because a resumed run must
         # reuse the capacity of the checkpoint's storage (pass buffer_capacity to extend a run).
-        buffer_capacity = buffer_capacity or min(total_frames, 1_000_000)
+        if buffer_capacity is None:
+            buffer_capacity = min(total_frames, 1_000_000)
         self.fingerprint = {
             "task": task,
             "algorithm": algorithm,
@@ -396,17 +582,23 @@ class DreamMPCTrainer(Trainer):
         # Several workers interleave their rows in the storage: trajectories are then rebuilt from
         # (trajectory id, step count) pairs rather than from storage adjacency.
         fragmented = type(collector) is not Collector
+        scratch_dir = None if self.log_dir is None else self.log_dir / "replay"
+        if replay_memmap and scratch_dir is not None and scratch_dir.is_dir():
+            # Left by an earlier (killed or finished) run of this log_dir: scratch space, the buffer's content is in
+            # the checkpoints. TorchRL's memmap storage refuses to restore a checkpoint over existing files.
+            shutil.rmtree(scratch_dir)
         replay_buffer = make_replay_buffer(
             buffer_capacity,
             horizon,
             batch_size,
             memmap=replay_memmap,
-            scratch_dir=None if self.log_dir is None else self.log_dir / "replay",
+            scratch_dir=scratch_dir,
             fragmented=fragmented,
         )
-        update = ALGORITHM_SPECS[algorithm].build_update(
+        update = UPDATE_BUILDERS[algorithm](
             world_model, lr=lr, enc_lr_scale=enc_lr_scale, grad_clip=grad_clip, tau=tau, compile=compile,
-            loss_kwargs=loss_kwargs, policy_loss_kwargs=policy_loss_kwargs, **dict(algorithm_kwargs or {}))
+            loss_kwargs=dict(loss_kwargs or {}), policy_loss_kwargs=dict(policy_loss_kwargs or {}),
+            **dict(algorithm_kwargs or {}))
         loss_module, stepper = update.loss_module, update.stepper
 
         # -- logging ---------------------------------------------------------------------------------------
@@ -552,6 +744,10 @@ class DreamMPCTrainer(Trainer):
         self.optim_steps_per_batch = updates
         try:
             super().optim_steps(batch)
+        except NonFiniteUpdateError:
+            # Training stops here (see TDMPC2OptimizationStepper): release the collector's workers / envs first.
+            self.collector.shutdown()
+            raise
         finally:
             self.pretraining = False
 
@@ -631,8 +827,8 @@ class DreamMPCTrainer(Trainer):
         """Continues from a checkpoint (by default the newest complete one in ``checkpoint_dir``).
 
         Restores the model, optimizers, Q scale, replay buffer, step counters, collector counters, RNG state,
-        logger and evaluation state, after checking the fingerprint (:meth:`check_fingerprint`) before anything
-        is loaded. Staging directories left by a run killed while saving are removed first (they are never
+        logger and evaluation state, after checking the fingerprint (:meth:`check_fingerprint`) and that every
+        file of the checkpoint is there and whole (:func:`verify_checkpoint_files`) before anything is loaded. Staging directories left by a run killed while saving are removed first (they are never
         considered: a checkpoint is only published, by an atomic rename, once complete). Log rows written
         after the checkpoint (``eval.csv``, CSV scalars, TensorBoard events) are dropped, so the resumed run
         writes them again.
@@ -649,6 +845,7 @@ class DreamMPCTrainer(Trainer):
                 return None
         path = Path(path)
         self.check_fingerprint(path)
+        verify_checkpoint_files(path)
         self.load_from_file(path)
         step = self.collected_frames
         if isinstance(self.logger, MultiLogger):
@@ -676,6 +873,18 @@ class DreamMPCTrainer(Trainer):
 def _check_positive(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def _check_plans_over(name: str, actor, world_model) -> None:
+    """Refuses an actor that does not act through ``world_model``: collecting (or evaluating) with a planner over
+    another model would use a model that this trainer never updates."""
+    modules = actor.modules() if isinstance(actor, torch.nn.Module) else ()
+    if not any(module is world_model for module in modules):
+        held = getattr(actor, "world_model", None)
+        detail = (f"it plans over another {type(held).__name__} instance" if held is not None
+                  else "the world model is not among its submodules")
+        raise ValueError(f"{name} ({type(actor).__name__}) must act through the world model being trained: {detail}. "
+                         "Build the planner over the very model passed as world_model=.")
 
 
 def _env_dims(env: EnvBase) -> tuple[int, int]:

@@ -204,18 +204,29 @@ class EpisodeReturnLogger(TrainerHookBase):
         trainer.register_module(name, self)
 
 
-def _success_rate(traj_batch: TensorDictBase) -> dict[str, float]:
-    """Fraction of evaluation episodes whose ``success`` flag was set (Meta-World)."""
-    success = traj_batch.get(("next", "success"), None)
-    if success is None:
-        return {}
+def _episode_metrics(traj_batch: TensorDictBase) -> dict[str, Any]:
+    """Per-episode returns (and Meta-World's success flags with their rate) of an evaluation batch.
+
+    TorchRL's Evaluator reports the mean and std of the returns; paired comparisons of planners and bootstrap
+    confidence intervals need every episode's value, so they are returned as lists (``episode_returns``,
+    ``episode_successes``) beside the ``success`` rate.
+    """
+    reward = traj_batch.get(("next", "reward"))
     traj_ids = traj_batch.get(("collector", "traj_ids"), None)
-    success = success.reshape(traj_batch.shape[0], -1).any(-1)
     if traj_ids is None:
-        return {"success": float(success.any())}
-    traj_ids = traj_ids.reshape(-1)
-    per_episode = [bool(success[traj_ids == i].any()) for i in traj_ids.unique()]
-    return {"success": sum(per_episode) / max(len(per_episode), 1)}
+        episodes = [torch.arange(traj_batch.numel())]
+    else:
+        traj_ids = traj_ids.reshape(-1)
+        episodes = [(traj_ids == i).nonzero().squeeze(-1) for i in traj_ids.unique(sorted=True)]
+    reward = reward.reshape(traj_batch.numel(), -1)
+    out: dict[str, Any] = {"episode_returns": [float(reward[rows].sum()) for rows in episodes]}
+    success = traj_batch.get(("next", "success"), None)
+    if success is not None:
+        success = success.reshape(traj_batch.numel(), -1).any(-1)
+        flags = [bool(success[rows].any()) for rows in episodes]
+        out["episode_successes"] = flags
+        out["success"] = sum(flags) / max(len(flags), 1)
+    return out
 
 
 class EvaluationHook(TrainerHookBase):
@@ -273,15 +284,20 @@ class EvaluationHook(TrainerHookBase):
         self.verbose = verbose
         self.at_start = bool(at_start)
         self.envs = {name: create_env_fn() for name in self.names}
+        # One collector batch of exactly `episodes` full episodes. (TorchRL's default batch is max_steps or 1000
+        # frames: 2 Meta-World episodes of 100 steps would play 10 and keep 2.)
+        length = max_steps or getattr(getattr(getattr(self.envs[self.names[0]], "base_env", None), "info", None),
+                                      "episode_length", None)
         self.evaluators = {
             name: Evaluator(
                 self.envs[name],
                 actor,
                 num_trajectories=self.episodes,
                 max_steps=max_steps,
+                frames_per_batch=None if length is None else self.episodes * int(length),
                 collector_kwargs={"traj_format": "cat"},
                 log_prefix="eval",
-                metrics_fn=_success_rate,
+                metrics_fn=_episode_metrics,
             )
             for name, actor in self.actors.items()
         }
@@ -332,6 +348,10 @@ class EvaluationHook(TrainerHookBase):
                 metrics["success"] = float(raw["eval/success"])
             results[name] = metrics
             self._record(name, step, metrics)
+            # Lists (not logged as scalars): every episode's return / success, for paired comparisons.
+            for key in ("episode_returns", "episode_successes"):
+                if f"eval/{key}" in raw:
+                    metrics[key] = list(raw[f"eval/{key}"])
         self.history.append((step, results[self.names[0]]))
         self.last_eval_step = step
         return results

@@ -10,6 +10,8 @@ from tensordict.utils import NestedKey
 from torchrl.data import LazyMemmapStorage, LazyTensorStorage, SliceSampler, TensorDictReplayBuffer
 from torchrl.trainers import ReplayBufferTrainer, Trainer
 
+from torchrl_dreammpc._checks import MissingKeyError
+
 __all__ = ["REPLAY_KEYS", "STEP_KEY", "TRAJ_KEY", "EXPERT_KEY", "EXPERT_KEYS", "make_replay_buffer",
            "SliceReplayBufferTrainer", "mark_missing_experts"]
 
@@ -143,11 +145,13 @@ class SliceReplayBufferTrainer(ReplayBufferTrainer):
     - :meth:`extend` flattens collector batches (``[T]``, or ``[workers, T]`` for multi-worker collectors)
       into rows without touching the end flags. The parent's ``flatten_tensordicts=True`` path marks the last
       row of every batch as ``truncated``, which with one-frame batches (UTD 1) would mark every transition.
-      Only :data:`REPLAY_KEYS` are stored.
+      Only ``keys`` (:data:`REPLAY_KEYS` by default) are stored, and each of them is required after
+      ``preprocess`` (a ``KeyError`` names the missing ones).
     - :meth:`sample` reshapes the flat ``[B * H]`` sample into ``[B, H]`` sub-trajectories (with the storage
       index of every row under ``"index"``, ``[B, H, 1]``, as TorchRL's sample gives it).
 
-    ``preprocess`` (optional) edits the rows before they are written, e.g. :func:`mark_missing_experts` for BMPC.
+    ``preprocess`` (optional) edits the selected rows before they are written, e.g. :func:`mark_missing_experts`
+    for BMPC (which writes the expert entries an actor did not).
 
     It registers :meth:`extend` as a ``batch_process`` op, :meth:`sample` as a ``process_optim_batch`` op, and
     itself as the ``replay_buffer`` module (checkpointed with the Trainer); no ``post_loss`` priority update
@@ -182,9 +186,19 @@ class SliceReplayBufferTrainer(ReplayBufferTrainer):
         mask = batch.get(("collector", "mask"), None)
         rows = batch[mask] if mask is not None else batch.reshape(-1)
         if rows.numel():  # an empty write would leave the storage's cursor empty (and break its dump)
+            collected = rows
             rows = rows.select(*self.keys, strict=False)
             if self.preprocess is not None:
                 rows = self.preprocess(rows)
+            present = set(rows.keys(True))
+            missing = [key for key in self.keys if key not in present]
+            if missing:
+                present = set(collected.keys(True))
+                # Storing the rows without them would make every sample fail later, or worse, be read with a default.
+                raise MissingKeyError(
+                    f"The collected batch lacks {missing}, which the replay buffer stores for the loss and the slice "
+                    f"sampler (it has {sorted(map(str, present))}). Collect with an env that writes them "
+                    "(torchrl_dreammpc.envs.make_env does).")
             self.replay_buffer.extend(rows)
         return batch
 

@@ -1,6 +1,7 @@
 """TD-MPC2's and BMPC's updates as TorchRL :class:`~torchrl.trainers.OptimizationStepper` s."""
 from __future__ import annotations
 
+import math
 from typing import Any, TYPE_CHECKING
 
 import torch
@@ -9,6 +10,7 @@ from tensordict.utils import NestedKey
 from torch import nn
 from torchrl.objectives import SoftUpdate
 
+from torchrl_dreammpc._checks import check_bool, check_compile, check_float
 from torchrl_dreammpc.objectives.bmpc import BMPCLoss, BMPCPolicyLoss
 from torchrl_dreammpc.objectives.tdmpc2 import TDMPC2Loss, TDMPC2PolicyLoss, make_tdmpc2_optimizers
 
@@ -17,7 +19,23 @@ from torchrl.trainers import OptimizationStepper
 if TYPE_CHECKING:
     from torchrl.trainers import Trainer
 
-__all__ = ["TDMPC2OptimizationStepper", "BMPCOptimizationStepper"]
+__all__ = ["TDMPC2OptimizationStepper", "BMPCOptimizationStepper", "NonFiniteUpdateError"]
+
+
+class NonFiniteUpdateError(FloatingPointError):
+    """An update produced a NaN/inf loss or gradient norm. The optimizer step that would have written it into the
+    weights was not taken; the message names the update, the loss term(s) and, under a trainer with checkpoints,
+    the last checkpoint written.
+
+    Attributes:
+        update (int): the 1-based index of the failed update.
+        terms (dict): the non-finite entries, name → value.
+        checkpoint: the trainer's newest checkpoint at the time (``None`` without one).
+    """
+
+    def __init__(self, message: str, *, update: int, terms: dict[str, float], checkpoint=None) -> None:
+        super().__init__(message)
+        self.update, self.terms, self.checkpoint = update, terms, checkpoint
 
 
 class TDMPC2OptimizationStepper(OptimizationStepper):
@@ -39,6 +57,15 @@ class TDMPC2OptimizationStepper(OptimizationStepper):
 
     The returned tensordict holds detached scalars only (the ``[H+1, B, L]`` latents are dropped), ready for
     the Trainer's logging.
+
+    Non-finite updates (``check_finite=True``, the default): before each optimizer step, the loss terms and the
+    clipped gradient norm of that step are checked (one fused reduction: two host syncs per update, ~20 µs on a
+    CPU against an update of 50-300 ms). A NaN/inf raises :class:`NonFiniteUpdateError` naming the update, the
+    loss term(s) and, under a trainer, the collected step and the last checkpoint; the optimizer step is not
+    taken, so the weights keep their last finite values. The update *stops* training rather than skipping the
+    batch: a NaN loss comes from NaN/overflowing weights or data, and a skipped step would fail again on the next
+    batch (or, worse, on some batches only, silently training on the rest); resume from the named checkpoint with
+    a lower ``lr`` / ``grad_clip`` instead.
 
     Its state (both optimizers, the policy loss's running Q scale, the target updater's progress and the
     update count) is what :meth:`state_dict` returns; registered on a Trainer (:meth:`register`), it is saved
@@ -62,8 +89,9 @@ class TDMPC2OptimizationStepper(OptimizationStepper):
             backward); a string picks the compile mode (``True`` means ``"max-autotune-no-cudagraphs"``, the
             fastest mode measured on CPU, see docs/performance.md). The optimizer steps, clipping and the
             target update stay eager. Batch validation (widths, NaN/inf) then runs eagerly before the compiled
-            call, so bad input still raises the same error. Default ``False`` (eager). Compilation costs ~1 min
-            on 2 CPU cores the first time (cached on disk afterwards).
+            call, so bad input still raises the same error. Default ``False`` (eager). Compile time: see
+            docs/performance.md, *Compile time*.
+        check_finite (bool): refuse non-finite losses / gradient norms (see above). Default ``True``.
 
     Examples:
         >>> from torchrl_dreammpc.modules import TDMPC2WorldModel
@@ -92,13 +120,14 @@ class TDMPC2OptimizationStepper(OptimizationStepper):
         grad_clip: float = 20.0,
         tau: float = 0.01,
         compile: bool | str = False,
+        check_finite: bool = True,
     ) -> None:
         if not isinstance(loss_module, self.loss_class):
             raise TypeError(f"loss_module must be a {self.loss_class.__name__}, got {type(loss_module).__name__}.")
-        if not grad_clip > 0:
-            raise ValueError(f"grad_clip must be > 0, got {grad_clip}.")
-        if not 0 < tau <= 1:
-            raise ValueError(f"tau must be in (0, 1], got {tau}.")
+        grad_clip = check_float("grad_clip", grad_clip, low=0.0, low_open=True)
+        tau = check_float("tau", tau, low=0.0, high=1.0, low_open=True)
+        compile = check_compile("compile", compile)
+        self.check_finite = check_bool("check_finite", check_finite)
         self.loss_module = loss_module
         self.world_model = loss_module.world_model
         if policy_loss is None:
@@ -151,6 +180,8 @@ class TDMPC2OptimizationStepper(OptimizationStepper):
         loss, out = self._world_model_losses(sub_batch)
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(self._wm_params, self.grad_clip)
+        if self.check_finite:
+            self._check_finite(trainer, "world-model", out, grad_norm, self.wm_optim)
         self.wm_optim.step()
         self.wm_optim.zero_grad(set_to_none=True)
 
@@ -159,6 +190,8 @@ class TDMPC2OptimizationStepper(OptimizationStepper):
             pi_out = self._policy_losses(*self._policy_inputs(out, sub_batch))
             pi_out["loss_pi"].backward()
             pi_grad_norm = nn.utils.clip_grad_norm_(self._pi_params, self.grad_clip)
+            if self.check_finite:
+                self._check_finite(trainer, "policy", pi_out, pi_grad_norm, self.pi_optim)
             self.pi_optim.step()
             self.pi_optim.zero_grad(set_to_none=True)
 
@@ -180,6 +213,35 @@ class TDMPC2OptimizationStepper(OptimizationStepper):
     def _policy_inputs(self, out: TensorDictBase, sub_batch: TensorDictBase) -> tuple:
         """The arguments of :meth:`_policy_losses` (TD-MPC2: the detached latent rollout)."""
         return (out.get(self.loss_module.tensor_keys.latents),)
+
+    def _check_finite(self, trainer, part: str, out: TensorDictBase, grad_norm: torch.Tensor,
+                      optimizer: torch.optim.Optimizer) -> None:
+        """Raises :class:`NonFiniteUpdateError` (after dropping the gradients) if a ``loss_*`` term of ``out`` or
+        the gradient norm is NaN/inf. One sum over a handful of scalars; the names are looked up on failure."""
+        names = [key for key in out.keys() if isinstance(key, str) and key.startswith("loss_")]
+        values = torch.stack([out.get(key).detach().reshape(()) for key in names] + [grad_norm.detach().reshape(())])
+        if math.isfinite(values.sum().item()):  # NaN and inf propagate through the sum: one host read
+            return
+        optimizer.zero_grad(set_to_none=True)
+        self.world_model.eval()
+        bad = {name: float(value) for name, value in zip([*names, "grad_norm"], values.tolist())
+               if not math.isfinite(value)}
+        update = self.num_updates + 1
+        where = f"update {update}"
+        checkpoint = None
+        if trainer is not None:
+            where += f", collected step {trainer.collected_frames}"
+            latest = getattr(trainer, "latest_checkpoint", None)
+            checkpoint = latest() if callable(latest) else None
+        skipped = ("no weight was changed by this update" if part == "world-model" else
+                   "its world-model step was applied, its policy step was not")
+        message = (f"Non-finite {part} loss ({where}): "
+                   + ", ".join(f"{name} = {value}" for name, value in bad.items())
+                   + f". The optimizer step was not taken ({skipped}) and training stops.")
+        if trainer is not None:
+            message += (f" Last checkpoint: {checkpoint} (resume from it, e.g. with a lower lr or grad_clip)."
+                        if checkpoint is not None else " No checkpoint was written before it.")
+        raise NonFiniteUpdateError(message, update=update, terms=bad, checkpoint=checkpoint)
 
     def state_dict(self) -> dict[str, Any]:
         # The policy loss's only own state is its running Q scale: its world-model weights are checkpointed by

@@ -1,0 +1,414 @@
+"""The benchmark campaign: train every run of ``benchmarks/campaign.yaml``, evaluate planner swaps on its
+snapshots, and write the report (``docs/results/benchmark.md`` + ``docs/results/benchmark/``).
+
+    python benchmarks/campaign.py                  # continue where the last call stopped (resumable)
+    python benchmarks/campaign.py --report-only    # rewrite the report from what the run directories hold
+    python benchmarks/campaign.py --status         # one line per run: steps trained, swaps done / owed
+
+Work, in order, for each run of the YAML (one at a time, ``threads`` torch threads per process, so one core
+stays free for other work):
+
+1. snapshots: the run's world model at every evaluation point (``snapshot_interval``, train.py). A run started
+   before the campaign existed (``recipes/train.py`` by hand, in the same run directory) is adopted: its
+   trainer checkpoints at evaluation points are turned into snapshots;
+2. planner swaps: every planner of ``swaps`` on every snapshot that lacks its result (``recipes/evaluate.py``
+   on the snapshot: the same initial states for every planner, DETERMINISTIC mode), results in
+   ``<run dir>/swaps/step_<N>/<swap name>/results.json``;
+3. the report is rewritten;
+4. the next ``chunk`` of training (``recipes/train.py ... steps=<next evaluation point> resume=true``).
+
+Re-running the command after an interruption continues: a killed training chunk resumes from its last
+checkpoint (train.py), a killed evaluation is redone, nothing finished is redone. Child processes die with the
+campaign, and a lock file refuses a second campaign on the same ``runs_root``.
+
+A run directory that is gone (a new machine) is started again from scratch; the rows that an earlier machine
+produced for it stay in the committed report until the new run directory has its own (a run whose committed
+record says it finished is not trained again: ``--rerun TASK`` forces it).
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime as dt
+import fcntl
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _report import machine_info  # noqa: E402
+
+DEFAULT_CONFIG = Path(__file__).resolve().with_suffix(".yaml")
+TRAIN = ROOT / "recipes" / "train.py"
+EVALUATE = ROOT / "recipes" / "evaluate.py"
+PLANNER_DIR = ROOT / "recipes" / "config" / "planner"
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
+SNAPSHOT_NAME = re.compile(r"step_(\d+)\.pt")
+
+
+class CampaignError(ValueError):
+    """An invalid campaign YAML, or a state the campaign refuses to continue from; the message says which."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# configuration
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class Swap:
+    """One planner evaluated on snapshots: a planner file + overrides, episodes, and when."""
+
+    name: str
+    planner: str
+    episodes: int
+    args: dict[str, Any] = field(default_factory=dict)
+    steps: tuple[int, ...] | None = None  # None: every snapshot
+
+    def due_at(self, step: int) -> bool:
+        return self.steps is None or step in self.steps
+
+
+@dataclass
+class Run:
+    """One training run of the campaign and its run directory."""
+
+    task: str
+    suite: str
+    train: dict[str, Any]
+    run_dir: Path
+    score_scale: float | None = None
+
+    @property
+    def id(self) -> str:
+        return run_id(self.task, self.train)
+
+    @property
+    def steps(self) -> int:
+        return int(self.train["steps"])
+
+
+def run_id(task: str, train: dict[str, Any]) -> str:
+    """``<task>-<planner>-<size>M-s<seed>`` (+ ``-<algorithm>`` unless TD-MPC2): the run directory's name."""
+    name = f"{task}-{train['planner']}-{train['model_size']}M-s{train['seed']}"
+    algorithm = train.get("algorithm", "tdmpc2")
+    return name if algorithm == "tdmpc2" else f"{name}-{algorithm}"
+
+
+def _resolve(path: str | Path) -> Path:
+    path = Path(path)
+    return path if path.is_absolute() else (ROOT / path).resolve()
+
+
+def _positive_int(where: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CampaignError(f"{where} must be a positive integer, got {value!r}.")
+    return value
+
+
+def load_campaign(path: str | Path) -> dict[str, Any]:
+    """Reads and checks a campaign YAML; returns ``{"runs": [Run], "swaps": [Swap], ...}``.
+
+    Raises:
+        CampaignError: naming the offending entry (unknown task or planner file, a duplicate run, a chunk that
+            does not divide the evaluation interval, ...).
+    """
+    from torchrl_dreammpc.envs import task_info
+
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise CampaignError(f"cannot read the campaign file {path}: {err}") from err
+    if not isinstance(raw, dict):
+        raise CampaignError(f"{path}: expected a mapping at the top level.")
+    missing = [key for key in ("runs_root", "report", "train", "swaps", "runs", "chunk", "eval_seed") if key not in raw]
+    if missing:
+        raise CampaignError(f"{path}: missing keys {missing}.")
+    threads = _positive_int("threads", raw.get("threads", 1))
+    chunk = _positive_int("chunk", raw["chunk"])
+    swaps = []
+    for name, spec in raw["swaps"].items():
+        planner = spec.get("planner")
+        if not (PLANNER_DIR / f"{planner}.yaml").exists():
+            raise CampaignError(f"swaps.{name}: no planner file recipes/config/planner/{planner}.yaml.")
+        steps = spec.get("steps")
+        if steps is not None:
+            steps = tuple(_positive_int(f"swaps.{name}.steps", int_step) for int_step in steps)
+        unknown = set(spec) - {"planner", "episodes", "args", "steps"}
+        if unknown:
+            raise CampaignError(f"swaps.{name}: unknown keys {sorted(unknown)}.")
+        swaps.append(Swap(name, planner, _positive_int(f"swaps.{name}.episodes", spec.get("episodes")),
+                          dict(spec.get("args") or {}), steps))
+    runs_root = _resolve(raw["runs_root"])
+    runs, seen = [], set()
+    for i, entry in enumerate(raw["runs"]):
+        entry = dict(entry)
+        task = entry.pop("task", None)
+        try:
+            info = task_info(task)
+        except (TypeError, ValueError) as err:
+            raise CampaignError(f"runs[{i}]: {err}") from err
+        score_scale = entry.pop("score_scale", None)
+        if info.suite == "humanoid_bench" and score_scale is None:
+            raise CampaignError(f"runs[{i}] ({task}): HumanoidBench runs need score_scale (the task's success "
+                                "threshold, HumanoidBench's success_bar) for the normalized score.")
+        train = {**raw["train"], **entry}
+        for key in ("steps", "seed", "eval_interval", "snapshot_interval"):
+            _positive_int(f"runs[{i}].{key}", train.get(key))
+        if chunk % train["snapshot_interval"]:
+            raise CampaignError(f"runs[{i}]: chunk={chunk} must be a multiple of snapshot_interval "
+                                f"({train['snapshot_interval']}) so that every chunk ends at a snapshot.")
+        run = Run(info.task, info.suite, train, runs_root / run_id(info.task, train), score_scale)
+        if run.id in seen:
+            raise CampaignError(f"runs[{i}]: run {run.id} is listed twice.")
+        seen.add(run.id)
+        runs.append(run)
+    return {"runs": runs, "swaps": swaps, "runs_root": runs_root, "report": _resolve(raw["report"]),
+            "threads": threads, "chunk": chunk, "eval_seed": int(raw["eval_seed"]), "path": path}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# state of a run directory
+# ----------------------------------------------------------------------------------------------------------------
+def checkpoints(run: Run) -> dict[int, Path]:
+    """Complete trainer checkpoints of a run, by step."""
+    from torchrl.checkpoint import CheckpointRotation
+
+    directory = run.run_dir / "checkpoints"
+    if not directory.is_dir():
+        return {}
+    found = {}
+    for path in CheckpointRotation(directory, keep_last=1).checkpoints():
+        match = CHECKPOINT_NAME.fullmatch(path.name)
+        if match:
+            found[int(match[1])] = path
+    return found
+
+
+def trained_step(run: Run) -> int:
+    found = checkpoints(run)
+    return max(found) if found else 0
+
+
+def snapshots(run: Run) -> dict[int, Path]:
+    directory = run.run_dir / "snapshots"
+    found = {}
+    for path in directory.glob("step_*.pt") if directory.is_dir() else ():
+        match = SNAPSHOT_NAME.fullmatch(path.name)
+        if match:
+            found[int(match[1])] = path
+    return found
+
+
+def adopt_checkpoints(run: Run, interval: int) -> list[int]:
+    """Snapshots from trainer checkpoints at evaluation points that have none (a run started by hand)."""
+    from torchrl_dreammpc.checkpoints import save_world_model
+    from torchrl_dreammpc.trainers import WorldModelSnapshots, load_world_model_from_trainer_checkpoint
+
+    have, made = snapshots(run), []
+    for step, path in sorted(checkpoints(run).items()):
+        if step % interval == 0 and step not in have:
+            world_model, _ = load_world_model_from_trainer_checkpoint(path)
+            save_world_model(world_model, WorldModelSnapshots.path_for(run.run_dir / "snapshots", step))
+            made.append(step)
+    return made
+
+
+def swap_dir(run: Run, step: int, swap: Swap) -> Path:
+    return run.run_dir / "swaps" / f"step_{step:08d}" / swap.name
+
+
+def pending_swaps(run: Run, swaps: list[Swap]) -> list[tuple[int, Swap]]:
+    return [(step, swap) for step in sorted(snapshots(run)) for swap in swaps
+            if swap.due_at(step) and not (swap_dir(run, step, swap) / "results.json").exists()]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# child processes
+# ----------------------------------------------------------------------------------------------------------------
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM when the campaign dies (Linux), so no orphan keeps training."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _override(key: str, value: Any) -> str:
+    if isinstance(value, bool):
+        value = str(value).lower()
+    elif value is None:
+        value = "null"
+    return f"{key}={value}"
+
+
+def _run_child(cmd: list[str], log: Path, threads: int) -> int:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"), "PYTHONPATH": str(ROOT)}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as out:
+        out.write(f"\n# {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC: {' '.join(cmd)}\n")
+        out.flush()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                preexec_fn=_die_with_parent)
+        return proc.wait()
+
+
+def train_command(run: Run, until: int, threads: int) -> list[str]:
+    """recipes/train.py up to step ``until`` of ``run`` (the replay capacity of the whole run, so that every chunk
+    resumes the same buffer: TD-MPC2's min(steps, 1M))."""
+    args = {**run.train, "task": run.task, "steps": until, "run_dir": run.run_dir, "resume": True,
+            "threads": threads, "buffer_size": run.train.get("buffer_size") or min(run.steps, 1_000_000)}
+    return [sys.executable, str(TRAIN), *(_override(key, value) for key, value in args.items())]
+
+
+def evaluate_command(run: Run, step: int, swap: Swap, eval_seed: int, threads: int) -> list[str]:
+    snapshot = snapshots(run)[step]
+    cmd = [sys.executable, str(EVALUATE), f"checkpoint={snapshot}", f"task={run.task}",
+           f"planners=[{swap.planner}]", f"episodes={swap.episodes}", f"seed={eval_seed}", f"threads={threads}",
+           f"output_dir={swap_dir(run, step, swap)}"]
+    return cmd + [_override(f"+planner_args.{swap.planner}.{key}", value) for key, value in swap.args.items()]
+
+
+def _printable(cmd: list[str]) -> str:
+    """The command as a user types it from the repository root: ``python recipes/train.py ...``."""
+    script = os.path.relpath(cmd[1], ROOT)
+    return " ".join(["python", script, *cmd[2:]])
+
+
+def _record_chunk(run: Run, record: dict[str, Any]) -> None:
+    path = run.run_dir / "campaign.json"
+    state = json.loads(path.read_text()) if path.exists() else {"run": run.id, "chunks": []}
+    state["chunks"].append(record)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    os.replace(tmp, path)
+
+
+def train_chunk(run: Run, until: int, threads: int) -> None:
+    start_step, start = trained_step(run), time.time()
+    cmd = train_command(run, until, threads)
+    print(f"[campaign] {run.id}: training {start_step} -> {until}", flush=True)
+    code = _run_child(cmd, run.run_dir / "campaign.log", threads)
+    end_step = trained_step(run)
+    _record_chunk(run, {"from": start_step, "to": end_step, "target": until, "returncode": code,
+                        "start": dt.datetime.fromtimestamp(start, dt.timezone.utc).isoformat(timespec="seconds"),
+                        "wall_s": round(time.time() - start, 1), "command": _printable(cmd),
+                        "machine": machine_info()["cpu"]})
+    if code != 0 or end_step < until:
+        raise CampaignError(f"{run.id}: recipes/train.py stopped with exit code {code} at step {end_step} "
+                            f"(wanted {until}); see {run.run_dir / 'campaign.log'}.")
+
+
+def evaluate_swap(run: Run, step: int, swap: Swap, eval_seed: int, threads: int) -> None:
+    print(f"[campaign] {run.id}: step {step}, {swap.name} ({swap.episodes} episodes)", flush=True)
+    out = swap_dir(run, step, swap)
+    code = _run_child(evaluate_command(run, step, swap, eval_seed, threads), out.parent / f"{swap.name}.log",
+                      threads)
+    if code != 0 or not (out / "results.json").exists():
+        raise CampaignError(f"{run.id}: evaluation of {swap.name} at step {step} failed (exit code {code}); see "
+                            f"{out.parent / (swap.name + '.log')}.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the campaign
+# ----------------------------------------------------------------------------------------------------------------
+class CampaignLock:
+    """An exclusive lock on ``<runs_root>/.campaign.lock`` (released by the OS when the process dies)."""
+
+    def __init__(self, runs_root: Path) -> None:
+        runs_root.mkdir(parents=True, exist_ok=True)
+        self.path = runs_root / ".campaign.lock"
+        self.file = self.path.open("a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise CampaignError(f"{runs_root} is in use by another campaign ({holder}); wait for it or stop it.")
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()}")
+        self.file.flush()
+
+
+def finished_in_report(campaign: dict[str, Any], run: Run) -> bool:
+    """Whether the committed report records ``run`` as finished (its run directory may be gone)."""
+    from campaign_report import read_committed_runs
+
+    record = read_committed_runs(campaign["report"]).get(run.id)
+    return bool(record and record.get("trained_step", 0) >= run.steps and not record.get("swaps_pending"))
+
+
+def continue_run(campaign: dict[str, Any], run: Run, rerun: bool) -> None:
+    from campaign_report import write_report
+
+    swaps, threads = campaign["swaps"], campaign["threads"]
+    if not run.run_dir.exists():
+        if finished_in_report(campaign, run) and not rerun:
+            print(f"[campaign] {run.id}: finished on an earlier machine (committed report); skipped "
+                  f"(--rerun {run.task} to train it again)", flush=True)
+            return
+        print(f"[campaign] {run.id}: no run directory at {run.run_dir}: starting it from scratch", flush=True)
+    while True:
+        made = adopt_checkpoints(run, int(run.train["snapshot_interval"]))
+        if made:
+            print(f"[campaign] {run.id}: snapshots from trainer checkpoints at steps {made}", flush=True)
+        for step, swap in pending_swaps(run, swaps):
+            evaluate_swap(run, step, swap, campaign["eval_seed"], threads)
+            write_report(campaign)
+        step = trained_step(run)
+        if step >= run.steps:
+            return
+        until = min((step // campaign["chunk"] + 1) * campaign["chunk"], run.steps)
+        train_chunk(run, until, threads)
+        write_report(campaign)
+
+
+def print_status(campaign: dict[str, Any]) -> None:
+    for run in campaign["runs"]:
+        pending = len(pending_swaps(run, campaign["swaps"])) if run.run_dir.exists() else "-"
+        print(f"{run.id:<50} trained {trained_step(run):>7}/{run.steps}  snapshots {len(snapshots(run)):>3}  "
+              f"swaps pending {pending}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="the campaign YAML")
+    parser.add_argument("--report-only", action="store_true", help="only rewrite the report")
+    parser.add_argument("--status", action="store_true", help="print where every run stands, change nothing")
+    parser.add_argument("--rerun", action="append", default=[], metavar="TASK",
+                        help="train TASK again although the committed report says it finished elsewhere")
+    args = parser.parse_args(argv)
+    try:
+        campaign = load_campaign(args.config)
+        if args.status:
+            print_status(campaign)
+            return 0
+        lock = CampaignLock(campaign["runs_root"])  # noqa: F841  (held until the process ends)
+        from campaign_report import write_report
+
+        if not args.report_only:
+            for run in campaign["runs"]:
+                continue_run(campaign, run, rerun=run.task in args.rerun)
+        path = write_report(campaign)
+    except CampaignError as err:
+        print(f"campaign.py: {err}", file=sys.stderr)
+        return 2
+    print(f"[campaign] report: {path}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.modules.setdefault("campaign", sys.modules["__main__"])  # campaign_report imports this module by name
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""How large are Dream-MPC's action gradients in a DreamerV3 model, and is its step sensible there?
+
+DreamerV3 decodes reward and value as the expectation over 255 two-hot bins in *raw* space (``SymExpTwoHot``: bins
+from ``-symexp(20) ≈ -4.9e8`` to ``+4.9e8``). ``dr/da`` passes through ``Σ_j p_j b_j``, so a head that puts even a
+small probability on an outer bin has a huge action gradient (|dr/da| ~ 1e8 was measured on an untrained head with
+random weights). Dream-MPC clips each candidate's gradient norm (20) before its step of size ``lr`` (0.1), so a
+huge gradient becomes a step of length 2 in action space, i.e. a jump to the action bounds. This script measures,
+along an episode played by the trained model with Dream-MPC (DETERMINISTIC mode), for every control step's five
+policy-prior candidates (the planner's own rollout and noise):
+
+- ``|dJ/da|``: the norm of each candidate's gradient of ``J = Σ_t γ^t r_t + γ^H Q̄`` (the gradient pass objective);
+- the share of candidates whose gradient is clipped (norm > 20);
+- the gradient step's effect: ``J(a') - J(a)`` with the same noise, and the share of candidates it improves;
+- ``|dr/da|`` and ``|dQ̄/da|`` at the policy's mean action, and ``tail``: the share of ``|dr/da|`` that comes from
+  bins beyond ``|b| > 100`` (DMC rewards per agent step lie in [0, 2]);
+
+for each world model given: the run's snapshots (step 0: DreamerV3's zero-initialized reward and value output
+layers), the final model, and the step-0 model with random output layers (the "untrained head" of the issue).
+
+    python benchmarks/dreamer_grad_check.py --run /work/scratch/i17/smoke --task cartpole-swingup
+
+Writes ``docs/results/dreamer_grad_check.json`` and the ``dreamer_grad_check`` section of docs/performance.md.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from torchrl.envs.utils import ExplorationType, set_exploration_type
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import ROOT, machine_info, write_json, write_section  # noqa: E402
+
+from torchrl_dreammpc.checkpoints import load_world_model  # noqa: E402
+from torchrl_dreammpc.envs import make_env, with_transforms  # noqa: E402
+from torchrl_dreammpc.planners import GradientMPCPlanner  # noqa: E402
+from torchrl_dreammpc.trainers import load_world_model_from_trainer_checkpoint  # noqa: E402
+
+
+def episode_latents(wm, task: str, steps: int, seed: int) -> torch.Tensor:
+    """The latents Dream-MPC plans from along one deterministic episode of the trained model."""
+    env = with_transforms(functools.partial(make_env, task, seed=seed), wm.acting_transforms())()
+    with set_exploration_type(ExplorationType.DETERMINISTIC), torch.no_grad():
+        td = env.rollout(steps, wm.acting_module(GradientMPCPlanner(wm)))
+    env.close()
+    return td["latent"].reshape(-1, wm.latent_dim)
+
+
+def quantiles(values: list[float]) -> dict[str, float]:
+    values = sorted(values)
+    return {"median": statistics.median(values), "p90": values[int(0.9 * (len(values) - 1))], "max": values[-1]}
+
+
+def tail_share(wm, z: torch.Tensor, a: torch.Tensor, limit: float = 100.0) -> torch.Tensor:
+    """Share of |dr/da| carried by the bins beyond |b| > limit (per row)."""
+    a = a.detach().requires_grad_(True)
+    z_next = wm.next(z, a)
+    logits = wm.reward_head(z_next).double()
+    probs = torch.softmax(logits, -1)
+    bins = wm.two_hot.bins.double()
+    outer = (bins.abs() > limit).to(probs.dtype)
+    total = (probs * bins).sum(-1)
+    inner_part = (probs * bins * (1 - outer)).sum(-1)
+    (g_total,) = torch.autograd.grad(total.sum(), a, retain_graph=True)
+    (g_inner,) = torch.autograd.grad(inner_part.sum(), a)
+    return (g_total - g_inner).norm(dim=-1) / g_total.norm(dim=-1).clamp_min(1e-30)
+
+
+def measure(wm, latents: torch.Tensor, seed: int) -> dict:
+    planner = GradientMPCPlanner(wm, generator=torch.Generator().manual_seed(seed))
+    N, H, A = planner.num_candidates, planner.horizon, planner.action_dim
+    B = latents.shape[0]
+    planner._step_ops = wm.planning_ops()
+    noise = planner.draw_noise(B, latents.device, latents.dtype)
+    eps_roll = noise[:, :H * N * A].view(B, H, N, A).transpose(0, 1).reshape(H, B * N, A)
+    eps_H = noise[:, H * N * A:H * N * A + N * A].reshape(B * N, A)
+    with torch.no_grad():
+        a = planner.clamp_action(planner.rollout_prior(latents, eps_roll))  # [H, B*N, A]
+    a_var = a.clone().requires_grad_(True)
+    J, _ = planner.imagine(latents, a_var, eps_H)
+    (grad,) = torch.autograd.grad(J.sum(), a_var)
+    norm = torch.linalg.vector_norm(grad, dim=(0, 2))  # [B*N]
+    scale = torch.clamp_max(planner.max_grad_norm / (norm + 1e-6), 1.0)
+    a_new = planner.clamp_action(a + planner.lr * grad * scale.view(1, -1, 1))
+    with torch.no_grad():
+        J_new, _ = planner.imagine(latents, a_new, eps_H)
+    gain = (J_new - J).detach().squeeze(-1)
+    mean_action = wm.policy(latents, deterministic=True)[0].detach()
+    a0 = mean_action.clone().requires_grad_(True)
+    (dr,) = torch.autograd.grad(wm.reward(latents, a0).sum(), a0)
+    a1 = mean_action.clone().requires_grad_(True)
+    (dq,) = torch.autograd.grad(wm.value(latents, a1).sum(), a1)
+    with torch.no_grad():
+        reward = wm.reward(latents, mean_action).squeeze(-1)
+    finite = torch.isfinite(norm)
+    return {
+        "control_steps": B,
+        "candidates": B * N,
+        "grad_norm": quantiles(norm[finite].tolist()),
+        "non_finite_grads": int((~finite).sum()),
+        "clipped_share": float((norm > planner.max_grad_norm).float().mean()),
+        "step_norm_median": float(torch.linalg.vector_norm(a_new - a, dim=(0, 2)).median()),
+        "J_gain": quantiles(gain.tolist()),
+        "improved_share": float((gain > 0).float().mean()),
+        "worsened_share": float((gain < 0).float().mean()),
+        "J_gain_min": float(gain.min()),
+        "J_median": float(J.detach().median()),
+        "abs_dr_da": quantiles(dr.norm(dim=-1).tolist()),
+        "abs_dQ_da": quantiles(dq.norm(dim=-1).tolist()),
+        "reward_tail_share_median": float(tail_share(wm, latents, mean_action).median()),
+        "reward_median": float(reward.median()),
+    }
+
+
+def random_output_layers(wm, seed: int):
+    """The model with its zero-initialized reward and critic output layers given random weights (an untrained head
+    as a default-initialized Linear would be)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for head in (wm.reward_head, *wm.critics):
+            layer = head.model[-1]
+            torch.nn.init.kaiming_uniform_(layer.weight, a=5 ** 0.5)
+    return wm
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", required=True, help="a DreamerV3 trainer run dir (snapshots/ and checkpoints/)")
+    parser.add_argument("--task", default="cartpole-swingup")
+    parser.add_argument("--steps", type=int, default=200, help="control steps of the episode the latents come from")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    run = Path(args.run)
+    final, fingerprint = load_world_model_from_trainer_checkpoint(run)
+    torch.manual_seed(args.seed)  # the acting path samples its posterior from the global RNG
+    latents = episode_latents(final, args.task, args.steps, args.seed)
+    models = {}
+    for snapshot in sorted((run / "snapshots").glob("step_*.pt")):
+        models[f"step {int(snapshot.stem.split('_')[1])}"] = load_world_model(snapshot)
+    final_step = int(fingerprint["checkpoint"].rsplit("-", 1)[-1])
+    if f"step {final_step}" not in models:  # the run's last snapshot is the final model already
+        models[f"final ({final_step})"] = final
+    if "step 0" in models:
+        models["step 0, random output layers"] = random_output_layers(load_world_model(run / "snapshots" /
+                                                                                       "step_00000000.pt"), args.seed)
+    results = {name: measure(wm, latents, args.seed) for name, wm in models.items()}
+    payload = {"machine": machine_info(), "run": str(run), "task": args.task, "steps": args.steps, "results": results}
+    write_json(ROOT / "docs" / "results" / "dreamer_grad_check.json", payload)
+
+    rows = ["| model | ‖dJ/da‖ median / p90 / max | clipped (>20) | step ‖Δa‖ median | J(a') − J(a) min / median / "
+            "max | improved / worse | ‖dr/da‖ median / max | ‖dQ̄/da‖ median | tail share of dr/da | r̂ median |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        g, dr = r["grad_norm"], r["abs_dr_da"]
+        gain = r["J_gain"]
+        rows.append(f"| {name} | {g['median']:.3g} / {g['p90']:.3g} / {g['max']:.3g} | {r['clipped_share']:.0%} | "
+                    f"{r['step_norm_median']:.2g} | {r['J_gain_min']:.3g} / {gain['median']:.3g} / {gain['max']:.3g} | "
+                    f"{r['improved_share']:.0%} / {r['worsened_share']:.0%} | {dr['median']:.3g} / {dr['max']:.3g} | "
+                    f"{r['abs_dQ_da']['median']:.3g} | {r['reward_tail_share_median']:.2g} | "
+                    f"{r['reward_median']:.3g} |")
+    info = payload["machine"]
+    markdown = "\n".join([
+        "## Dream-MPC's action gradients in a DreamerV3 model",
+        "",
+        f"Command: `{info['command']}`. {args.steps} control steps of one deterministic Dream-MPC episode of the "
+        f"final model ({args.task}), 5 candidates each (the planner's prior rollouts and noise); "
+        "`J(a')`: after one clipped gradient step (lr 0.1, clip 20) with the same noise; `tail share`: part of "
+        "‖dr/da‖ from bins with |b| > 100.",
+        "",
+        *rows,
+    ])
+    write_section("dreamer_grad_check", markdown)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()

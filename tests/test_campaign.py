@@ -1,0 +1,200 @@
+"""The benchmark campaign (benchmarks/campaign.py): configuration checks, the report's bookkeeping, and a tiny
+campaign of two short runs that is killed in the middle and completed by a second call."""
+from __future__ import annotations
+
+import csv
+import fcntl
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import campaign  # noqa: E402
+import campaign_report  # noqa: E402
+
+TINY_TRAIN = {
+    "algorithm": "tdmpc2", "planner": "dream_mpc", "model_size": 1, "steps": 200, "seed": 1,
+    "checkpoint_interval": 50, "keep_checkpoints": 2, "eval_interval": 200, "snapshot_interval": 100,
+    "seed_steps": 60, "pretrain_updates": 10, "batch_size": 16, "eval_episodes": 1, "log_interval": 50,
+    "model.enc_dim": 16, "model.mlp_dim": 16, "model.latent_dim": 16,
+}
+
+
+def tiny_config(tmp_path: Path, **changes) -> Path:
+    config = {
+        "runs_root": str(tmp_path / "runs"), "report": str(tmp_path / "report" / "benchmark.md"), "threads": 1,
+        "chunk": 100, "train": dict(TINY_TRAIN), "eval_seed": 7,
+        "swaps": {"policy": {"planner": "policy", "episodes": 2},
+                  "dream_mpc_no_grad": {"planner": "dream_mpc", "episodes": 2, "steps": [200],
+                                        "args": {"iterations": 0}}},
+        "runs": [{"task": "cartpole-swingup"}, {"task": "mw-reach"}],
+    }
+    config.update(changes)
+    path = tmp_path / "campaign.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def start_campaign(config: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "campaign.py"), "--config", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"the campaign ended before the kill point:\n{proc.stdout.read()[-3000:]}")
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError("the kill point was not reached in time")
+        time.sleep(0.2)
+
+
+def command_lines(log: Path) -> int:
+    return sum(line.startswith("# ") for line in log.read_text().splitlines()) if log.exists() else 0
+
+
+def test_the_campaign_yaml_is_valid_and_humanoid_threshold_matches_humanoidbench():
+    loaded = campaign.load_campaign(campaign.DEFAULT_CONFIG)
+    assert [run.id for run in loaded["runs"]][:4] == [
+        "acrobot-swingup-dream_mpc-1M-s1", "finger-turn-hard-dream_mpc-1M-s1", "mw-stick-push-dream_mpc-1M-s1",
+        "humanoid_h1hand-stand-v0-dream_mpc-1M-s1"]
+    assert [swap.name for swap in loaded["swaps"]] == ["policy", "dream_mpc", "mppi", "dream_mpc_no_grad",
+                                                      "dream_mpc_no_uncertainty"]
+    command = campaign.train_command(loaded["runs"][0], 20000, 1)
+    assert "steps=20000" in command and "buffer_size=100000" in command and "snapshot_interval=10000" in command
+    if importlib.util.find_spec("humanoid_bench") is None:
+        pytest.skip("HumanoidBench is not installed: its success threshold cannot be checked")
+    from humanoid_bench.envs.basic_locomotion_envs import Stand
+
+    stand = next(run for run in loaded["runs"] if run.task == "humanoid_h1hand-stand-v0")
+    assert stand.score_scale == Stand.success_bar
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"runs": [{"task": "cartpole-swingup"}, {"task": "cartpole-swingup"}]}, "listed twice"),
+    ({"runs": [{"task": "cartpole-swing"}]}, "cartpole-swing"),
+    ({"runs": [{"task": "humanoid_h1hand-stand-v0"}]}, "need score_scale"),
+    ({"swaps": {"x": {"planner": "cem", "episodes": 2}}}, "no planner file"),
+    ({"swaps": {"x": {"planner": "policy", "episodes": 0}}}, r"swaps.x.episodes must be a positive integer"),
+    ({"chunk": 150}, "multiple of snapshot_interval"),
+])
+def test_bad_campaign_files_are_refused_naming_the_entry(tmp_path, change, message):
+    with pytest.raises(campaign.CampaignError, match=message):
+        campaign.load_campaign(tiny_config(tmp_path, **change))
+
+
+def test_a_second_campaign_on_the_same_runs_root_is_refused(tmp_path):
+    lock = campaign.CampaignLock(tmp_path)  # noqa: F841
+    with pytest.raises(campaign.CampaignError, match="in use by another campaign"):
+        campaign.CampaignLock(tmp_path)
+
+
+def test_report_keeps_committed_rows_of_runs_whose_directory_is_gone(tmp_path):
+    loaded = campaign.load_campaign(tiny_config(tmp_path))
+    first = loaded["runs"][0]
+    data = campaign_report._data_dir(loaded["report"])
+    data.mkdir(parents=True)
+    row = {"task": first.task, "suite": "dmc", "step": 200, "planner": "policy", "return_mean": 12.5,
+           "return_std": 1.0, "success_rate": "", "episodes": 2, "plan_ms_per_step": 0.3, "return_sem": 0.7,
+           "run": first.id}
+    with (data / "planner_swap.csv").open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=campaign_report.SWAP_COLUMNS)
+        writer.writeheader()
+        writer.writerow(row)
+    record = {"task": first.task, "suite": "dmc", "steps": 200, "trained_step": 200, "train": TINY_TRAIN,
+              "score_scale": None, "wall_s": 60.0, "chunks": [], "swaps_pending": 0, "swap_rows": 1,
+              "eval_curve": []}
+    (data / "runs.json").write_text(json.dumps({first.id: record}))
+    (data / "episodes.json").write_text(json.dumps({first.id: {"200": {"policy": {"returns": [12, 13]}}}}))
+    assert campaign.finished_in_report(loaded, first)
+    campaign_report.write_report(loaded)
+    rows = list(csv.DictReader((data / "planner_swap.csv").open()))
+    assert [(r["run"], r["step"], r["planner"], float(r["return_mean"])) for r in rows] == [
+        (first.id, "200", "policy", 12.5)]
+    assert json.loads((data / "runs.json").read_text())[first.id]["from_earlier_machine"] is True
+    assert "lived on an earlier machine" in loaded["report"].read_text()
+    # a finished run without a directory is not trained again
+    campaign.continue_run(loaded, first, rerun=False)
+    assert not first.run_dir.exists()
+
+
+@pytest.mark.slow
+def test_tiny_campaign_killed_in_the_middle_completes_on_the_next_call(tmp_path):
+    config = tiny_config(tmp_path)
+    loaded = campaign.load_campaign(config)
+    first, second = loaded["runs"]
+
+    # 1. start, and kill the campaign while it trains the second run (after its checkpoint at step 50)
+    proc = start_campaign(config)
+    wait_for(lambda: (second.run_dir / "checkpoints" / "checkpoint-000000000050").exists(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # the training child died with it: its run directory is not locked by anyone
+    deadline = time.time() + 30
+    while True:
+        with (second.run_dir / ".lock").open("a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                assert time.time() < deadline, "recipes/train.py outlived the killed campaign"
+                time.sleep(0.5)
+    done_before = {path.parent.name for path in first.run_dir.glob("swaps/*/*/results.json")}
+    assert campaign.trained_step(first) == 200 and done_before  # the first run finished before the kill
+    assert campaign.trained_step(second) < 200
+
+    # 2. the same command again completes both runs without redoing anything finished
+    proc = start_campaign(config)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-3000:]
+    for run in (first, second):
+        assert campaign.trained_step(run) == 200
+        assert sorted(campaign.snapshots(run)) == [0, 100, 200]
+        assert not campaign.pending_swaps(run, loaded["swaps"])
+    for log in first.run_dir.glob("swaps/*/*.log"):
+        assert command_lines(log) == 1, f"{log} was evaluated twice"
+    chunks = json.loads((second.run_dir / "campaign.json").read_text())["chunks"]
+    assert chunks[-1]["to"] == 200 and all(chunk["returncode"] == 0 for chunk in chunks)
+
+    # 3. the report: CSV rows for every planner swap, figures, per-episode values, runs
+    data = campaign_report._data_dir(loaded["report"])
+    rows = list(csv.DictReader((data / "planner_swap.csv").open()))
+    assert list(rows[0])[:9] == ["task", "suite", "step", "planner", "return_mean", "return_std", "success_rate",
+                                 "episodes", "plan_ms_per_step"]
+    got = {(r["run"], int(r["step"]), r["planner"]) for r in rows}
+    expected = {(run.id, step, "policy") for run in (first, second) for step in (0, 100, 200)}
+    expected |= {(run.id, 200, "dream_mpc_no_grad") for run in (first, second)}
+    assert got == expected
+    mw = [r for r in rows if r["task"] == "mw-reach"]
+    assert all(r["suite"] == "metaworld" and 0.0 <= float(r["success_rate"]) <= 1.0 for r in mw)
+    episodes = json.loads((data / "episodes.json").read_text())
+    returns = episodes[first.id]["200"]["policy"]["returns"]
+    policy_200 = next(r for r in rows if r["run"] == first.id and r["step"] == "200" and r["planner"] == "policy")
+    assert len(returns) == 2 and sum(returns) / 2 == pytest.approx(float(policy_200["return_mean"]), rel=1e-5)
+    aggregate = json.loads((data / "aggregate.json").read_text())
+    assert aggregate["runs"] == [first.id, second.id]
+    for entry in aggregate["planners"].values():
+        assert 0.0 <= entry["iqm_ci"][0] <= entry["iqm"] <= entry["iqm_ci"][1] <= 1.0
+    for name in (f"{first.id}.png", f"{second.id}.png", "aggregate.png"):
+        assert (data / name).stat().st_size > 1000
+    report = loaded["report"].read_text()
+    assert "| cartpole-swingup-dream_mpc-1M-s1 | 200 / 200 |" in report and "recipes/train.py" in report
+
+    # 4. a third call finds nothing to do
+    before = (second.run_dir / "campaign.json").read_text()
+    proc = start_campaign(config)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "training" not in out and (second.run_dir / "campaign.json").read_text() == before
