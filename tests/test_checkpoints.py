@@ -380,7 +380,7 @@ def test_our_format_round_trip(tmp_path, kw):
     model = perturbed_model(6, 2, seed=1, **kw)
     path = save_world_model(model, tmp_path / "sub" / "wm.pt")
     payload = torch.load(path, weights_only=True)
-    assert payload["format"] == FORMAT and payload["version"] == 1
+    assert payload["format"] == FORMAT and payload["version"] == 1 and "family" not in payload  # TD-MPC2's layout
     assert payload["config"] == dataclasses.asdict(model.config)
     reloaded = load_world_model(path, obs_dim=6, action_dim=2)
     assert reloaded.config == model.config and not reloaded.training
@@ -468,7 +468,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     save_world_model(second, path)  # overwriting works
     assert_same_state(second.state_dict(), load_world_model(path).state_dict())
     assert os.listdir(tmp_path) == ["wm.pt"]
-    with pytest.raises(TypeError, match="expects a TDMPC2WorldModel"):
+    with pytest.raises(TypeError, match=r"expects a world model of a family of \[.bmpc., .dreamer_v3., .tdmpc2.\]"):
         save_world_model(torch.nn.Linear(2, 2), tmp_path / "lin.pt")
 
 
@@ -513,8 +513,13 @@ def test_export_round_trip_is_exact(tmp_path, kw):
 
 
 def test_export_refuses_other_models():
-    with pytest.raises(TypeError, match="Expected a TDMPC2WorldModel"):
+    from torchrl_dreammpc.modules import BMPCWorldModel
+
+    with pytest.raises(TypeError, match="Only a TD-MPC2 world model"):
         ckpt.to_tdmpc2_state_dict(torch.nn.Linear(2, 2))
+    # BMPC's config subclasses TD-MPC2's, but its state-value model has no TD-MPC2 layout
+    with pytest.raises(TypeError, match="family 'bmpc'"):
+        ckpt.save_tdmpc2_checkpoint(BMPCWorldModel(6, 2, model_size=1), "/nonexistent/never-written.pt")
 
 
 @pytest.mark.parametrize("kw", EXPORT_CASES)

@@ -485,5 +485,5 @@ def test_trainer_refuses_a_model_of_another_algorithm(tmp_path):
     with pytest.raises(TypeError, match="algorithm='dreamer_v3'"):
         DreamMPCTrainer(world_model=wm, actor=wm.acting_module(PolicyActor(wm)), algorithm="tdmpc2", **common)
     tdmpc2 = TDMPC2WorldModel(5, 1, model_size=1, enc_dim=16, mlp_dim=16, latent_dim=16)
-    with pytest.raises(TypeError, match="trains a DreamerV3WorldModel"):
+    with pytest.raises(TypeError, match="algorithm='dreamer_v3' trains a world model of family 'dreamer_v3'"):
         DreamMPCTrainer(world_model=tdmpc2, actor=PolicyActor(tdmpc2), algorithm="dreamer_v3", **common)

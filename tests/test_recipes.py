@@ -49,8 +49,9 @@ def compose_train(*overrides: str) -> dict:
 
 def test_published_defaults_and_quickstart_preset():
     cfg = compose_train()
+    # uncertainty_weight null: the model family's lambda (0.01 with TD-MPC2's, 0.1 with BMPC's; tests/test_bmpc.py)
     assert cfg["planner"] == {"name": "dream_mpc", "num_candidates": 5, "horizon": 3, "iterations": 1, "lr": 0.1,
-                              "warm_start_weight": 0.1, "uncertainty_weight": 0.01, "max_grad_norm": 20.0,
+                              "warm_start_weight": 0.1, "uncertainty_weight": None, "max_grad_norm": 20.0,
                               "uncertainty_grad": False, "exploration_std": 0.0, "diagnostics": False,
                               "check_finite": None, "compile": False,
                               "latent_key": None}
@@ -61,7 +62,10 @@ def test_published_defaults_and_quickstart_preset():
     # iterations: null is TD-MPC2's rule (6, +2 for actions of >= 20 dims), resolved by MPPIPlanner from the task.
     assert (mppi["num_samples"], mppi["num_elites"], mppi["iterations"], mppi["num_pi_trajs"]) == (512, 64, None, 24)
     assert compose_train("model_size='19'")["model"] == {"size": 19, "enc_dim": 1024, "mlp_dim": 1024,
-                                                          "latent_dim": 768, "num_enc_layers": 3, "num_q": 5}
+                                                          "latent_dim": 768, "num_enc_layers": 3}
+    # num_q is not in TD-MPC2's size table for 5/19/48: its config default, 5, applies (BMPC's: 2)
+    from torchrl_dreammpc.modules import BMPCConfig, TDMPC2Config
+    assert TDMPC2Config.num_q == 5 and BMPCConfig.num_q == 2
     quick = compose_train("preset=quickstart")
     assert (quick["model"]["size"], quick["task"], quick["steps"]) == (1, "cartpole-swingup", 3000)
 
@@ -119,8 +123,9 @@ def test_validation_names_the_bad_value():
 
 
 #: Constructor arguments that are not settings (objects, keys, bounds from the env's spec).
+# expert_key: wired by the trainer (algorithm=bmpc, algorithm_options.acting_expert), not a planner setting
 _NOT_SETTINGS = {"self", "world_model", "action_spec", "low", "high", "observation_key", "action_key", "is_init_key",
-                 "generator", "kwargs"}
+                 "generator", "kwargs", "expert_key"}
 
 
 @pytest.mark.parametrize("name", sorted(PLANNERS))
@@ -386,3 +391,79 @@ def test_evaluate_cli_exits_with_one_line(tmp_path):
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines == [lines[-1]] and lines[0].startswith(f"evaluate.py: cannot load {tmp_path / 'bad.pt'}"), lines
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# algorithm=bmpc
+# ---------------------------------------------------------------------------------------------------------------
+BMPC_TINY = ["algorithm=bmpc", "algorithm_options.reanalyze.num_slices=4", "algorithm_options.reanalyze.interval=5",
+             "algorithm_options.reanalyze.planner.num_samples=32", "algorithm_options.reanalyze.planner.num_elites=4",
+             "algorithm_options.reanalyze.planner.num_pi_trajs=4", "algorithm_options.reanalyze.planner.iterations=2"]
+
+
+def test_bmpc_config_is_bmpcs_and_is_validated():
+    cfg = compose_train("algorithm=bmpc", "model_size='5'")
+    # no model.episodic: a run derives it (BMPC's models never have a termination head, see make_world_model)
+    assert cfg["algorithm"] == "bmpc" and "episodic" not in cfg["model"]
+    assert cfg["loss"] == {"consistency_coef": 20.0, "reward_coef": 0.1, "value_coef": 0.1, "rho": 0.5}
+    assert cfg["policy_loss"] == {"entropy_coef": 1e-4, "rho": 0.5}
+    options = cfg["algorithm_options"]
+    assert options["acting_expert"] is True
+    assert (options["reanalyze"]["interval"], options["reanalyze"]["num_slices"]) == (10, 20)
+    assert options["reanalyze"]["planner"] == {"num_samples": 512, "num_elites": 64, "iterations": 6,
+                                               "num_pi_trajs": 24, "horizon": 3, "temperature": 0.5, "min_std": 0.05,
+                                               "max_std": 2.0}
+    assert "num_q" not in cfg["model"]  # BMPCConfig's default, 2 (BMPC's config.yaml)
+    assert compose_train("algorithm=bmpc", "model_size='317'")["model"]["num_q"] == 8  # BMPC's size table too
+
+    def check(*overrides, algorithm="bmpc"):
+        cfg = compose_train(f"algorithm={algorithm}", "model_size='1'", "steps=5000", *overrides)
+        cfg["run_dir"] = "unused"
+        return validate_train_config(cfg)
+
+    check()
+    check("planner=mppi")
+    with pytest.raises(ConfigError, match="reanalyze.num_slices=300 exceeds batch_size=256"):
+        check("algorithm_options.reanalyze.num_slices=300")
+    with pytest.raises(ConfigError, match="reanalyze.interval must be an integer >= 0, got -1"):
+        check("algorithm_options.reanalyze.interval=-1")
+    with pytest.raises(ConfigError, match=r"Unknown reanalyze option\(s\) \['intervall'\]"):
+        check("+algorithm_options.reanalyze.intervall=3")
+    with pytest.raises(ConfigError, match="num_elites .* must be <= num_samples"):
+        check("algorithm_options.reanalyze.planner.num_elites=1000")
+    with pytest.raises(ConfigError, match="entropy_coef must be >= 0"):
+        check("policy_loss.entropy_coef=-1")
+    with pytest.raises(ConfigError, match=r"algorithm_options \['acting_expert'\] only apply to algorithm=bmpc"):
+        check("+algorithm_options.acting_expert=true", algorithm="tdmpc2")
+
+
+def test_bmpc_sigkill_during_training_resumes_and_evaluates(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*TINY, *BMPC_TINY, "steps=300", "eval_interval=300", f"run_dir={run_dir}"]
+    proc = subprocess.Popen([sys.executable, str(TRAIN), *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(run_dir / "checkpoints" / "checkpoint-000000000200" / "manifest.json", proc, timeout=300)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    result = run(TRAIN, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout
+    final = run_dir / "checkpoints" / "checkpoint-000000000300"
+    manifest = json.loads((final / "manifest.json").read_text())
+    assert manifest["metadata"]["collected_frames"] == 300 and manifest["metadata"]["fingerprint"]["algorithm"] == "bmpc"
+    assert "trainer_module.reanalyze" in manifest["components"]
+    assert [step for step, _ in read_eval_csv(run_dir / "eval.csv")] == [300]
+    from torchrl_dreammpc.trainers import load_world_model_from_trainer_checkpoint
+
+    model, fingerprint = load_world_model_from_trainer_checkpoint(run_dir)
+    assert type(model).__name__ == "BMPCWorldModel" and fingerprint["world_model"]["num_q"] == 2
+    evaluated = run(EVALUATE, f"checkpoint={run_dir}", "planners=[dream_mpc]", "episodes=1", "threads=1",
+                    f"output_dir={tmp_path / 'eval'}")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    rows = json.loads((tmp_path / "eval" / "results.json").read_text())["results"]
+    assert [row["planner"] for row in rows] == ["dream_mpc"] and "checkpoint-000000000300" in evaluated.stdout

@@ -1,4 +1,4 @@
-"""Loading TD-MPC2 checkpoints into :class:`~torchrl_dreammpc.modules.TDMPC2WorldModel`, and our own format.
+"""Loading TD-MPC2 / BMPC checkpoints into our world models, and our own format (every model family).
 
 Two on-disk formats are understood:
 
@@ -9,12 +9,17 @@ Two on-disk formats are understood:
   ``_Qs.module.*`` / ``_detach_Qs.module.*`` / ``_target_Qs.module.*``, ``log_std_min`` / ``log_std_dif`` and
   possibly ``__batch_size`` / ``__device`` entries. Checkpoints of its older API store the ensembles as
   ``_Qs.params.<flat index>`` / ``_target_Qs.params.<flat index>`` (4 tensors per layer: weight, bias,
-  ln.weight, ln.bias) and have no ``log_std_*`` entries. :func:`from_tdmpc2_checkpoint` reads both.
+  ln.weight, ln.bias) and have no ``log_std_*`` entries. :func:`from_tdmpc2_checkpoint` reads both. BMPC's code
+  (built on TD-MPC2's) writes the same keys, with a state-value ensemble (``_Qs`` whose input is the latent alone)
+  and ``expl_log_std_min`` / ``expl_log_std_dif``: such a checkpoint gives a
+  :class:`~torchrl_dreammpc.modules.BMPCWorldModel`.
 * **Ours**: ``{"format": "torchrl_dreammpc.world_model", "version": 1, "config": asdict(model.config),
-  "state_dict": model.state_dict()}``, written by :func:`save_world_model` and read by
-  :func:`load_world_model`. :func:`load_any` takes either. A model of another family than TD-MPC2's
-  (:class:`~torchrl_dreammpc.modules.DreamerV3WorldModel`) adds ``"family": "dreamer_v3"``; a file without that
-  entry is a TD-MPC2 model, so TD-MPC2 files keep exactly the layout they always had.
+  "state_dict": model.state_dict()}``, written by :func:`save_world_model` and read by :func:`load_world_model`,
+  which rebuilds the model of the family the file records (:data:`FAMILIES`). :func:`load_any` takes either
+  format. A model of another family than TD-MPC2's (:class:`~torchrl_dreammpc.modules.BMPCWorldModel`,
+  :class:`~torchrl_dreammpc.modules.DreamerV3WorldModel`) adds ``"family": "bmpc"`` / ``"dreamer_v3"``; a file
+  without that entry is a TD-MPC2 model, so TD-MPC2 files keep exactly the layout they always had (and code that
+  predates a family refuses its files by name rather than misreading them).
 
 Every loader validates the complete converted state dict (keys, shapes, data) against the architecture before a
 model is built, and raises :class:`CheckpointError` naming the problem; no partially loaded model is returned.
@@ -35,6 +40,7 @@ from typing import Any
 
 import torch
 
+from torchrl_dreammpc.modules.bmpc import BMPCConfig, BMPCWorldModel
 from torchrl_dreammpc.modules.dreamer import DreamerV3Config, DreamerV3WorldModel
 from torchrl_dreammpc.modules.world_model import (
     MODEL_SIZES,
@@ -48,6 +54,8 @@ __all__ = [
     "FORMAT",
     "check_finite_state",
     "FORMAT_VERSION",
+    "FAMILIES",
+    "build_world_model",
     "convert_tdmpc2_state_dict",
     "from_tdmpc2_checkpoint",
     "to_tdmpc2_state_dict",
@@ -60,9 +68,13 @@ __all__ = [
 
 FORMAT = "torchrl_dreammpc.world_model"
 FORMAT_VERSION = 1
-#: Model families of our format: name -> (config class, model class). A file without a "family" entry is
-#: "tdmpc2" (the only family when the format was defined).
-FAMILIES = {"tdmpc2": (TDMPC2Config, TDMPC2WorldModel), "dreamer_v3": (DreamerV3Config, DreamerV3WorldModel)}
+#: Model families of our format: name (the model's ``family``) -> (config class, model class). A file without a
+#: "family" entry is "tdmpc2" (the only family when the format was defined).
+FAMILIES: dict[str, tuple[type, type]] = {
+    "tdmpc2": (TDMPC2Config, TDMPC2WorldModel),
+    "bmpc": (BMPCConfig, BMPCWorldModel),
+    "dreamer_v3": (DreamerV3Config, DreamerV3WorldModel),
+}
 
 
 class CheckpointError(ValueError):
@@ -181,7 +193,7 @@ def _map_keys(sd: Mapping, strict: bool) -> tuple[dict[str, torch.Tensor], dict[
             continue
         if _IGNORED_RE.search(key):
             continue
-        if key in ("log_std_min", "log_std_dif"):
+        if key in ("log_std_min", "log_std_dif", "expl_log_std_min", "expl_log_std_dif"):
             extras[key] = val
             continue
         target = None
@@ -239,9 +251,9 @@ def _arch_enc_hidden(num_enc_layers: int) -> int:
     return max(num_enc_layers - 1, 1)
 
 
-def _pick_model_size(sizes: dict, n_params: int) -> int:
+def _pick_model_size(sizes: dict, n_params: int, config_class: type = TDMPC2Config) -> int:
     for ms, table in MODEL_SIZES.items():
-        full = {"num_q": TDMPC2Config.num_q, **table}
+        full = {"num_q": config_class.num_q, **table}
         if all(full[k] == sizes[k] for k in ("enc_dim", "mlp_dim", "latent_dim", "num_q")) and \
                 _arch_enc_hidden(full["num_enc_layers"]) == _arch_enc_hidden(sizes["num_enc_layers"]):
             return ms
@@ -253,6 +265,9 @@ def convert_tdmpc2_state_dict(state_dict: Mapping, obs_dim=None, action_dim=None
                               episode_length: int | None = None, discount: float | None = None,
                               strict: bool = True) -> tuple[TDMPC2Config, dict[str, torch.Tensor]]:
     """Convert a TD-MPC2 state dict into a :class:`TDMPC2Config` and a state dict for :class:`TDMPC2WorldModel`.
+
+    A checkpoint of BMPC's code (its ``_Qs`` ensemble is a state-value ensemble: its input is the latent alone) is
+    converted into a :class:`~torchrl_dreammpc.modules.BMPCConfig` and a :class:`BMPCWorldModel` state dict.
 
     Pure function: nothing is built, the input is not modified. The returned state dict has been checked key by key
     and shape by shape against the architecture the config describes, so ``load_state_dict`` on a model built from
@@ -297,6 +312,24 @@ def convert_tdmpc2_state_dict(state_dict: Mapping, obs_dim=None, action_dim=None
         raise CheckpointError(f"'_pi.2.weight' has {pi_last.shape[0]} outputs; the policy head should output "
                               f"2 x action_dim (mean and log-std).")
     ck_action = pi_last.shape[0] // 2
+    # BMPC's V ensemble reads the latent alone, TD-MPC2's Q ensemble the latent and the action.
+    state_values = q0.shape[2] == ck_latent
+    expl = {k for k in extras if k.startswith("expl_")}
+    if expl and not state_values:
+        raise CheckpointError("This is a BMPC checkpoint with a Q ensemble (use_v_instead_q: false), whose policy "
+                              "head is BMPC's: not supported (only BMPC's state-value models, or TD-MPC2's).")
+    if state_values:
+        if episodic_keys := [k for k in mapped if k.startswith("termination_head.")]:
+            raise CheckpointError(f"A state-value (BMPC) checkpoint with a termination head "
+                                  f"({source[episodic_keys[0]]!r}) is not supported.")
+        rename = {"qvalue.module.net.": "value_head.module.net.", "target_qvalue.module.net.":
+                  "target_value_head.module.net."}
+        for old in [k for k in mapped if k.startswith(tuple(rename))]:
+            prefix = next(p for p in rename if old.startswith(p))
+            new = rename[prefix] + old[len(prefix):]
+            mapped[new], source[new] = mapped.pop(old), source.pop(old)
+        detach = {rename["qvalue.module.net."] + k[len("qvalue.module.net."):]: v for k, v in detach.items()}
+    config_class = BMPCConfig if state_values else TDMPC2Config
 
     # The task's sizes come first: that is the mismatch users actually hit (a checkpoint for another task).
     obs_dim, action_dim = _spec_dim(obs_dim, "obs_dim"), _spec_dim(action_dim, "action_dim")
@@ -322,7 +355,7 @@ def convert_tdmpc2_state_dict(state_dict: Mapping, obs_dim=None, action_dim=None
     if model_size is not None:
         if model_size not in MODEL_SIZES:
             raise CheckpointError(f"Unknown model_size {model_size!r}; choose one of {sorted(MODEL_SIZES)}.")
-        table = {"num_q": TDMPC2Config.num_q, **MODEL_SIZES[model_size]}
+        table = {"num_q": config_class.num_q, **MODEL_SIZES[model_size]}
         diff = [f"{k}: checkpoint {sizes[k]}, model_size {model_size} has {table[k]}"
                 for k in ("enc_dim", "mlp_dim", "latent_dim", "num_q") if sizes[k] != table[k]]
         if _arch_enc_hidden(table["num_enc_layers"]) != _arch_enc_hidden(n_enc):
@@ -331,7 +364,7 @@ def convert_tdmpc2_state_dict(state_dict: Mapping, obs_dim=None, action_dim=None
         if diff:
             raise CheckpointError(f"Checkpoint does not match model_size={model_size}: " + "; ".join(diff) + ".")
     else:
-        model_size = _pick_model_size(sizes, n_params)
+        model_size = _pick_model_size(sizes, n_params, config_class)
     # Keep the table's num_enc_layers when it describes the same network (TD-MPC2's 1 == 2 equivalence).
     table_layers = MODEL_SIZES[model_size]["num_enc_layers"]
     if _arch_enc_hidden(table_layers) == _arch_enc_hidden(n_enc):
@@ -339,12 +372,14 @@ def convert_tdmpc2_state_dict(state_dict: Mapping, obs_dim=None, action_dim=None
 
     # ---- constants not visible in the shapes ----
     fields: dict[str, Any] = dict(sizes, num_bins=num_bins, episodic=episodic)
-    if extras:
-        if set(extras) != {"log_std_min", "log_std_dif"}:
-            raise CheckpointError(f"Checkpoint has {sorted(extras)} but not both log_std_min and log_std_dif.")
-        lo, dif = (float(torch.as_tensor(extras[k]).reshape(())) for k in ("log_std_min", "log_std_dif"))
-        fields.update(log_std_min=lo, log_std_max=lo + dif)
-    # else (old API): TD-MPC2 itself fills these in from its config defaults, which are ours too.
+    for prefix in ("", "expl_"):
+        pair = {f"{prefix}log_std_min", f"{prefix}log_std_dif"}
+        if pair & set(extras):
+            if not pair <= set(extras):
+                raise CheckpointError(f"Checkpoint has {sorted(pair & set(extras))} but not both of {sorted(pair)}.")
+            lo, dif = (float(torch.as_tensor(extras[k]).reshape(())) for k in sorted(pair, reverse=True))
+            fields.update({f"{prefix}log_std_min": lo, f"{prefix}log_std_max": lo + dif})
+    # else (old API): TD-MPC2 itself fills these in from its config defaults, which are ours too (BMPC's: BMPC's).
     if discount is not None:
         fields["discount"] = float(discount)
     elif episode_length is not None:
@@ -353,9 +388,9 @@ def convert_tdmpc2_state_dict(state_dict: Mapping, obs_dim=None, action_dim=None
         raise CheckpointError(f"latent_dim {ck_latent} is not a multiple of the SimNorm group size "
                               f"{TDMPC2Config.simnorm_dim}.")
     try:
-        config = TDMPC2Config.from_size(ck_obs, ck_action, model_size, **fields)
+        config = config_class.from_size(ck_obs, ck_action, model_size, **fields)
     except (TypeError, ValueError) as err:
-        raise CheckpointError(f"Cannot build a TDMPC2Config from the checkpoint: {err}") from err
+        raise CheckpointError(f"Cannot build a {config_class.__name__} from the checkpoint: {err}") from err
 
     # ---- every tensor against the architecture (a data-less model on the meta device) ----
     expected = _expected_shapes(config)
@@ -384,6 +419,7 @@ def convert_tdmpc2_state_dict(state_dict: Mapping, obs_dim=None, action_dim=None
 
 
 def _tdmpc2_name(ours: str) -> str:
+    ours = ours.replace("target_value_head.", "target_qvalue.").replace("value_head.", "qvalue.")
     for src, dst in _MLP_PREFIXES.items():
         if ours.startswith(dst):
             return src + ours[len(dst):]
@@ -402,13 +438,27 @@ def _family(config) -> str:
     raise TypeError(f"Not the config of a known world-model family: {type(config).__name__}.")
 
 
-def _build(config: TDMPC2Config | DreamerV3Config) -> TDMPC2WorldModel | DreamerV3WorldModel:
-    fields = dataclasses.asdict(config)
+def build_world_model(family: str, config: Mapping[str, Any]):
+    """A freshly initialized model of ``family`` (a key of :data:`FAMILIES`) from its config's fields (as
+    ``dataclasses.asdict(model.config)`` gives them): what every loader builds before it loads weights.
+
+    Examples:
+        >>> wm = build_world_model("bmpc", dataclasses.asdict(TDMPC2Config.from_size(5, 1, 1)) | {"num_q": 2})
+        >>> type(wm).__name__, wm.config.num_q
+        ('BMPCWorldModel', 2)
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"Unknown world-model family {family!r}; known: {sorted(FAMILIES)}.")
+    fields = dict(config)
     obs_dim, action_dim, model_size = fields.pop("obs_dim"), fields.pop("action_dim"), fields.pop("model_size")
-    return FAMILIES[_family(config)][1](obs_dim, action_dim, model_size=model_size, **fields)
+    return FAMILIES[family][1](obs_dim, action_dim, model_size=model_size, **fields)
 
 
-def _expected_shapes(config: TDMPC2Config | DreamerV3Config) -> dict[str, torch.Size]:
+def _build(config):
+    return build_world_model(_family(config), dataclasses.asdict(config))
+
+
+def _expected_shapes(config) -> dict[str, torch.Size]:
     with torch.device("meta"):  # shapes only: no memory, no initialization cost
         return {k: v.shape for k, v in _build(config).state_dict().items()}
 
@@ -424,8 +474,7 @@ def check_finite_state(state_dict: Mapping[str, torch.Tensor], where: str = "The
                               f"{', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''}; refusing to load it.")
 
 
-def _finish(config: TDMPC2Config | DreamerV3Config, state_dict: Mapping[str, torch.Tensor], device
-            ) -> TDMPC2WorldModel | DreamerV3WorldModel:
+def _finish(config, state_dict: Mapping[str, torch.Tensor], device):
     check_finite_state(state_dict)
     model = _build(config)
     model.load_state_dict(state_dict, strict=True)
@@ -435,7 +484,8 @@ def _finish(config: TDMPC2Config | DreamerV3Config, state_dict: Mapping[str, tor
 def from_tdmpc2_checkpoint(path_or_state_dict, obs_dim=None, action_dim=None, *, model_size: int | None = None,
                            episode_length: int | None = None, discount: float | None = None,
                            device: str | torch.device = "cpu", strict: bool = True) -> TDMPC2WorldModel:
-    """Build a :class:`TDMPC2WorldModel` from a checkpoint of TD-MPC2's public code.
+    """Build a :class:`TDMPC2WorldModel` from a checkpoint of TD-MPC2's public code (or a :class:`BMPCWorldModel`
+    from one of BMPC's, which its state-value ensemble identifies: see :func:`convert_tdmpc2_state_dict`).
 
     Every tensor is mapped: encoder, dynamics, reward, policy prior, termination head (episodic models), the
     online Q ensemble and the target Qs. Sizes (observation and action widths, latent, enc/mlp dims, encoder
@@ -489,8 +539,10 @@ def from_tdmpc2_checkpoint(path_or_state_dict, obs_dim=None, action_dim=None, *,
 # ---------------------------------------------------------------------------------------------------------------
 def _check_tdmpc2_model(model) -> TDMPC2Config:
     config = getattr(model, "config", None)
-    if not isinstance(config, TDMPC2Config):
-        raise TypeError(f"Expected a TDMPC2WorldModel (with a TDMPC2Config), got {type(model).__name__}.")
+    # type(...) is, not isinstance: BMPC's config subclasses TDMPC2Config, but its V model has no TD-MPC2 layout.
+    if type(config) is not TDMPC2Config:
+        raise TypeError(f"Only a TD-MPC2 world model (TDMPC2WorldModel with a TDMPC2Config) has a TD-MPC2 layout; "
+                        f"got {type(model).__name__} (family {getattr(model, 'family', None)!r}).")
     return config
 
 
@@ -596,18 +648,19 @@ def _atomic_save(payload: Any, path: str | os.PathLike) -> Path:
 # ---------------------------------------------------------------------------------------------------------------
 # our own format
 # ---------------------------------------------------------------------------------------------------------------
-def save_world_model(model: TDMPC2WorldModel | DreamerV3WorldModel, path: str | os.PathLike) -> Path:
-    """Save a :class:`TDMPC2WorldModel` (or a :class:`~torchrl_dreammpc.modules.DreamerV3WorldModel`) with its
-    config, atomically.
+def save_world_model(model, path: str | os.PathLike) -> Path:
+    """Save a world model of any family of :data:`FAMILIES` (:class:`TDMPC2WorldModel`,
+    :class:`~torchrl_dreammpc.modules.BMPCWorldModel`, :class:`~torchrl_dreammpc.modules.DreamerV3WorldModel`) with
+    its config, atomically.
 
     The file holds ``{"format": "torchrl_dreammpc.world_model", "version": 1, "config": asdict(model.config),
-    "state_dict": model.state_dict()}`` (tensors moved to CPU), plus ``"family": "dreamer_v3"`` for a DreamerV3
-    model. It is written to a temporary file in the same
+    "state_dict": model.state_dict()}`` (tensors moved to CPU), plus ``"family": model.family`` for a model of
+    another family than TD-MPC2's. It is written to a temporary file in the same
     directory and moved into place with ``os.replace``, so an interrupted save never leaves a truncated checkpoint
     (an existing file at ``path`` stays intact until the new one is complete).
 
     Args:
-        model (TDMPC2WorldModel or DreamerV3WorldModel): the model (online and target Qs / critics included).
+        model: the model (online and target value ensembles / critics included).
         path: destination file; parent directories are created.
 
     Returns:
@@ -619,23 +672,25 @@ def save_world_model(model: TDMPC2WorldModel | DreamerV3WorldModel, path: str | 
         >>> wm2 = load_world_model(p, obs_dim=5, action_dim=1)  # doctest: +SKIP
     """
     config = getattr(model, "config", None)
-    if not any(type(config) is config_cls for config_cls, _ in FAMILIES.values()):
-        raise TypeError(f"save_world_model expects a TDMPC2WorldModel or a DreamerV3WorldModel (with its config), "
-                        f"got {type(model).__name__}.")
+    family = getattr(model, "family", None)
+    if family not in FAMILIES or type(config) is not FAMILIES[family][0]:
+        raise TypeError(f"save_world_model expects a world model of a family of {sorted(FAMILIES)} with its config, "
+                        f"got {type(model).__name__} (family {family!r}).")
     payload = {"format": FORMAT, "version": FORMAT_VERSION, "config": dataclasses.asdict(config),
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
-    family = _family(config)
     if family != "tdmpc2":
         payload["family"] = family
     return _atomic_save(payload, path)
 
 
-def _config_diff(saved: TDMPC2Config | DreamerV3Config, expect) -> list[str]:
+def _config_diff(saved, expect) -> list[str]:
     name = type(saved).__name__
-    if isinstance(expect, type(saved)):
+    if dataclasses.is_dataclass(expect) and not isinstance(expect, type):
+        if type(expect) is not type(saved):
+            return [f"model family: checkpoint {name}, expected {type(expect).__name__}"]
         expect = dataclasses.asdict(expect)
     if not isinstance(expect, Mapping):
-        raise TypeError(f"expect_config must be a {name} or a mapping of its fields, got {type(expect).__name__}")
+        raise TypeError(f"expect_config must be a model config or a mapping of its fields, got {type(expect).__name__}")
     saved_d = dataclasses.asdict(saved)
     unknown = sorted(set(expect) - set(saved_d))
     if unknown:
@@ -643,8 +698,7 @@ def _config_diff(saved: TDMPC2Config | DreamerV3Config, expect) -> list[str]:
     return [f"{k}: checkpoint {saved_d[k]!r}, expected {v!r}" for k, v in expect.items() if saved_d[k] != v]
 
 
-def _from_ours(obj: Mapping, where: str, expect_config, obs_dim, action_dim, device
-               ) -> TDMPC2WorldModel | DreamerV3WorldModel:
+def _from_ours(obj: Mapping, where: str, expect_config, obs_dim, action_dim, device):
     version = obj.get("version")
     if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
         raise CheckpointError(f"{where} has {FORMAT} version {version!r}; this code reads version {FORMAT_VERSION}.")
@@ -686,16 +740,15 @@ def _from_ours(obj: Mapping, where: str, expect_config, obs_dim, action_dim, dev
     return _finish(config, sd, device)
 
 
-def load_world_model(path: str | os.PathLike, expect_config: TDMPC2Config | DreamerV3Config | Mapping | None = None,
-                     *, obs_dim=None, action_dim=None, device: str | torch.device = "cpu"
-                     ) -> TDMPC2WorldModel | DreamerV3WorldModel:
-    """Load a model saved by :func:`save_world_model`.
+def load_world_model(path: str | os.PathLike, expect_config=None, *, obs_dim=None, action_dim=None,
+                     device: str | torch.device = "cpu"):
+    """Load a model saved by :func:`save_world_model`, as the class of the family it was saved from.
 
     Args:
         path: the checkpoint file.
-        expect_config (TDMPC2Config, DreamerV3Config or mapping, optional): refuse the checkpoint unless its
-            config has these values (all fields of a config object; only the given keys of a mapping). The error
-            names every differing field.
+        expect_config (a model config or a mapping, optional): refuse the checkpoint unless its config has
+            these values (all fields and the family of a config such as ``TDMPC2Config`` / ``BMPCConfig`` /
+            ``DreamerV3Config``; only the given keys of a mapping). The error names every differing field.
         obs_dim / action_dim (int or TorchRL spec, optional): refuse a checkpoint made for other sizes.
         device: where the returned model lives.
 
@@ -722,7 +775,7 @@ def load_world_model(path: str | os.PathLike, expect_config: TDMPC2Config | Drea
 
 
 def load_any(path_or_state_dict, obs_dim=None, action_dim=None, *, expect_config=None,
-             device: str | torch.device = "cpu", **tdmpc2_kwargs) -> TDMPC2WorldModel:
+             device: str | torch.device = "cpu", **tdmpc2_kwargs):
     """Load a world model from either our format or a TD-MPC2 checkpoint (detected from the content).
 
     Args:

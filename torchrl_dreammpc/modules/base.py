@@ -3,6 +3,11 @@
 Planners (``torchrl_dreammpc.planners``) call a world model only through the methods of
 :class:`WorldModelBase`. A new model family (a V-function model as in BMPC, a Dreamer-style RSSM) plans with
 every planner once it implements them; the planners never look at the architecture.
+
+Values: ``value(z, a)`` is a state-action value for every family. The planners' own value terms (the terminal
+value of an imagined trajectory and the per-step ensemble disagreement that Dream-MPC penalizes) come from
+:meth:`WorldModelBase.trajectory_values`, which a state-value model (BMPC) answers from its V ensemble
+(``V(z_H)``, no policy call) and a state-action model (TD-MPC2) from ``Q(z_H, π(z_H))``.
 """
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import abc
 import torch
 from tensordict.nn import TensorDictModuleBase
 
-__all__ = ["WorldModelBase"]
+__all__ = ["WorldModelBase", "state_action_trajectory_values"]
 
 
 class WorldModelBase(TensorDictModuleBase, abc.ABC):
@@ -33,6 +38,10 @@ class WorldModelBase(TensorDictModuleBase, abc.ABC):
     #: Tensordict entry holding the latent the planners act from (written by :meth:`acting_module`'s state
     #: estimator); ``None``: the planners encode the observation themselves.
     latent_key = None
+    #: The model family (``"tdmpc2"``, ``"bmpc"``, ``"dreamer_v3"``): the training algorithm of the same name trains
+    #: it, and our checkpoint files record it (:data:`torchrl_dreammpc.checkpoints.FAMILIES`). ``None``: a model
+    #: outside those (it still plans with every planner).
+    family: str | None = None
 
     @abc.abstractmethod
     def encode(self, obs: torch.Tensor) -> torch.Tensor:
@@ -71,6 +80,36 @@ class WorldModelBase(TensorDictModuleBase, abc.ABC):
         """``(value(z, a, "avg"), value_disagreement(z, a))`` — models may share one ensemble pass for both."""
         return self.value(z, a, reduce="avg"), self.value_disagreement(z, a)
 
+    def state_value(self, z: torch.Tensor, eps: torch.Tensor | None = None, reduce: str = "avg") -> torch.Tensor:
+        """Value of the latent ``z`` when acting with the policy prior from there, ``V^π(z)``: ``[*B, 1]``
+        (``[K, *B, 1]`` for ``reduce="all"``).
+
+        This default serves state-action value models: ``value(z, π(z), reduce)`` with the prior sampled with
+        the standard-normal ``eps`` (its mean action for ``None``). State-value models return their ``V(z)``.
+        """
+        return self.value(z, _prior_action(self, z, eps), reduce=reduce)
+
+    def trajectory_values(self, zs, actions: torch.Tensor, terminal_eps: torch.Tensor | None = None,
+                          uncertainty: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The value terms the planners score an imagined trajectory with.
+
+        Args:
+            zs: the latents ``z_0 .. z_H``: a ``[H+1, M, L]`` tensor or a sequence of ``H+1`` ``[M, L]`` tensors
+                (only ``z_H`` is read unless ``uncertainty``).
+            actions (Tensor): ``a_0 .. a_{H-1}``, ``[H, M, A]``.
+            terminal_eps (Tensor or None): standard-normal noise ``[M, A]`` of a policy sample at ``z_H`` (models
+                that need one); ``None``: the prior's mean action.
+            uncertainty (bool): also return the per-step disagreement.
+
+        Returns:
+            ``(v_H [M, 1], u [H+1, M, 1] or None)``: ``v_H`` the value of ``z_H`` under the policy prior (the
+            average of two random ensemble members), ``u_t`` the ensemble disagreement ``mean_k · std_k`` at step
+            ``t`` (Dream-MPC's penalty before its weight). This default (state-action values, TD-MPC2):
+            ``v_H = Q̄(z_H, π(z_H))`` and ``u_t`` over ``Q_k(z_t, a_t)`` with ``a_H = π(z_H)``, all from one
+            ensemble pass. A state-value model (BMPC) measures both on its V ensemble at ``z_t``.
+        """
+        return state_action_trajectory_values(self, zs, actions, terminal_eps, uncertainty)
+
     def termination(self, z: torch.Tensor) -> torch.Tensor | None:
         """Probability that the episode ends in ``z`` (``[*B, 1]``), or ``None`` for non-episodic models."""
         return None
@@ -92,3 +131,29 @@ class WorldModelBase(TensorDictModuleBase, abc.ABC):
         """The module that acts in an env with ``planner`` over this model: the planner itself by default; a
         model with a :attr:`latent_key` puts its state estimator in front of it."""
         return planner
+
+
+def _prior_action(model, z: torch.Tensor, eps: torch.Tensor | None) -> torch.Tensor:
+    """The prior's action at ``z``: a sample with the given standard-normal ``eps``, or its mean for ``None``
+    (through a model's fast ``policy_action`` when it has one)."""
+    fast = getattr(model, "policy_action", None)
+    if fast is not None:
+        return fast(z, eps)
+    return model.policy(z, deterministic=True)[0] if eps is None else model.policy(z, eps=eps)[0]
+
+
+def _stacked(zs) -> torch.Tensor:
+    return zs if isinstance(zs, torch.Tensor) else torch.stack(list(zs))
+
+
+def state_action_trajectory_values(model, zs, actions: torch.Tensor, terminal_eps: torch.Tensor | None,
+                                   uncertainty: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:meth:`WorldModelBase.trajectory_values` of a state-action value model (``model``: the model or its
+    planning ops): ``Q̄(z_H, π(z_H))`` and, with ``uncertainty``, the disagreement of ``Q_k(z_t, a_t)`` for
+    ``t = 0..H`` (``a_H = π(z_H)``), the terminal value and the disagreement from one ensemble pass."""
+    z_H = zs[-1]
+    a_H = _prior_action(model, z_H, terminal_eps)
+    if not uncertainty:
+        return model.value(z_H, a_H, reduce="avg"), None
+    q, u = model.value_and_disagreement(_stacked(zs), torch.cat([actions, a_H.unsqueeze(0)]))  # [H+1, M, 1]
+    return q[-1], u

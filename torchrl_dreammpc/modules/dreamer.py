@@ -307,6 +307,8 @@ class DreamerV3WorldModel(WorldModelBase):
     """
 
     latent_key = "latent"
+    #: the model family (see :attr:`WorldModelBase.family`).
+    family = "dreamer_v3"
 
     def __init__(self, observation_spec, action_spec, model_size: str = "1m", **overrides):
         super().__init__()

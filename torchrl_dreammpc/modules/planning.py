@@ -30,10 +30,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from torchrl_dreammpc.modules.base import _stacked, state_action_trajectory_values
 from torchrl_dreammpc.modules.layers import mish
 
 
-__all__ = ["TDMPC2PlanningOps", "simnorm"]
+__all__ = ["TDMPC2PlanningOps", "BMPCPlanningOps", "simnorm"]
 
 # Below this many rows a latent shared by several rows (the start latent of every candidate) is simply repeated:
 # the shared-row products only pay off in FLOPs when there are many rows (MPPI), and cost extra kernels.
@@ -159,7 +160,8 @@ class _MLP:
 
 
 class _Ensemble:
-    """The Q ensemble (``EnsembleMLP``) as raw tensors, first layer split into latent / action columns."""
+    """The value ensemble (``EnsembleMLP``) as raw tensors, first layer split into latent / action columns (a
+    state-value ensemble, whose input is the latent alone, has no action columns: call it with ``a=None``)."""
 
     def __init__(self, ens, latent_dim: int):
         L = latent_dim
@@ -168,8 +170,9 @@ class _Ensemble:
         w0, b0, lw0, lb0 = layers[0]
         K, out0 = w0.shape[0], w0.shape[1]
         self.hidden = out0
+        self.has_action = w0.shape[-1] > L
         self.w0z_t = w0[:, :, :L].reshape(K * out0, L).t()  # [L, K*out]
-        self.w0a_t = w0[:, :, L:].reshape(K * out0, -1).t()  # [A, K*out]
+        self.w0a_t = w0[:, :, L:].reshape(K * out0, -1).t()  # [A, K*out] (empty for a state-value ensemble)
         self.b0 = b0.reshape(-1)
         self.ln0 = (lw0, lb0)
         self.rest_layers = [(w.transpose(1, 2), b.unsqueeze(1), *ts) for (w, b, *ts) in layers[1:]]
@@ -182,13 +185,14 @@ class _Ensemble:
             rest = [tuple([w[k].t(), b[k], *(t[k] for t in ts)]) for (w, b, *ts) in layers[1:]]
             self.members.append((first, rest))
 
-    def __call__(self, z: torch.Tensor, a: torch.Tensor, members: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, z: torch.Tensor, a: torch.Tensor | None, members: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[K, *B, bins]`` of every member (or of the ``members`` indices, weights gathered)."""
-        if z.shape[:-1] != a.shape[:-1]:
+        if a is not None and z.shape[:-1] != a.shape[:-1]:
             batch = torch.broadcast_shapes(z.shape[:-1], a.shape[:-1])
             z, a = z.expand(*batch, z.shape[-1]), a.expand(*batch, a.shape[-1])
         batch = z.shape[:-1]
-        z2, a2 = z.reshape(-1, z.shape[-1]), a.reshape(-1, a.shape[-1])
+        z2 = z.reshape(-1, z.shape[-1])
+        a2 = None if a is None else a.reshape(-1, a.shape[-1])
         if (members is None and z2.shape[0] * self.k * self.hidden >= _PER_HEAD_ELEMS and z2.device.type == "cpu"
                 and not torch.compiler.is_compiling()):
             # Many rows on a CPU: member by member keeps each intermediate within the L2 cache.
@@ -206,7 +210,10 @@ class _Ensemble:
             lw, lb = (t.index_select(0, members) for t in self.ln0)
             rest = [tuple(t.index_select(0, members) for t in ts) for ts in self.rest_layers]
         N = z2.shape[0]
-        h = torch.addmm(b0, z2, w0z_t).addmm_(a2, w0a_t).view(N, K, -1)  # [N, K, out]
+        h = torch.addmm(b0, z2, w0z_t)
+        if a2 is not None:
+            h = h.addmm_(a2, w0a_t)
+        h = h.view(N, K, -1)  # [N, K, out]
         h = mish(torch.addcmul(lb, F.layer_norm(h, (h.shape[-1],)), lw))
         h = h.transpose(0, 1)  # [K, N, out]
         for ts in rest:
@@ -215,15 +222,18 @@ class _Ensemble:
                 h = mish(torch.addcmul(ts[3].unsqueeze(1), F.layer_norm(h, (h.shape[-1],)), ts[2].unsqueeze(1)))
         return h.reshape(K, *batch, h.shape[-1])
 
-    def some(self, z: torch.Tensor, a: torch.Tensor, heads: list[int]) -> torch.Tensor:
+    def some(self, z: torch.Tensor, a: torch.Tensor | None, heads: list[int]) -> torch.Tensor:
         """Logits ``[len(heads), *B, bins]`` of the given members, each run on views of its own weights (no
         gather of the stacked weights; ``z`` and ``a`` of the same batch shape)."""
         batch = z.shape[:-1]
-        z2, a2 = z.reshape(-1, z.shape[-1]), a.reshape(-1, a.shape[-1])
+        z2 = z.reshape(-1, z.shape[-1])
+        a2 = None if a is None else a.reshape(-1, a.shape[-1])
         outs = []
         for k in heads:
             (w0z_t, w0a_t, b0, lw0, lb0), rest = self.members[k]
-            h = torch.addmm(b0, z2, w0z_t).addmm_(a2, w0a_t)
+            h = torch.addmm(b0, z2, w0z_t)
+            if a2 is not None:
+                h = h.addmm_(a2, w0a_t)
             h = mish(F.layer_norm(h, (h.shape[-1],), lw0, lb0))
             for ts in rest:
                 h = torch.addmm(ts[1], h, ts[0])
@@ -252,7 +262,7 @@ class TDMPC2PlanningOps:
         self._rew = _MLP(wm.reward_head.module.net, L)
         self._pi = _MLP(wm.policy_head.module.net)
         self._term = None if wm.termination_head is None else _MLP(wm.termination_head.module)
-        self._q = _Ensemble(wm.q_ensemble, L)
+        self._q = _Ensemble(wm.value_ensemble, L)
         self._bins = wm.two_hot.bins.detach().unsqueeze(-1)  # [bins, 1]
         lo, hi = cfg.log_std_min, cfg.log_std_max
         self._ls_scale = 0.5 * (hi - lo)
@@ -287,21 +297,29 @@ class TDMPC2PlanningOps:
         mean, ls = out[..., :A], out[..., A:]
         return mean, torch.add(self._ls_shift, torch.tanh(ls), alpha=self._ls_scale)
 
+    def _mean_action(self, mean: torch.Tensor) -> torch.Tensor:
+        """The prior's mean action from :meth:`policy_params`' mean (TD-MPC2: ``tanh``)."""
+        return torch.tanh(mean)
+
+    def _sample_action(self, mean: torch.Tensor, eps: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """A prior sample from :meth:`policy_params`' mean and ``std`` (TD-MPC2: ``tanh(mean + eps·std)``)."""
+        return torch.tanh(torch.addcmul(mean, eps, std))
+
     def policy_action(self, z: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
         """The action of :meth:`policy` alone: ``tanh(mean + eps·std)``, or ``tanh(mean)`` for ``eps=None``."""
         mean, log_std = self.policy_params(z)
         if eps is None:
-            return torch.tanh(mean)
-        return torch.tanh(torch.addcmul(mean, eps, log_std.exp()))
+            return self._mean_action(mean)
+        return self._sample_action(mean, eps, log_std.exp())
 
     def policy(self, z: torch.Tensor, deterministic: bool = False, eps: torch.Tensor | None = None):
         mean, log_std = self.policy_params(z)
-        squashed = torch.tanh(mean)
+        squashed = self._mean_action(mean)
         if deterministic:
             return squashed, squashed, log_std
         if eps is None:
             eps = torch.randn_like(mean)
-        return torch.tanh(torch.addcmul(mean, eps, log_std.exp())), squashed, log_std
+        return self._sample_action(mean, eps, log_std.exp()), squashed, log_std
 
     def q_logits(self, z: torch.Tensor, a: torch.Tensor, members: torch.Tensor | None = None) -> torch.Tensor:
         return self._q(z, a, members)
@@ -337,6 +355,12 @@ class TDMPC2PlanningOps:
     def termination(self, z: torch.Tensor) -> torch.Tensor | None:
         return None if self._term is None else torch.sigmoid(self._term(z))
 
+    def trajectory_values(self, zs, actions: torch.Tensor, terminal_eps: torch.Tensor | None = None,
+                          uncertainty: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`WorldModelBase.trajectory_values <torchrl_dreammpc.modules.WorldModelBase.trajectory_values>`
+        (state-action values: ``Q̄(z_H, π(z_H))``, disagreement of ``Q_k(z_t, a_t)``)."""
+        return state_action_trajectory_values(self, zs, actions, terminal_eps, uncertainty)
+
     # ---------------------------------------------------------------------- the planners' fused steps
     def _spread(self, z0: torch.Tensor, rows: int) -> torch.Tensor:
         """``z0 [R, L]`` for ``rows = k·R`` rows: kept shared when there are many rows, else repeated."""
@@ -358,7 +382,7 @@ class TDMPC2PlanningOps:
         H, M, A = eps.shape
         R = z0.shape[0]
         mean, log_std = self.policy_params(z0)  # the prior at z0 once per start latent
-        a = torch.tanh(torch.addcmul(mean.unsqueeze(1), eps[0].view(R, M // R, A), log_std.exp().unsqueeze(1)))
+        a = self._sample_action(mean.unsqueeze(1), eps[0].view(R, M // R, A), log_std.exp().unsqueeze(1))
         acts = [a.view(M, A)]
         z = self._spread(z0, M)
         for t in range(1, H):
@@ -394,14 +418,85 @@ class TDMPC2PlanningOps:
                 zs.append(z)
             hr = rew.first(torch.stack([z0, *zs[:-1]]).view(H * M, L), actions.reshape(H * M, A))
             rewards = self.decode(rew.rest(hr)).view(H, M, 1)
-        a_H = self.policy_action(z, terminal_eps)
-        unc = None
-        if uncertainty:
-            z_all = torch.stack([z0 if z0.shape[0] == M else z0.repeat_interleave(M // z0.shape[0], 0), *zs])
-            q, u = self.value_and_disagreement(z_all, torch.cat([actions, a_H.unsqueeze(0)]))
-            q_H, unc = q[-1], u.sum(0)
-        else:
-            q_H = self.value(z, a_H, reduce="avg")
-        # Σ_t γ^t r_t + γ^H Q̄ as one [1, H+1] @ [H+1, M] product.
+        if uncertainty and z0.shape[0] != M:
+            z0 = z0.repeat_interleave(M // z0.shape[0], 0)
+        q_H, u = self.trajectory_values([z0, *zs], actions, terminal_eps, uncertainty)
+        unc = None if u is None else u.sum(0)
+        # Σ_t γ^t r_t + γ^H v_H as one [1, H+1] @ [H+1, M] product.
         ret = (weights.view(1, H + 1) @ torch.cat([rewards, q_H.unsqueeze(0)]).view(H + 1, M)).view(M, 1)
         return ret, unc
+
+
+class BMPCPlanningOps(TDMPC2PlanningOps):
+    """The tensor methods of a :class:`~torchrl_dreammpc.modules.BMPCWorldModel` (eval mode), as
+    :class:`TDMPC2PlanningOps` computes TD-MPC2's: the V ensemble on latents (no action columns), BMPC's prior
+    (``mean = tanh(raw)``, samples ``clip(mean + σ ε, -1, 1)``, log σ in the acting or, with ``explore``, the
+    exploration range), ``value(z, a) = r̂(z, a) + γ V(next(z, a))`` and the planners' objective with ``V̄(z_H)``.
+    Get it with :meth:`BMPCWorldModel.planning_ops`, which sets :attr:`explore` from the model's
+    :meth:`~BMPCWorldModel.exploration_prior` state.
+    """
+
+    def __init__(self, wm):
+        super().__init__(wm)
+        cfg = wm.config
+        self.discount = wm.discount
+        self.explore = False
+        dtype, device = self._bins.dtype, self._bins.device
+        self._ranges = {}
+        for explore, (lo, hi) in ((False, (cfg.log_std_min, cfg.log_std_max)),
+                                  (True, (cfg.expl_log_std_min, cfg.expl_log_std_max))):
+            self._ranges[explore] = (0.5 * (hi - lo), torch.tensor(lo + 0.5 * (hi - lo), dtype=dtype, device=device))
+
+    def policy_params(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self._pi(z)
+        A = self.action_dim
+        scale, shift = self._ranges[self.explore]
+        return torch.tanh(out[..., :A]), torch.add(shift, torch.tanh(out[..., A:]), alpha=scale)
+
+    def _mean_action(self, mean: torch.Tensor) -> torch.Tensor:
+        return mean  # already tanh-ed
+
+    def _sample_action(self, mean: torch.Tensor, eps: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(mean, eps, std).clamp_(-1.0, 1.0)
+
+    def v_logits(self, z: torch.Tensor, members: torch.Tensor | None = None) -> torch.Tensor:
+        return self._q(z, None, members)
+
+    def state_value(self, z: torch.Tensor, eps: torch.Tensor | None = None, reduce: str = "avg") -> torch.Tensor:
+        if reduce == "all":
+            return self.decode(self._q(z, None))
+        if reduce not in ("avg", "min"):
+            raise ValueError(f"reduce must be 'all', 'avg' or 'min', got {reduce!r}")
+        idx = self._two_random_heads(z.device)
+        if idx is None:
+            v = self.decode(self._q(z, None))
+        elif _HOST_PAIR and idx.device.type == "cpu" and not torch.compiler.is_compiling():
+            v = self.decode(self._q.some(z, None, idx.tolist()))
+        else:
+            v = self.decode(self._q(z, None, members=idx))
+        return v.amin(0) if reduce == "min" else v.mean(0)
+
+    def value(self, z: torch.Tensor, a: torch.Tensor, reduce: str = "avg") -> torch.Tensor:
+        return self.reward(z, a) + self.discount * self.state_value(self.next(z, a), reduce=reduce)
+
+    def value_and_disagreement(self, z: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = self.value(z, a, reduce="all")
+        idx = self._two_random_heads(z.device)
+        std, mean = torch.std_mean(q, 0)
+        return (mean if idx is None else q.index_select(0, idx).mean(0)), mean * std
+
+    def value_disagreement(self, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        std, mean = torch.std_mean(self.value(z, a, reduce="all"), 0)
+        return mean * std
+
+    def trajectory_values(self, zs, actions: torch.Tensor, terminal_eps: torch.Tensor | None = None,
+                          uncertainty: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """BMPC's ``V̄(z_H)`` and, with ``uncertainty``, ``mean_k V_k · std_k V_k`` at ``z_0 .. z_H`` (see
+        :meth:`BMPCWorldModel.trajectory_values`)."""
+        if not uncertainty:
+            return self.state_value(zs[-1]), None
+        v = self.decode(self._q(_stacked(zs), None))  # [K, H+1, M, 1]
+        idx = self._two_random_heads(v.device)
+        v_H = (v[:, -1] if idx is None else v.index_select(0, idx)[:, -1]).mean(0)
+        std, mean = torch.std_mean(v, 0)
+        return v_H, mean * std

@@ -164,9 +164,15 @@ class TDMPC2WorldModel(WorldModelBase):
         torch.Size([2, 4, 1])
     """
 
+    #: the model family (see :attr:`WorldModelBase.family`).
+    family = "tdmpc2"
+    #: the config dataclass of the family (sizes and constants, saved in checkpoints); a subclass family changes it.
+    config_class = TDMPC2Config
+
     def __init__(self, observation_spec, action_spec, model_size: int = 5, **overrides):
         super().__init__()
-        cfg = TDMPC2Config.from_size(_last_dim(observation_spec), _last_dim(action_spec), model_size, **overrides)
+        cfg = self.config_class.from_size(_last_dim(observation_spec), _last_dim(action_spec), model_size,
+                                          **overrides)
         self.config = cfg
         self.obs_dim, self.action_dim, self.latent_dim = cfg.obs_dim, cfg.action_dim, cfg.latent_dim
         self.discount = cfg.discount
@@ -181,22 +187,30 @@ class TDMPC2WorldModel(WorldModelBase):
                                             in_keys=["latent", "action"], out_keys=["reward_logits"])
         self.termination_head = (TensorDictModule(mlp(cfg.latent_dim, hidden, 1), in_keys=["latent"],
                                                   out_keys=["termination_logits"]) if cfg.episodic else None)
-        self.policy_head = TensorDictModule(
+        self.policy_head = self._policy_head(cfg, hidden)
+        self._value_heads(cfg, hidden)
+        self.two_hot = SymlogTwoHot(cfg.num_bins, cfg.vmin, cfg.vmax)
+        self.apply(weight_init)
+        with torch.no_grad():  # TD-MPC2 zero-initializes the reward and value output layers
+            self.reward_head.module.net[-1].weight.zero_()
+            getattr(self.value_ensemble, f"weight_{self.value_ensemble.num_layers - 1}").zero_()
+            self.target_value_ensemble.load_state_dict(self.value_ensemble.state_dict())
+        self.in_keys = ["observation"]
+        self.out_keys = ["latent"]
+
+    def _policy_head(self, cfg, hidden) -> TensorDictModule:
+        return TensorDictModule(
             _PolicyHead(mlp(cfg.latent_dim, hidden, 2 * cfg.action_dim), cfg.log_std_min, cfg.log_std_max),
             in_keys=["latent"], out_keys=["pi_mean", "pi_log_std"])
+
+    def _value_heads(self, cfg, hidden) -> None:
+        """The Q ensemble on (latent, action) and its target copy (buffers): ``qvalue`` / ``target_qvalue``."""
+        za = cfg.latent_dim + cfg.action_dim
         self.qvalue = TensorDictModule(_ConcatEnsemble(EnsembleMLP(cfg.num_q, za, hidden, cfg.num_bins, cfg.dropout)),
                                        in_keys=["latent", "action"], out_keys=["q_logits"])
         self.target_qvalue = TensorDictModule(
             _ConcatEnsemble(EnsembleMLP(cfg.num_q, za, hidden, cfg.num_bins, cfg.dropout, trainable=False)),
             in_keys=["latent", "action"], out_keys=["target_q_logits"])
-        self.two_hot = SymlogTwoHot(cfg.num_bins, cfg.vmin, cfg.vmax)
-        self.apply(weight_init)
-        with torch.no_grad():  # TD-MPC2 zero-initializes the reward and Q output layers
-            self.reward_head.module.net[-1].weight.zero_()
-            getattr(self.q_ensemble, f"weight_{self.q_ensemble.num_layers - 1}").zero_()
-            self.target_q_ensemble.load_state_dict(self.q_ensemble.state_dict())
-        self.in_keys = ["observation"]
-        self.out_keys = ["latent"]
 
     @classmethod
     def from_tdmpc2_checkpoint(cls, path_or_state_dict, obs_dim=None, action_dim=None, **kwargs) -> "TDMPC2WorldModel":
@@ -224,12 +238,22 @@ class TDMPC2WorldModel(WorldModelBase):
     def target_q_ensemble(self) -> EnsembleMLP:
         return self.target_qvalue.module.net
 
+    @property
+    def value_ensemble(self) -> EnsembleMLP:
+        """The trained value ensemble of the family (TD-MPC2: the Q heads)."""
+        return self.q_ensemble
+
+    @property
+    def target_value_ensemble(self) -> EnsembleMLP:
+        """Its Polyak-averaged target copy (buffers)."""
+        return self.target_q_ensemble
+
     def world_model_parameters(self):
         """Parameter groups for the world-model optimizer: ``(encoder params, the rest except the policy)``."""
         enc = list(self.encoder.parameters())
-        rest = [p for m in (self.dynamics, self.reward_head, self.termination_head, self.qvalue) if m is not None
+        rest = [p for m in (self.dynamics, self.reward_head, self.termination_head) if m is not None
                 for p in m.parameters()]
-        return enc, rest
+        return enc, rest + list(self.value_ensemble.parameters())
 
     def planning_ops(self):
         """A :class:`~torchrl_dreammpc.modules.planning.TDMPC2PlanningOps` view of this model (same tensor methods
@@ -240,21 +264,24 @@ class TDMPC2WorldModel(WorldModelBase):
         replaced or moved (``.to()``, ``param.data = ...``, a new ``Parameter``, a new submodule) rebuilds it,
         and in-place updates (optimizer steps, ``load_state_dict``, target updates) are seen through it at once.
         """
-        if self.training or self.q_ensemble.training:
+        if self.training or self.value_ensemble.training:
             return self
         cache = _PLANNING_CACHE.get(self)
         if cache is not None and cache[0] == _MODULE_EPOCH[0]:
             _, slots, ptrs, ops = cache
             if all(d[n].data_ptr() == p for (d, n), p in zip(slots, ptrs)):
                 return ops
-        from torchrl_dreammpc.modules.planning import TDMPC2PlanningOps
-
         slots = [(m._parameters, n) for m in self.modules() for n, t in m._parameters.items() if t is not None]
         slots.append((self.two_hot._buffers, "bins"))
         with torch.inference_mode(False):
-            ops = TDMPC2PlanningOps(self)
+            ops = self._new_planning_ops()
         _PLANNING_CACHE[self] = (_MODULE_EPOCH[0], slots, [d[n].data_ptr() for d, n in slots], ops)
         return ops
+
+    def _new_planning_ops(self):
+        from torchrl_dreammpc.modules.planning import TDMPC2PlanningOps
+
+        return TDMPC2PlanningOps(self)
 
     def policy_parameters(self):
         return list(self.policy_head.parameters())
@@ -269,8 +296,11 @@ class TDMPC2WorldModel(WorldModelBase):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.target_qvalue.train(False)  # targets never use dropout
+        self._target_value_module().train(False)  # targets never use dropout
         return self
+
+    def _target_value_module(self) -> nn.Module:
+        return self.target_qvalue
 
     # ---- the planner / loss interface ----
     def check_inputs(self, obs: torch.Tensor | None = None, action: torch.Tensor | None = None,
@@ -281,7 +311,7 @@ class TDMPC2WorldModel(WorldModelBase):
                 continue
             if x.shape[-1] != dim:
                 raise ValueError(f"{name} has width {x.shape[-1]} (shape {tuple(x.shape)}) but this "
-                                 f"TDMPC2WorldModel was built for {name} width {dim}.")
+                                 f"{type(self).__name__} was built for {name} width {dim}.")
             if check_finite and not bool(torch.isfinite(x).all()):
                 bad = (~torch.isfinite(x)).sum().item()
                 raise ValueError(f"{name} contains {bad} NaN/inf value(s); refusing to use it.")
@@ -364,8 +394,8 @@ class TDMPC2WorldModel(WorldModelBase):
 
     @torch.no_grad()
     def soft_update_targets(self, tau: float) -> None:
-        """Polyak-average the target Qs towards the online Qs (TorchRL's SoftUpdate does this in training)."""
-        for t, s in zip(self.target_q_ensemble.buffers(), self.q_ensemble.parameters()):
+        """Polyak-average the target values towards the online ones (TorchRL's SoftUpdate does this in training)."""
+        for t, s in zip(self.target_value_ensemble.buffers(), self.value_ensemble.parameters()):
             t.lerp_(s, tau)
 
     # ---- the whole model as one TensorDictModule ----

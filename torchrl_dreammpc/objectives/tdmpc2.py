@@ -141,6 +141,13 @@ class TDMPC2Loss(LossModule):
         self.discount = check_float("discount", world_model.discount if discount is None else discount, low=0.0,
                                     high=1.0, low_open=True)
         self.validate = check_bool("validate", validate)
+        self._register_targets(world_model)
+
+    def _register_targets(self, world_model) -> None:
+        if getattr(world_model, "family", "tdmpc2") != "tdmpc2":
+            raise TypeError(f"TDMPC2Loss trains a TDMPC2WorldModel (Q values); got a {type(world_model).__name__} "
+                            "(a BMPCWorldModel trains with BMPCLoss, a DreamerV3WorldModel with "
+                            "DreamerV3TrainingLoss).")
         # Views (same tensors) of the online and target Q ensembles, named the way TorchRL's target updaters
         # look for them: SoftUpdate lerps target_qvalue_params towards qvalue_params in place.
         self.qvalue_params = TensorDictParams(TensorDict.from_module(world_model.q_ensemble), no_convert=True)
@@ -283,6 +290,9 @@ class TDMPC2PolicyLoss(LossModule):
     def __init__(self, world_model: TDMPC2WorldModel, *, entropy_coef: float = 1e-4, rho: float = 0.5,
                  scale_tau: float = 0.01):
         super().__init__()
+        if getattr(world_model, "family", "tdmpc2") != "tdmpc2":
+            raise TypeError(f"TDMPC2PolicyLoss maximizes Q of a TDMPC2WorldModel; got a {type(world_model).__name__} "
+                            "(a BMPCWorldModel trains its policy with BMPCPolicyLoss).")
         entropy_coef = check_float("entropy_coef", entropy_coef, low=0.0)
         rho = check_float("rho", rho, low=0.0, high=1.0, low_open=True)
         scale_tau = check_float("scale_tau", scale_tau, low=0.0, high=1.0, low_open=True)

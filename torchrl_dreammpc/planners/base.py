@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
 import math
 import types
 
@@ -26,7 +27,7 @@ from torchrl_dreammpc._checks import check_bool as _check_bool
 from torchrl_dreammpc._checks import check_compile as _check_compile
 from torchrl_dreammpc._checks import check_float as _check_float
 from torchrl_dreammpc._checks import check_int as _check_int
-from torchrl_dreammpc.modules.base import WorldModelBase
+from torchrl_dreammpc.modules.base import WorldModelBase, state_action_trajectory_values
 
 __all__ = ["LatentPlannerBase", "NonFiniteActionError"]
 
@@ -58,20 +59,19 @@ def _imagine(ops, z0: torch.Tensor, actions: torch.Tensor, terminal_eps: torch.T
         zs.append(z)
     zs = torch.stack(zs)  # [H+1, M, L]
     rewards = ops.reward(zs[:-1], actions)  # [H, M, 1]
-    a_H = _policy_action(ops, z, terminal_eps)
     term = ops.termination(zs[1:])
     alive = None
     if term is not None:
         ended = (term > 0.5).to(z0.dtype).cumsum(0).clamp(max=1.0)  # [H, M, 1]: ended at or before z_{t+1}
         alive = 1.0 - torch.cat([torch.zeros_like(ended[:1]), ended])  # [H+1, M, 1]
         weights = weights * alive
-    if uncertainty:
-        q, u = ops.value_and_disagreement(zs, torch.cat([actions, a_H.unsqueeze(0)]))  # [H+1, M, 1] each
-        q_H = q[-1]
-        unc = (u * alive).sum(0) if alive is not None else u.sum(0)
-    else:
-        q_H = ops.value(z, a_H, reduce="avg")
-        unc = None
+    # The terminal value and the per-step disagreement: the model family decides how (Q(z_H, π(z_H)) for
+    # state-action models, V(z_H) for state-value models); planning ops without the method are state-action.
+    values = getattr(ops, "trajectory_values", None)
+    if values is None:
+        values = functools.partial(state_action_trajectory_values, ops)
+    q_H, u = values(zs, actions, terminal_eps, uncertainty)
+    unc = None if u is None else ((u * alive).sum(0) if alive is not None else u.sum(0))
     ret = (weights[:-1] * rewards).sum(0) + weights[-1] * q_H
     return ret, unc
 
@@ -150,6 +150,10 @@ class LatentPlannerBase(TensorDictModuleBase, abc.ABC):
             only adds a scalar read after that copy's synchronization; 18 µs per step measured on a loaded 2-core
             CPU, docs/planners.md); skipped for CUDA observations (an env on the GPU), where it would add a host
             sync per step. ``True``: always; ``False``: never.
+        expert_key (NestedKey, optional): also write the planner's action distribution at the current state, the
+            "expert" that BMPC's policy imitates: ``(expert_key, "loc")`` and ``(expert_key, "scale")``, each
+            ``[*batch, action_dim]`` (what each planner writes is in its docstring; :class:`PolicyActor` writes
+            none). Default ``None``: not written.
         compile (bool or str): ``torch.compile`` the model evaluations of a control step (:meth:`imagine` and
             :meth:`rollout_prior`; their backward too, through AOTAutograd). A string is the compile mode (checked
             here). The first call of each new batch size compiles (docs/performance.md, *Compile time*; the same
@@ -175,6 +179,8 @@ class LatentPlannerBase(TensorDictModuleBase, abc.ABC):
 
     #: sub-key under which diagnostics are written: ``("planner", name)``.
     diagnostics_key = "planner"
+    #: whether :meth:`plan` produces an expert distribution (written under ``expert_key`` when one is given).
+    writes_expert = True
 
     def __init__(
         self,
@@ -191,6 +197,7 @@ class LatentPlannerBase(TensorDictModuleBase, abc.ABC):
         generator: torch.Generator | None = None,
         check_finite: bool | None = None,
         compile: bool | str = False,
+        expert_key: NestedKey | None = None,
     ):
         super().__init__()
         if not isinstance(world_model, WorldModelBase):
@@ -201,6 +208,9 @@ class LatentPlannerBase(TensorDictModuleBase, abc.ABC):
         self.latent_key = latent_key if latent_key is not None else getattr(world_model, "latent_key", None)
         self.in_keys = [observation_key if self.latent_key is None else self.latent_key, is_init_key]
         self.out_keys = [action_key]
+        self.expert_key = expert_key
+        if expert_key is not None and self.writes_expert:
+            self.out_keys += [self._expert_entry("loc"), self._expert_entry("scale")]
         self.diagnostics = _check_bool("diagnostics", diagnostics)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}.")
@@ -266,6 +276,10 @@ class LatentPlannerBase(TensorDictModuleBase, abc.ABC):
             raise ValueError(f"env_mask has {env_mask.numel()} entries but the planner holds state for "
                              f"{self._has_prev.numel()} envs.")
         self._has_prev = self._has_prev & ~env_mask
+
+    def _expert_entry(self, name: str) -> tuple:
+        key = self.expert_key
+        return (*key, name) if isinstance(key, tuple) else (key, name)
 
     @property
     def last_plan(self) -> torch.Tensor | None:
@@ -350,9 +364,12 @@ class LatentPlannerBase(TensorDictModuleBase, abc.ABC):
                 uncertainty: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Imagined return of action sequences, and optionally their ensemble disagreement.
 
-        ``ret = Σ_{t<H} γ^t r(z_t, a_t) + γ^H Q̄(z_H, π(z_H))`` (``Q̄ = value(reduce="avg")``, TD-MPC2's
-        ``_estimate_value``), and with ``uncertainty=True`` also ``unc = Σ_{t≤H} u_t`` with
-        ``u_t = value_disagreement(z_t, a_t)`` (``a_H = π(z_H)``), the Dream-MPC penalty before its weight λ.
+        ``ret = Σ_{t<H} γ^t r(z_t, a_t) + γ^H v_H`` and with ``uncertainty=True`` also ``unc = Σ_{t≤H} u_t``, the
+        Dream-MPC penalty before its weight λ, where ``v_H`` and ``u_t`` are the model's
+        :meth:`~torchrl_dreammpc.modules.WorldModelBase.trajectory_values`: for a state-action model (TD-MPC2's
+        ``_estimate_value``) ``v_H = Q̄(z_H, π(z_H))`` (``Q̄ = value(reduce="avg")``) and
+        ``u_t = value_disagreement(z_t, a_t)`` (``a_H = π(z_H)``); for a state-value model (BMPC's)
+        ``v_H = V̄(z_H)`` and ``u_t`` the disagreement of its V ensemble at ``z_t``.
         If the model is episodic (``termination()`` is not ``None``), rewards, the terminal value and the
         penalty after the first predicted termination (probability > 0.5) are dropped, as in TD-MPC2.
 
@@ -459,6 +476,8 @@ class LatentPlannerBase(TensorDictModuleBase, abc.ABC):
 
         Returns:
             ``(action [B, A] within the bounds, diagnostics: dict name → [B] or [B, 1] tensor, may be empty)``.
+            With an :attr:`expert_key`, the diagnostics also hold the expert distribution, ``"expert_loc"`` and
+            ``"expert_scale"`` ``[B, A]`` (written under ``expert_key``, whether or not ``diagnostics`` is set).
 
         A planner that ranks plans may also set ``self._objective`` (``[B, 1]``, the executed plan's score, NaN/inf
         where it could not be scored): the finiteness check (``check_finite``) then refuses a step whose plan was
@@ -526,6 +545,10 @@ class LatentPlannerBase(TensorDictModuleBase, abc.ABC):
             self._check_finite_step(obs, action, self._objective)
         self._objective = None
         tensordict.set(self.action_key, action)
+        expert = diag.pop("expert_loc", None), diag.pop("expert_scale", None)
+        if self.expert_key is not None and expert[0] is not None:
+            for name, value in zip(("loc", "scale"), expert):
+                tensordict.set(self._expert_entry(name), value.reshape(*batch_shape, self.action_dim).to(obs.device))
         if self.diagnostics:
             for name, value in diag.items():
                 value = value.reshape(*batch_shape, -1) if value.ndim > 1 else value.reshape(*batch_shape, 1)

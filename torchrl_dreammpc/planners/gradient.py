@@ -6,7 +6,12 @@ import torch
 from torchrl_dreammpc.modules.base import WorldModelBase
 from torchrl_dreammpc.planners.base import LatentPlannerBase, _check_bool, _check_float, _check_int
 
-__all__ = ["GradientMPCPlanner"]
+__all__ = ["GradientMPCPlanner", "UNCERTAINTY_WEIGHT_BY_FAMILY"]
+
+#: Dream-MPC's uncertainty weight λ by the family of the model it plans in (``uncertainty_weight=None``)
+#: [Dream-MPC]: 0.01 with TD-MPC2's world models, 0.1 with BMPC's ("Dream-MPC with a strong policy"). Other families
+#: (DreamerV3: no published value) take TD-MPC2's.
+UNCERTAINTY_WEIGHT_BY_FAMILY: dict[str, float] = {"tdmpc2": 0.01, "bmpc": 0.1}
 
 
 class GradientMPCPlanner(LatentPlannerBase):
@@ -21,9 +26,10 @@ class GradientMPCPlanner(LatentPlannerBase):
     3. ``iterations`` steps of plain gradient ascent, all candidates (and envs) in one batch, on
        ``J = Σ_t γ^t r(z_t, a_t) + γ^H Q̄(z_H, π(z_H)) − λ Σ_{t=0..H} u_t`` with
        ``u = mean_k(Q_k)·std_k(Q_k)`` over the Q ensemble (``Q̄``: ``value(reduce="avg")``, γ:
-       ``world_model.discount``); the gradient of each candidate is norm-clipped to ``max_grad_norm``; actions
-       are clamped to the bounds after each step. Only the actions are differentiated (``torch.autograd.grad``):
-       no gradient reaches the model parameters;
+       ``world_model.discount``; in a state-value model such as BMPC's, ``γ^H V̄(z_H)`` and ``u_t`` over its
+       V ensemble at ``z_t``: see :meth:`~LatentPlannerBase.imagine`); the gradient of each candidate is
+       norm-clipped to ``max_grad_norm``; actions are clamped to the bounds after each step. Only the actions are
+       differentiated (``torch.autograd.grad``): no gradient reaches the model parameters;
     4. ``J`` is re-evaluated; the first action of the best candidate is executed and all candidates are kept
        for the next step's warm start.
 
@@ -43,7 +49,9 @@ class GradientMPCPlanner(LatentPlannerBase):
             prior candidates are only ranked by ``J`` (a "policy + amortization + selection" ablation).
         lr (float): SGD step size (Dream-MPC: 0.1).
         warm_start_weight (float): ρ in [0, 1] (Dream-MPC: 0.1); 0 disables the warm start.
-        uncertainty_weight (float): λ >= 0 (Dream-MPC: 0.01); 0 disables the penalty.
+        uncertainty_weight (float or None): λ >= 0; 0 disables the penalty. ``None`` (default): Dream-MPC's
+            published value for the model's family, :data:`UNCERTAINTY_WEIGHT_BY_FAMILY` (0.01 with TD-MPC2's
+            models, 0.1 with BMPC's; 0.01 for other families).
         max_grad_norm (float or None): per-candidate gradient-norm clip (Dream-MPC: 20); ``None``: no clipping.
         uncertainty_grad (bool): if ``False`` (default, the authors' code), the penalty only *ranks* the candidates
             in step 4 and the gradient steps ascend the return alone (cheaper: two Q heads on the last latent
@@ -53,6 +61,15 @@ class GradientMPCPlanner(LatentPlannerBase):
     Keyword Args:
         see :class:`~torchrl_dreammpc.planners.LatentPlannerBase` (``action_spec``/``low``/``high``, keys,
         ``diagnostics``, ``generator``, ``check_finite``).
+
+    Expert distribution (``expert_key``; the "expert" a BMPC-trained policy imitates): ``loc`` is the executed
+    action before the exploration noise (the best candidate's first action after the gradient steps), ``scale`` the
+    policy prior's std at the current state, clamped to :attr:`expert_std_bounds` (MPPI's ``[min_std, max_std]``).
+    Dream-MPC improves the prior's mean by gradient ascent and selection, but its few candidates (5, drawn from
+    the prior and moved by one small step) carry no estimate of a posterior spread: the sample std of 5 draws is
+    ~16 % below the prior's on average, so imitating it would shrink the policy's std for no reason. The expert
+    therefore keeps the prior's own std, and the std is left to what imitation of a real planner distribution
+    (BMPC's MPPI reanalyze) and the entropy term teach.
 
     Diagnostics (``diagnostics=True``), each ``[*batch, 1]``: ``("planner", "objective_before")`` and
     ``("planner", "objective_after")`` (J of the executed candidate before the first and after the last gradient
@@ -72,6 +89,9 @@ class GradientMPCPlanner(LatentPlannerBase):
         (torch.Size([8, 1]), torch.Size([8, 5, 3, 1]))
     """
 
+    #: bounds of the expert std (BMPC clamps its MPPI std to [min_std, max_std] = [0.05, 2]).
+    expert_std_bounds = (0.05, 2.0)
+
     def __init__(
         self,
         world_model: WorldModelBase,
@@ -80,7 +100,7 @@ class GradientMPCPlanner(LatentPlannerBase):
         iterations: int = 1,
         lr: float = 0.1,
         warm_start_weight: float = 0.1,
-        uncertainty_weight: float = 0.01,
+        uncertainty_weight: float | None = None,
         max_grad_norm: float | None = 20.0,
         uncertainty_grad: bool = False,
         exploration_std: float = 0.0,
@@ -92,6 +112,9 @@ class GradientMPCPlanner(LatentPlannerBase):
         self.iterations = _check_int("iterations", iterations, 0)
         self.lr = _check_float("lr", lr, low=0.0, low_open=True)
         self.warm_start_weight = _check_float("warm_start_weight", warm_start_weight, low=0.0, high=1.0)
+        if uncertainty_weight is None:
+            family = getattr(world_model, "family", None)
+            uncertainty_weight = UNCERTAINTY_WEIGHT_BY_FAMILY.get(family, UNCERTAINTY_WEIGHT_BY_FAMILY["tdmpc2"])
         self.uncertainty_weight = self._check_uncertainty_weight(uncertainty_weight)
         self.max_grad_norm = (None if max_grad_norm is None
                               else _check_float("max_grad_norm", max_grad_norm, low=0.0, low_open=True))
@@ -158,15 +181,18 @@ class GradientMPCPlanner(LatentPlannerBase):
             idx = J.argmax(1, keepdim=True)  # [B, 1]
             self._objective = J.gather(1, idx)  # -inf where every candidate's J was NaN: the check refuses it
             a4 = a.view(H, B, N, A)
-            action = a4[0].gather(1, idx.unsqueeze(-1).expand(B, 1, A)).squeeze(1)
+            action = expert_loc = a4[0].gather(1, idx.unsqueeze(-1).expand(B, 1, A)).squeeze(1)
             if explore and self.exploration_std > 0:
                 action = self.clamp_action(action + self.exploration_std * noise[:, -A:])
             self._prev = a4
             diag = {}
+            if self.expert_key is not None:
+                log_std = self._ops().policy(z0, deterministic=True)[2]
+                diag = {"expert_loc": expert_loc, "expert_scale": log_std.exp().clamp(*self.expert_std_bounds)}
             if self.diagnostics:
                 J_before = J if J_before is None else J_before.view(B, N)
-                diag = {"objective_before": J_before.gather(1, idx), "objective_after": J.gather(1, idx),
-                        "candidate": idx, "uncertainty": unc.view(B, N).gather(1, idx)}
+                diag.update({"objective_before": J_before.gather(1, idx), "objective_after": J.gather(1, idx),
+                             "candidate": idx, "uncertainty": unc.view(B, N).gather(1, idx)})
         return action, diag
 
     def extra_repr(self) -> str:

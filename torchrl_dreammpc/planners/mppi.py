@@ -38,7 +38,8 @@ class MPPIPlanner(LatentPlannerBase):
        is the previous step's final mean shifted by one step (its last step set to 0, as in TD-MPC2);
     3. ``iterations`` times: ``num_samples - num_pi_trajs`` sequences from the Gaussian (clamped to the bounds)
        plus the prior's, scored by ``Σ_t γ^t r + γ^H Q̄(z_H, π(z_H))`` (``Q̄ = value(reduce="avg")``, a fresh
-       prior sample at ``z_H`` per iteration, NaN → 0); the ``num_elites`` best are weighted by
+       prior sample at ``z_H`` per iteration, NaN → 0; ``γ^H V̄(z_H)`` in a state-value model, as BMPC's
+       ``_estimate_value``); the ``num_elites`` best are weighted by
        ``softmax(temperature · score)`` to refit the mean and std (std clamped to ``[min_std, max_std]``);
     4. action selection, see below; the final mean is kept for the next step.
 
@@ -67,6 +68,10 @@ class MPPIPlanner(LatentPlannerBase):
 
     Keyword Args:
         see :class:`~torchrl_dreammpc.planners.LatentPlannerBase`.
+
+    Expert distribution (``expert_key``, BMPC's ``action_dist``): ``loc`` is the selected action before the
+    exploration noise (in exploration mode the drawn elite's first action), ``scale`` the final std of the first
+    step (within ``[min_std, max_std]``).
 
     Diagnostics (``diagnostics=True``), each ``[*batch, 1]``: ``("planner", "objective_before")`` (best score of
     the first iteration), ``("planner", "objective_after")`` (score of the executed sequence, last iteration;
@@ -190,17 +195,19 @@ class MPPIPlanner(LatentPlannerBase):
                 action = mean[0]
             else:
                 action = elite_actions[0].gather(1, k.unsqueeze(-1).expand(B, 1, A)).squeeze(1)
+            diag = {}
+            if self.expert_key is not None:
+                diag = {"expert_loc": action, "expert_scale": std[0]}
             if explore:
                 action = action + std[0] * noise[:, -A:]
             action = self.clamp_action(action)
             self._prev = mean  # [H, B, A]
 
-            diag = {}
             if self.diagnostics:
                 seq = elite_actions.gather(2, k.view(1, B, 1, 1).expand(H, B, 1, A)).squeeze(2)  # [H, B, A]
                 _, seq_unc = self.imagine(z0, seq, None, uncertainty=True)
-                diag = {"objective_before": first_best, "objective_after": elite_value.gather(1, k),
-                        "candidate": elite_idx.gather(1, k), "uncertainty": seq_unc}
+                diag.update({"objective_before": first_best, "objective_after": elite_value.gather(1, k),
+                             "candidate": elite_idx.gather(1, k), "uncertainty": seq_unc})
         return action, diag
 
     def extra_repr(self) -> str:

@@ -37,6 +37,8 @@ class PolicyActor(LatentPlannerBase):
         torch.Size([3, 2])
     """
 
+    writes_expert = False  # no planner: BMPC stores no expert (NaN) for the prior's own actions
+
     @property
     def noise_per_env(self) -> int:
         return self.action_dim

@@ -1,7 +1,10 @@
-"""Online training of latent world models with TorchRL's Trainer: TD-MPC2's update, Dream-MPC's acting."""
+"""Online training of latent world models with TorchRL's Trainer (TD-MPC2's, BMPC's or DreamerV3's update)."""
 from torchrl_dreammpc.trainers.dream_mpc import (
+    ALGORITHMS,
+    UPDATE_BUILDERS,
     ConfigMismatchError,
     DreamMPCTrainer,
+    UpdateParts,
     find_trainer_checkpoint,
     load_world_model_from_trainer_checkpoint,
     read_fingerprint,
@@ -17,10 +20,25 @@ from torchrl_dreammpc.trainers.hooks import (
     WorldModelSnapshots,
     read_eval_csv,
 )
-from torchrl_dreammpc.trainers.replay import REPLAY_KEYS, TRAJ_KEY, SliceReplayBufferTrainer, make_replay_buffer
-from torchrl_dreammpc.trainers.stepper import NonFiniteUpdateError, TDMPC2OptimizationStepper
+from torchrl_dreammpc.trainers.reanalyze import LazyReanalyze
+from torchrl_dreammpc.trainers.replay import (
+    EXPERT_KEY,
+    EXPERT_KEYS,
+    REPLAY_KEYS,
+    TRAJ_KEY,
+    SliceReplayBufferTrainer,
+    make_replay_buffer,
+)
+from torchrl_dreammpc.trainers.stepper import BMPCOptimizationStepper, NonFiniteUpdateError, TDMPC2OptimizationStepper
 
 __all__ = [
+    "ALGORITHMS",
+    "UPDATE_BUILDERS",
+    "BMPCOptimizationStepper",
+    "EXPERT_KEY",
+    "EXPERT_KEYS",
+    "LazyReanalyze",
+    "UpdateParts",
     "ConfigMismatchError",
     "CollectorCountersState",
     "DreamMPCTrainer",

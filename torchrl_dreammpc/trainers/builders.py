@@ -16,13 +16,10 @@ from typing import Any
 import torch
 
 from torchrl_dreammpc._checks import check_compile
-from torchrl_dreammpc.modules.world_model import (
-    MODEL_SIZES,
-    TDMPC2Config,
-    TDMPC2WorldModel,
-    discount_from_episode_length,
-)
+from torchrl_dreammpc.checkpoints import FAMILIES
+from torchrl_dreammpc.modules.world_model import MODEL_SIZES, TDMPC2WorldModel, discount_from_episode_length
 from torchrl_dreammpc.planners import GradientMPCPlanner, MPPIPlanner, PolicyActor
+from torchrl_dreammpc.trainers.replay import EXPERT_KEY
 
 __all__ = [
     "PLANNERS",
@@ -56,13 +53,19 @@ def _get(cfg: Mapping, dotted: str, default: Any = None) -> Any:
 
 
 def _planner_kwargs(planner_cfg: Mapping) -> dict[str, Any]:
-    return {key: value for key, value in dict(planner_cfg).items() if key != "name"}
+    kwargs = {key: value for key, value in dict(planner_cfg).items() if key != "name"}
+    if "uncertainty_weight" in kwargs and kwargs["uncertainty_weight"] is None:
+        del kwargs["uncertainty_weight"]  # null: the planner's own default (Dream-MPC's: by the model's family)
+    return kwargs
 
 
-def make_planner(planner_cfg: Mapping, world_model, *, action_spec=None):
+def make_planner(planner_cfg: Mapping, world_model, *, action_spec=None, expert_key=None):
     """Builds the actor named ``planner_cfg["name"]`` (``dream_mpc``, ``mppi`` or ``policy``) over a world model.
 
-    Every other entry of ``planner_cfg`` is passed to the planner's constructor (which validates it).
+    Every other entry of ``planner_cfg`` is passed to the planner's constructor (which validates it; Dream-MPC's
+    null ``uncertainty_weight`` is the published λ of the model's family, 0.01 with TD-MPC2's, 0.1 with BMPC's:
+    :data:`~torchrl_dreammpc.planners.gradient.UNCERTAINTY_WEIGHT_BY_FAMILY`). ``expert_key``: the planner also
+    writes its action distribution there (BMPC's training).
 
     Raises:
         ConfigError: for an unknown planner name.
@@ -70,14 +73,16 @@ def make_planner(planner_cfg: Mapping, world_model, *, action_spec=None):
     name = planner_cfg.get("name")
     if name not in PLANNERS:
         raise ConfigError(f"Unknown planner {name!r}; choose one of {sorted(PLANNERS)}.")
-    return PLANNERS[name](world_model, action_spec=action_spec, **_planner_kwargs(planner_cfg))
+    extra = {} if expert_key is None else {"expert_key": expert_key}
+    return PLANNERS[name](world_model, action_spec=action_spec, **_planner_kwargs(planner_cfg), **extra)
 
 
-def make_actor(planner_cfg: Mapping, world_model, *, action_spec=None):
+def make_actor(planner_cfg: Mapping, world_model, *, action_spec=None, expert_key=None):
     """The module that acts in an env: :func:`make_planner` behind the world model's acting path
-    (:meth:`~torchrl_dreammpc.modules.WorldModelBase.acting_module`: the planner itself for TD-MPC2, the RSSM state
-    estimator in front of it for DreamerV3)."""
-    return world_model.acting_module(make_planner(planner_cfg, world_model, action_spec=action_spec))
+    (:meth:`~torchrl_dreammpc.modules.WorldModelBase.acting_module`: the planner itself for TD-MPC2 and BMPC, the
+    RSSM state estimator in front of it for DreamerV3)."""
+    planner = make_planner(planner_cfg, world_model, action_spec=action_spec, expert_key=expert_key)
+    return world_model.acting_module(planner)
 
 
 def make_dreamer_world_model(dreamer_cfg: Mapping, obs_dim: int, action_dim: int, *,
@@ -92,19 +97,35 @@ def make_dreamer_world_model(dreamer_cfg: Mapping, obs_dim: int, action_dim: int
     return DreamerV3WorldModel(obs_dim, action_dim, model_size=str(dreamer_cfg["model_size"]), **overrides).to(device)
 
 
-def make_world_model(model_cfg: Mapping, obs_dim: int, action_dim: int, *, episode_length: int, episodic: bool,
-                     discount: float | None = None, device: str | torch.device = "cpu") -> TDMPC2WorldModel:
-    """A :class:`TDMPC2WorldModel` from the ``model`` config node (``size`` + any :class:`TDMPC2Config` field).
+def _family_of_model_node(algorithm: str) -> str:
+    """The family whose config the ``model`` node describes: BMPC's for ``algorithm=bmpc``, else TD-MPC2's
+    (``dreamer_v3`` keeps its model in its ``dreamer`` node; the planners are then checked over a TD-MPC2 model)."""
+    return "bmpc" if algorithm == "bmpc" else "tdmpc2"
 
-    The discount follows TD-MPC2's heuristic from the episode length unless given; ``episodic`` turns on the
-    termination head (TD-MPC2's ``episodic`` flag, set by the task).
+
+def _model_episodic(family: str, task_episodic: bool) -> bool:
+    """TD-MPC2's ``episodic`` flag (a termination head) comes from the task. BMPC has no termination model (its value
+    target is model-based; its code has no ``episodic`` flag and trains tasks whose episodes end early, e.g.
+    HumanoidBench, as if they continued): its models are never episodic."""
+    return bool(task_episodic) and family != "bmpc"
+
+
+def make_world_model(model_cfg: Mapping, obs_dim: int, action_dim: int, *, episode_length: int, episodic: bool,
+                     discount: float | None = None, device: str | torch.device = "cpu",
+                     algorithm: str = "tdmpc2") -> TDMPC2WorldModel:
+    """The world model ``algorithm`` trains (a :class:`TDMPC2WorldModel`, or a ``BMPCWorldModel`` for ``"bmpc"``)
+    from the ``model`` config node (``size`` + any field of the family's config).
+
+    The discount follows TD-MPC2's heuristic from the episode length unless given; ``episodic`` (the task's flag)
+    turns on TD-MPC2's termination head (BMPC's models have none).
     """
+    family = _family_of_model_node(algorithm)
     overrides = {key: value for key, value in dict(model_cfg).items() if key != "size" and value is not None}
     size = int(model_cfg["size"])
     if discount is None:
         discount = discount_from_episode_length(episode_length)
-    return TDMPC2WorldModel(obs_dim, action_dim, model_size=size, discount=discount, episodic=episodic,
-                            **overrides).to(device)
+    return FAMILIES[family][1](obs_dim, action_dim, model_size=size, discount=discount,
+                               episodic=_model_episodic(family, episodic), **overrides).to(device)
 
 
 def resolve_seed_steps(cfg: Mapping, episode_length: int) -> int:
@@ -157,9 +178,12 @@ _DERIVED_MODEL_FIELDS = {"obs_dim": "the env", "action_dim": "the env", "model_s
 _PLANNER_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
-def _check_model(cfg: Mapping, info) -> TDMPC2WorldModel:
-    """Checks the ``model`` node as :class:`TDMPC2Config` does, without allocating the model, and returns a tiny
-    throw-away model with the run's value-ensemble size and termination head (planners check against those)."""
+def _check_model(cfg: Mapping, info, algorithm: str) -> TDMPC2WorldModel:
+    """Checks the ``model`` node as the family's config (:class:`TDMPC2Config`, ``BMPCConfig``) does, without
+    allocating the model, and returns a tiny throw-away model of that family with the run's value-ensemble size
+    and termination head (planners and losses check against those)."""
+    family = _family_of_model_node(algorithm)
+    config_class, model_class = FAMILIES[family]
     model = dict(_get(cfg, "model") or {})
     size = model.pop("size", None)
     if size not in MODEL_SIZES:
@@ -169,11 +193,11 @@ def _check_model(cfg: Mapping, info) -> TDMPC2WorldModel:
         if key in overrides:
             raise ConfigError(f"model.{key} cannot be set: it comes from {source}.")
     try:
-        config = TDMPC2Config.from_size(2, 1, size, **overrides)
+        config = config_class.from_size(2, 1, size, **overrides)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"model (model_size={size}): {err}") from err
-    return TDMPC2WorldModel(2, 1, model_size=size, enc_dim=8, mlp_dim=8, latent_dim=8, num_enc_layers=1,
-                            num_q=config.num_q, episodic=info.episodic)
+    return model_class(2, 1, model_size=size, enc_dim=8, mlp_dim=8, latent_dim=8, num_enc_layers=1,
+                       num_q=config.num_q, episodic=_model_episodic(family, info.episodic))
 
 
 def _check_planner(label: str, planner_cfg, tiny) -> str:
@@ -240,9 +264,9 @@ def update_arguments(cfg: Mapping, checked: Mapping[str, Any]) -> dict[str, Any]
     """The :class:`DreamMPCTrainer` arguments of the update the config's ``algorithm`` describes.
 
     ``tdmpc2``: the top-level keys (``batch_size``, ``horizon``, ``utd_ratio``, ``lr``...) and ``loss`` /
-    ``policy_loss``. ``dreamer_v3``: the ``dreamer`` node: ``batch_size`` sequences of ``batch_length`` steps,
-    ``train_ratio`` replayed steps per env step (so ``train_ratio / (batch_size * batch_length)`` updates per
-    step), the optimizer and the loss arguments.
+    ``policy_loss``; ``bmpc``: the same, and its ``algorithm_options`` (``reanalyze``). ``dreamer_v3``: the
+    ``dreamer`` node: ``batch_size`` sequences of ``batch_length`` steps, ``train_ratio`` replayed steps per env
+    step (so ``train_ratio / (batch_size * batch_length)`` updates per step), the optimizer and the loss arguments.
     """
     algorithm = cfg.get("algorithm", "tdmpc2")
     if algorithm == "dreamer_v3":
@@ -257,15 +281,16 @@ def update_arguments(cfg: Mapping, checked: Mapping[str, Any]) -> dict[str, Any]
                 pretrain_updates=cfg.get("pretrain_updates"), utd_ratio=float(cfg["utd_ratio"]), lr=float(cfg["lr"]),
                 enc_lr_scale=float(cfg["enc_lr_scale"]), grad_clip=float(cfg["grad_clip"]), tau=float(cfg["tau"]),
                 algorithm=algorithm, compile=cfg.get("compile", False), loss_kwargs=dict(cfg.get("loss") or {}),
-                policy_loss_kwargs=dict(cfg.get("policy_loss") or {}))
+                policy_loss_kwargs=dict(cfg.get("policy_loss") or {}), algorithm_kwargs=_algorithm_options(cfg)[1])
 
 
 def validate_train_config(cfg: Mapping) -> dict[str, Any]:
     """Checks every value of a training config before anything is built or written; returns facts derived on the way.
 
-    Checks: the algorithm (and, for ``dreamer_v3``, its ``dreamer`` node); the task (through :func:`~torchrl_dreammpc.envs.task_info`, whose ``ValueError`` names
-    the task); the ``model`` node (every :class:`~torchrl_dreammpc.modules.TDMPC2Config` field, e.g. a
-    ``latent_dim`` that is not a multiple of 8, without building the model); positive integers (steps, batch size,
+    Checks: the algorithm (and, for ``dreamer_v3``, its ``dreamer`` node; for ``bmpc``, its ``algorithm_options``);
+    the task (through :func:`~torchrl_dreammpc.envs.task_info`, whose ``ValueError`` names the task); the ``model``
+    node (every field of the family's config, :class:`~torchrl_dreammpc.modules.TDMPC2Config` or ``BMPCConfig``,
+    e.g. a ``latent_dim`` that is not a multiple of 8, without building the model); positive integers (steps, batch size,
     horizon, eval episodes, workers, intervals, ``threads``, ``seed_steps``, ``buffer_size``); finite positive
     numbers (``lr``, ``utd_ratio``, ``enc_lr_scale``, ``grad_clip``; ``tau`` and ``discount`` in (0, 1]); booleans;
     ``compile`` and ``device``; that the run is longer than the seed phase; the collector backend (and Ray for
@@ -293,7 +318,7 @@ def validate_train_config(cfg: Mapping) -> dict[str, Any]:
         info = task_info(cfg["task"])
     except ValueError as err:  # UnknownTaskError / TaskNotAvailableError name the task
         raise ConfigError(f"task={cfg['task']!r}: {err}") from err
-    tiny = _check_model(cfg, info)
+    tiny = _check_model(cfg, info, algorithm)
     _check_scalars(cfg)
     seed_steps = resolve_seed_steps(cfg, info.episode_length)
     if cfg["steps"] <= seed_steps:
@@ -303,8 +328,9 @@ def validate_train_config(cfg: Mapping) -> dict[str, Any]:
             f"{info.task}): the planner would never act."
         )
     _check_collector(cfg)
-    if algorithm == "tdmpc2":  # dreamer_v3 keeps its loss arguments in its `dreamer` node (checked above)
+    if algorithm != "dreamer_v3":  # dreamer_v3 keeps its loss arguments in its `dreamer` node (checked above)
         _check_losses(cfg, tiny, algorithm)
+    _check_algorithm_options(cfg, algorithm, tiny)
     _check_planner("planner", cfg["planner"], tiny)
     _check_eval_planners(cfg, planner, tiny)
     return {"task_info": info, "seed_steps": seed_steps}
@@ -353,10 +379,12 @@ def _check_collector(cfg: Mapping) -> None:
 
 
 def _check_losses(cfg: Mapping, tiny, algorithm: str) -> None:
-    """``loss.*`` / ``policy_loss.*``: the loss constructors check their arguments; build them over ``tiny``."""
-    from torchrl_dreammpc.objectives import TDMPC2Loss, TDMPC2PolicyLoss
+    """``loss.*`` / ``policy_loss.*``: the algorithm's loss constructors (TD-MPC2's or BMPC's) check their
+    arguments; build them over ``tiny``."""
+    from torchrl_dreammpc.objectives import BMPCLoss, BMPCPolicyLoss, TDMPC2Loss, TDMPC2PolicyLoss
 
-    for key, cls in (("loss", TDMPC2Loss), ("policy_loss", TDMPC2PolicyLoss)):
+    classes = (BMPCLoss, BMPCPolicyLoss) if algorithm == "bmpc" else (TDMPC2Loss, TDMPC2PolicyLoss)
+    for key, cls in zip(("loss", "policy_loss"), classes):
         kwargs = cfg.get(key) or {}
         if not isinstance(kwargs, Mapping):
             raise ConfigError(f"{key} must be a mapping of {cls.__name__} arguments, got {kwargs!r}.")
@@ -394,6 +422,47 @@ def check_device(device) -> None:
         raise ConfigError(f"device={device!r} but there are only {torch.cuda.device_count()} CUDA device(s).")
 
 
+def _algorithm_options(cfg: Mapping) -> tuple[bool, dict[str, Any]]:
+    """``(acting_expert, the update builder's extra arguments)`` from ``cfg.algorithm_options``."""
+    options = dict(cfg.get("algorithm_options") or {})
+    return bool(options.pop("acting_expert", False)), options
+
+
+def _check_algorithm_options(cfg: Mapping, algorithm: str, tiny) -> None:
+    """``algorithm_options`` (BMPC's: ``acting_expert`` and ``reanalyze``), by building BMPC's update over the tiny
+    model; other algorithms take none."""
+    options = cfg.get("algorithm_options") or {}
+    if not isinstance(options, Mapping):
+        raise ConfigError(f"algorithm_options must be a mapping, got {options!r}.")
+    if algorithm != "bmpc":
+        if options:
+            raise ConfigError(f"algorithm_options {sorted(options)} only apply to algorithm=bmpc, not {algorithm!r}.")
+        return
+    acting_expert = options.get("acting_expert", False)
+    if not isinstance(acting_expert, bool):
+        raise ConfigError(f"algorithm_options.acting_expert must be true or false, got {acting_expert!r}.")
+    unknown = sorted(set(options) - {"acting_expert", "reanalyze"})
+    if unknown:
+        raise ConfigError(f"Unknown algorithm_options key(s) {unknown} for algorithm=bmpc; known: acting_expert, "
+                          "reanalyze.")
+    reanalyze = options.get("reanalyze") or {}
+    if not isinstance(reanalyze, Mapping):
+        raise ConfigError(f"algorithm_options.reanalyze must be a mapping, got {reanalyze!r}.")
+    for key, low in (("interval", 0), ("num_slices", 1)):
+        value = reanalyze.get(key, low)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"algorithm_options.reanalyze.{key} must be an integer >= {low}, got {value!r}.")
+    if reanalyze.get("num_slices", 0) > cfg["batch_size"]:
+        raise ConfigError(f"algorithm_options.reanalyze.num_slices={reanalyze['num_slices']} exceeds "
+                          f"batch_size={cfg['batch_size']}: only sampled sub-trajectories can be reanalyzed.")
+    from torchrl_dreammpc.trainers.bmpc import make_bmpc_update
+
+    try:
+        make_bmpc_update(tiny, reanalyze=dict(reanalyze))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"algorithm_options.reanalyze (algorithm=bmpc): {err}") from err
+
+
 def build_trainer(cfg: Mapping, *, checked: Mapping[str, Any] | None = None):
     """Builds the :class:`DreamMPCTrainer` a training config describes (validating it first).
 
@@ -416,12 +485,17 @@ def build_trainer(cfg: Mapping, *, checked: Mapping[str, Any] | None = None):
     action_spec = probe.action_spec
     action_dim = int(action_spec.shape[-1])
     probe.close()
-    if cfg.get("algorithm") == "dreamer_v3":
+    algorithm = cfg.get("algorithm", "tdmpc2")
+    acting_expert, _ = _algorithm_options(cfg)
+    if algorithm == "dreamer_v3":
         world_model = make_dreamer_world_model(cfg["dreamer"], obs_dim, action_dim, device=device)
     else:
         world_model = make_world_model(cfg["model"], obs_dim, action_dim, episode_length=info.episode_length,
-                                       episodic=info.episodic, discount=cfg.get("discount"), device=device)
-    actor = make_actor(cfg["planner"], world_model, action_spec=action_spec)
+                                       episodic=info.episodic, discount=cfg.get("discount"), device=device,
+                                       algorithm=algorithm)
+    # BMPC with algorithm_options.acting_expert: the acting planner also stores its action distribution.
+    actor = make_actor(cfg["planner"], world_model, action_spec=action_spec,
+                       expert_key=EXPERT_KEY if acting_expert else None)
     # Evaluation uses a second planner instance over the same model: the training planner's warm start (its
     # previous plan) must not leak into or out of evaluation episodes.
     eval_actors = {cfg["planner"]["name"]: make_actor(cfg["planner"], world_model, action_spec=action_spec)}

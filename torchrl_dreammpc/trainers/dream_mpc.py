@@ -19,12 +19,12 @@ from torchrl.checkpoint import CheckpointError as TorchRLCheckpointError
 from torchrl.collectors import Collector, MultiSyncCollector
 from torchrl.envs import EnvBase
 from torchrl.record.loggers import CSVLogger, TensorboardLogger
-from torchrl.trainers import Trainer, TrainerHookBase, UpdateWeights
+from torchrl.objectives import LossModule
+from torchrl.trainers import OptimizationStepper, Trainer, TrainerHookBase, UpdateWeights
 
 from torchrl_dreammpc._checks import check_float
 from torchrl_dreammpc.envs import with_transforms
 from torchrl_dreammpc.modules.base import WorldModelBase
-from torchrl_dreammpc.modules.world_model import TDMPC2WorldModel
 from torchrl_dreammpc.objectives.tdmpc2 import TDMPC2Loss, TDMPC2PolicyLoss
 from torchrl_dreammpc.trainers.hooks import (
     CollectorCountersState,
@@ -33,12 +33,21 @@ from torchrl_dreammpc.trainers.hooks import (
     MultiLogger,
     WorldModelSnapshots,
 )
-from torchrl_dreammpc.trainers.replay import REPLAY_KEYS, STEP_KEY, SliceReplayBufferTrainer, make_replay_buffer
+from torchrl_dreammpc.trainers.replay import (
+    EXPERT_KEYS,
+    REPLAY_KEYS,
+    STEP_KEY,
+    SliceReplayBufferTrainer,
+    make_replay_buffer,
+    mark_missing_experts,
+)
 from torchrl_dreammpc.trainers.stepper import NonFiniteUpdateError, TDMPC2OptimizationStepper
 
 __all__ = [
     "DreamMPCTrainer",
     "ConfigMismatchError",
+    "UpdateParts",
+    "UPDATE_BUILDERS",
     "seed_steps",
     "read_fingerprint",
     "find_trainer_checkpoint",
@@ -51,42 +60,86 @@ FINGERPRINT_KEYS = ("task", "algorithm", "model_size", "obs_dim", "action_dim", 
                     "batch_size", "buffer_capacity")
 #: Values of fingerprint entries added after checkpoints were first written (older checkpoints lack them).
 FINGERPRINT_DEFAULTS = {"algorithm": "tdmpc2"}
-#: Training algorithms (the update: losses and stepper) that :class:`DreamMPCTrainer` runs.
-ALGORITHMS = ("tdmpc2", "dreamer_v3")
 
 
 class ConfigMismatchError(ValueError):
     """A checkpoint was written by a run with another task / model size / planner; the message names the field."""
 
 
+@dataclasses.dataclass
+class UpdateParts:
+    """An algorithm's update, as :class:`DreamMPCTrainer` wires it (what an :data:`UPDATE_BUILDERS` entry returns).
+
+    Attributes:
+        loss_module: the Trainer's ``loss_module`` (checkpointed: it holds the model's weights under
+            ``world_model.``).
+        stepper: the Trainer's ``optimization_stepper``.
+        replay_keys: entries the replay buffer stores besides :data:`~torchrl_dreammpc.trainers.replay.REPLAY_KEYS`.
+        replay_preprocess: applied to the collected rows before they are stored (see ``SliceReplayBufferTrainer``).
+        hooks: trainer hooks registered after the replay hook (each has ``register(trainer)``).
+    """
+
+    loss_module: LossModule
+    stepper: OptimizationStepper
+    replay_keys: tuple = ()
+    replay_preprocess: Callable | None = None
+    hooks: list = dataclasses.field(default_factory=list)
+
+
+def _require_family(algorithm: str, world_model) -> None:
+    """Each algorithm trains the world-model family of the same name (``world_model.family``)."""
+    family = getattr(world_model, "family", None)
+    if family != algorithm:
+        raise TypeError(f"algorithm={algorithm!r} trains a world model of family {algorithm!r}, got a "
+                        f"{type(world_model).__name__} (family {family!r}, trained by algorithm={family!r}).")
+
+
 def _tdmpc2_update(world_model, *, lr, enc_lr_scale, grad_clip, tau, compile, loss_kwargs, policy_loss_kwargs):
     """TD-MPC2's update: :class:`TDMPC2Loss`, :class:`TDMPC2PolicyLoss`, :class:`TDMPC2OptimizationStepper`."""
-    if not isinstance(world_model, TDMPC2WorldModel):
-        raise TypeError(f"algorithm='tdmpc2' trains a TDMPC2WorldModel, got {type(world_model).__name__} (a "
-                        "DreamerV3WorldModel trains with algorithm='dreamer_v3').")
+    _require_family("tdmpc2", world_model)
     loss_module = TDMPC2Loss(world_model, **loss_kwargs)
     policy_loss = TDMPC2PolicyLoss(world_model, **policy_loss_kwargs)
     stepper = TDMPC2OptimizationStepper(loss_module, policy_loss=policy_loss, lr=lr, enc_lr_scale=enc_lr_scale,
                                         grad_clip=grad_clip, tau=tau, compile=compile)
-    return loss_module, stepper
+    return UpdateParts(loss_module, stepper)
+
+
+def _bmpc_update(world_model, *, lr, enc_lr_scale, grad_clip, tau, compile, loss_kwargs, policy_loss_kwargs,
+                 reanalyze=None):
+    """BMPC's update (:func:`~torchrl_dreammpc.trainers.bmpc.make_bmpc_update`): its losses and stepper, the
+    expert distribution stored with every transition (NaN where no planner wrote one) and the lazy-reanalyze
+    hook. ``reanalyze``: the hook's options (``algorithm_kwargs={"reanalyze": {...}}`` of the trainer)."""
+    from torchrl_dreammpc.trainers.bmpc import make_bmpc_update
+
+    _require_family("bmpc", world_model)
+    loss_module, stepper, hook = make_bmpc_update(
+        world_model, lr=lr, enc_lr_scale=enc_lr_scale, grad_clip=grad_clip, tau=tau, compile=compile,
+        loss_kwargs=loss_kwargs, policy_loss_kwargs=policy_loss_kwargs, reanalyze=reanalyze)
+    return UpdateParts(loss_module, stepper, replay_keys=EXPERT_KEYS, replay_preprocess=mark_missing_experts,
+                       hooks=[hook])
 
 
 def _dreamer_v3_update(world_model, *, lr, enc_lr_scale, grad_clip, tau, compile, loss_kwargs, policy_loss_kwargs):
     """DreamerV3's update (:func:`~torchrl_dreammpc.trainers.dreamer_v3.make_dreamer_v3_update`): ``loss_kwargs``
     holds its optimizer and loss arguments; ``enc_lr_scale``, ``grad_clip`` and ``tau`` are TD-MPC2's and unused."""
-    from torchrl_dreammpc.modules.dreamer import DreamerV3WorldModel
     from torchrl_dreammpc.trainers.dreamer_v3 import make_dreamer_v3_update
 
-    if not isinstance(world_model, DreamerV3WorldModel):
-        raise TypeError(f"algorithm='dreamer_v3' trains a DreamerV3WorldModel, got {type(world_model).__name__}.")
+    _require_family("dreamer_v3", world_model)
     if policy_loss_kwargs:
         raise ValueError("algorithm='dreamer_v3' takes no policy_loss_kwargs: its actor loss arguments go in "
                          "loss_kwargs.")
-    return make_dreamer_v3_update(world_model, lr=lr, compile=compile, **loss_kwargs)
+    return UpdateParts(*make_dreamer_v3_update(world_model, lr=lr, compile=compile, **loss_kwargs))
 
 
-#: Per algorithm, what builds its update: ``(world_model, **trainer arguments) -> (loss_module, stepper)``.
-UPDATE_BUILDERS = {"tdmpc2": _tdmpc2_update, "dreamer_v3": _dreamer_v3_update}
+#: Per algorithm, what builds its update: ``(world_model, *, lr, enc_lr_scale, grad_clip, tau, compile, loss_kwargs,
+#: policy_loss_kwargs, **algorithm_kwargs) -> UpdateParts``. Each trains the world-model family of its name.
+UPDATE_BUILDERS: dict[str, Callable[..., UpdateParts]] = {
+    "tdmpc2": _tdmpc2_update,
+    "bmpc": _bmpc_update,
+    "dreamer_v3": _dreamer_v3_update,
+}
+#: Training algorithms (the update: losses and stepper) that :class:`DreamMPCTrainer` runs.
+ALGORITHMS = tuple(UPDATE_BUILDERS)
 
 
 def seed_steps(episode_length: int) -> int:
@@ -171,6 +224,8 @@ def verify_checkpoint_files(path: str | Path, components: Sequence[str] | None =
                     raise CheckpointError(
                         f"Checkpoint {path} is corrupted: {file.relative_to(path)} has {size} bytes, but its "
                         f"recorded shape {info['shape']} of {dtype} needs {expected} (a truncated copy?).")
+
+
 class _PrefixedState:
     """Checkpoint view of a module stored inside a larger one under ``prefix`` (the other entries are ignored)."""
 
@@ -190,35 +245,30 @@ def load_world_model_from_trainer_checkpoint(path: str | Path, device: str | tor
                                              ) -> tuple[WorldModelBase, dict[str, Any]]:
     """Rebuilds the world model of a :class:`DreamMPCTrainer` checkpoint (a run dir or a checkpoint dir).
 
-    The model (TD-MPC2's or DreamerV3's, by the fingerprint's ``algorithm``) is built from the config stored in the
-    checkpoint's fingerprint, then only its weights are read from the ``loss_module`` component (target Qs
-    included); the replay buffer and the rest stay on disk.
+    The model (of the family the checkpoint's ``algorithm`` trains: TD-MPC2's, BMPC's or DreamerV3's) is built from
+    the config stored in the checkpoint's fingerprint, then only its weights are read from the ``loss_module``
+    component (every loss module holds the model under ``world_model.``, target values included); the replay
+    buffer and the rest stay on disk.
 
     Returns:
         ``(world_model in eval mode, fingerprint)``.
     """
+    from torchrl_dreammpc.checkpoints import CheckpointError, build_world_model, check_finite_state
+
     checkpoint_path = find_trainer_checkpoint(path)
     if checkpoint_path is None:
         raise FileNotFoundError(f"No trainer checkpoint found at {path}.")
     fingerprint = read_fingerprint(checkpoint_path)
-    config = dict(fingerprint["world_model"])
-    obs_dim, action_dim, size = config.pop("obs_dim"), config.pop("action_dim"), config.pop("model_size")
-    from torchrl_dreammpc.checkpoints import CheckpointError, check_finite_state
-
+    algorithm = fingerprint.get("algorithm", FINGERPRINT_DEFAULTS["algorithm"])
+    if algorithm not in UPDATE_BUILDERS:
+        raise ConfigMismatchError(f"{checkpoint_path} was written by algorithm {algorithm!r}; this code knows "
+                                  f"{list(ALGORITHMS)}.")
     try:
-        if fingerprint.get("algorithm", FINGERPRINT_DEFAULTS["algorithm"]) == "dreamer_v3":
-            from torchrl_dreammpc.modules.dreamer import DreamerV3WorldModel
-
-            world_model = DreamerV3WorldModel(obs_dim, action_dim, model_size=size, **config)
-            # DreamerV3TrainingLoss registers the model as "world_model": only those weights are read.
-            loss_view = _PrefixedState(world_model, "world_model.")
-        else:
-            world_model = TDMPC2WorldModel(obs_dim, action_dim, model_size=size, **config)
-            loss_view = TDMPC2Loss(world_model)
-    except (TypeError, ValueError) as err:
+        world_model = build_world_model(algorithm, fingerprint["world_model"])  # each algorithm: its own family
+    except (TypeError, ValueError, KeyError) as err:
         raise CheckpointError(f"{checkpoint_path} records an invalid world-model config: {err}") from err
     verify_checkpoint_files(checkpoint_path, ["loss_module"])
-    checkpoint = Checkpoint(loss_module=loss_view)
+    checkpoint = Checkpoint(loss_module=_PrefixedState(world_model, "world_model."))
     try:
         checkpoint.load(checkpoint_path, components=["loss_module"], map_location="cpu")
     except (TorchRLCheckpointError, RuntimeError, KeyError) as err:
@@ -271,7 +321,8 @@ class DreamMPCTrainer(Trainer):
       :class:`~torchrl.data.LazyTensorStorage` (or memmap), :class:`~torchrl.data.SliceSampler` slices of
       ``horizon`` transitions (``horizon + 1`` observations) that never cross an episode end, reshaped to
       ``[batch_size, horizon]`` (:class:`SliceReplayBufferTrainer`).
-    - **update**: :class:`TDMPC2OptimizationStepper` (world model, then policy prior, then soft target update).
+    - **update**: :class:`TDMPC2OptimizationStepper` (world model, then policy prior, then soft target update),
+      or BMPC's (``algorithm="bmpc"``: :class:`BMPCOptimizationStepper` and the :class:`LazyReanalyze` hook).
     - **evaluation**: :class:`EvaluationHook` around :class:`torchrl.collectors.Evaluator`
       (``ExplorationType.DETERMINISTIC``), every ``eval_interval`` steps, writing ``eval.csv``.
     - **logging**: :class:`~torchrl.record.loggers.TensorboardLogger` and :class:`~torchrl.record.loggers.CSVLogger`
@@ -289,9 +340,11 @@ class DreamMPCTrainer(Trainer):
     Args:
         create_env_fn (callable): builds the training env (``() -> EnvBase``), e.g.
             ``functools.partial(make_env, "cartpole-swingup", seed=1)``.
-        world_model (WorldModelBase): the model to train (:class:`TDMPC2WorldModel`, or a
-            :class:`~torchrl_dreammpc.modules.DreamerV3WorldModel` with ``algorithm="dreamer_v3"``; the envs then get
-            its :meth:`~torchrl_dreammpc.modules.WorldModelBase.acting_transforms`).
+        world_model (WorldModelBase): the model to train, of the family ``algorithm`` trains (checked):
+            :class:`~torchrl_dreammpc.modules.TDMPC2WorldModel`, :class:`~torchrl_dreammpc.modules.BMPCWorldModel`
+            with ``algorithm="bmpc"``, :class:`~torchrl_dreammpc.modules.DreamerV3WorldModel` with
+            ``algorithm="dreamer_v3"`` (the envs then get its
+            :meth:`~torchrl_dreammpc.modules.WorldModelBase.acting_transforms`).
         actor (TensorDictModuleBase): the acting module, a planner over ``world_model`` itself (checked: an actor
             without ``world_model`` among its submodules is refused).
         total_frames (int): agent steps to train for.
@@ -311,13 +364,20 @@ class DreamMPCTrainer(Trainer):
         frames_per_batch (int): steps per collector batch and worker (1: act, then update, as TD-MPC2).
         lr (float), enc_lr_scale (float), grad_clip (float), tau (float), compile (bool or str): see
             :class:`TDMPC2OptimizationStepper` (``"dreamer_v3"``: only ``lr``; ``compile`` must be ``False``).
-        algorithm (str): the update, one of :data:`ALGORITHMS` (:data:`UPDATE_BUILDERS`): ``"tdmpc2"``
-            (TD-MPC2's losses and stepper) or ``"dreamer_v3"`` (TorchRL's DreamerV3 losses and stepper, for a
+        algorithm (str): the update, one of :data:`ALGORITHMS`, built by :data:`UPDATE_BUILDERS` and recorded in the
+            checkpoint fingerprint: ``"tdmpc2"`` (TD-MPC2's losses and stepper), ``"bmpc"`` (BMPC's, for a
+            :class:`~torchrl_dreammpc.modules.BMPCWorldModel`, with the expert distribution in the replay buffer
+            and the lazy reanalyze; the acting planner may write the expert too, ``expert_key="expert"``) or
+            ``"dreamer_v3"`` (TorchRL's DreamerV3 losses and stepper, for a
             :class:`~torchrl_dreammpc.modules.DreamerV3WorldModel`; ``horizon`` is then the replayed sequence
-            length). Recorded in the checkpoint fingerprint. Default ``"tdmpc2"``.
-        loss_kwargs (dict, optional): extra :class:`TDMPC2Loss` arguments (coefficients, rho); for
-            ``"dreamer_v3"`` the arguments of :func:`~torchrl_dreammpc.trainers.dreamer_v3.make_dreamer_v3_update`.
-        policy_loss_kwargs (dict, optional): extra :class:`TDMPC2PolicyLoss` arguments.
+            length). Default ``"tdmpc2"``.
+        loss_kwargs (dict, optional): extra arguments of the algorithm's loss (:class:`TDMPC2Loss` /
+            ``BMPCLoss``: coefficients, rho); for ``"dreamer_v3"`` the arguments of
+            :func:`~torchrl_dreammpc.trainers.dreamer_v3.make_dreamer_v3_update`.
+        policy_loss_kwargs (dict, optional): extra arguments of its policy loss (``TDMPC2PolicyLoss`` /
+            ``BMPCPolicyLoss``).
+        algorithm_kwargs (dict, optional): extra arguments of its update builder (BMPC: ``reanalyze``, see
+            :func:`~torchrl_dreammpc.trainers.bmpc.make_bmpc_update`).
         eval_interval (int): steps between evaluations (``0``: none). Default 10_000.
         eval_episodes (int): episodes per evaluation. Default 10.
         eval_actors (mapping, optional): ``{name: actor}`` evaluated each time, the first being the training
@@ -385,6 +445,7 @@ class DreamMPCTrainer(Trainer):
         algorithm: str = "tdmpc2",
         loss_kwargs: Mapping[str, Any] | None = None,
         policy_loss_kwargs: Mapping[str, Any] | None = None,
+        algorithm_kwargs: Mapping[str, Any] | None = None,
         eval_interval: int = 10_000,
         eval_episodes: int = 10,
         eval_actors: Mapping[str, TensorDictModuleBase] | None = None,
@@ -482,6 +543,7 @@ class DreamMPCTrainer(Trainer):
         if self.pretrain_updates < 0:
             raise ValueError(f"pretrain_updates must be >= 0, got {pretrain_updates}.")
         self.episode_length = episode_length
+        self.pretraining = False  # True during the seed-phase pre-training burst (optim_steps)
         self.horizon = int(horizon)
         self.world_model = world_model
         self.actor = actor
@@ -533,9 +595,11 @@ class DreamMPCTrainer(Trainer):
             scratch_dir=scratch_dir,
             fragmented=fragmented,
         )
-        loss_module, stepper = UPDATE_BUILDERS[algorithm](
+        update = UPDATE_BUILDERS[algorithm](
             world_model, lr=lr, enc_lr_scale=enc_lr_scale, grad_clip=grad_clip, tau=tau, compile=compile,
-            loss_kwargs=dict(loss_kwargs or {}), policy_loss_kwargs=dict(policy_loss_kwargs or {}))
+            loss_kwargs=dict(loss_kwargs or {}), policy_loss_kwargs=dict(policy_loss_kwargs or {}),
+            **dict(algorithm_kwargs or {}))
+        loss_module, stepper = update.loss_module, update.stepper
 
         # -- logging ---------------------------------------------------------------------------------------
         logger = None
@@ -581,9 +645,14 @@ class DreamMPCTrainer(Trainer):
 
         # -- hooks (registration order is execution order within a stage) -----------------------------------
         self.replay_hook = SliceReplayBufferTrainer(
-            replay_buffer, horizon, device=device, keys=REPLAY_KEYS + ((STEP_KEY,) if fragmented else ())
+            replay_buffer, horizon, device=device,
+            keys=REPLAY_KEYS + tuple(update.replay_keys) + ((STEP_KEY,) if fragmented else ()),
+            preprocess=update.replay_preprocess,
         )
         self.replay_hook.register(self)
+        self.algorithm_hooks = list(update.hooks)  # the algorithm's own (BMPC: the lazy reanalyze)
+        for hook in self.algorithm_hooks:  # registered after the replay hook: they see the [B, H] sample
+            hook.register(self)
         self.update_schedule = _UpdateSchedule(utd_ratio)
         self.update_schedule.register(self)
         if type(collector) is not Collector:
@@ -657,9 +726,11 @@ class DreamMPCTrainer(Trainer):
     def optim_steps(self, batch: TensorDictBase) -> None:
         """TD-MPC2's update schedule: nothing during the seed phase, ``pretrain_updates`` updates once at its
         end, then ``utd_ratio`` updates per collected step."""
+        self.pretraining = False
         if self.collected_frames < self.seed_frames:
             return
         if self._optim_count == 0 and self.pretrain_updates:
+            self.pretraining = True  # read by algorithms that skip parts of the update then (BMPC: the policy)
             updates = self.pretrain_updates
             if self.verbose:
                 print(f"[train] seed phase done ({self.collected_frames} random steps): pre-training with "
@@ -677,6 +748,8 @@ class DreamMPCTrainer(Trainer):
             # Training stops here (see TDMPC2OptimizationStepper): release the collector's workers / envs first.
             self.collector.shutdown()
             raise
+        finally:
+            self.pretraining = False
 
     def save_trainer(self, force_save: bool = False) -> None:
         """Checkpoints on multiples of ``checkpoint_interval`` (and at the end), not ``interval`` after the last."""

@@ -1,7 +1,7 @@
 """Replay of sub-trajectories for TD-MPC2: TorchRL's TensorDictReplayBuffer + SliceSampler, wired as a Trainer hook."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -12,7 +12,8 @@ from torchrl.trainers import ReplayBufferTrainer, Trainer
 
 from torchrl_dreammpc._checks import MissingKeyError
 
-__all__ = ["REPLAY_KEYS", "STEP_KEY", "TRAJ_KEY", "make_replay_buffer", "SliceReplayBufferTrainer"]
+__all__ = ["REPLAY_KEYS", "STEP_KEY", "TRAJ_KEY", "EXPERT_KEY", "EXPERT_KEYS", "make_replay_buffer",
+           "SliceReplayBufferTrainer", "mark_missing_experts"]
 
 #: The trajectory id every TorchRL collector writes; the sampler cuts slices where it changes.
 TRAJ_KEY: tuple[str, str] = ("collector", "traj_ids")
@@ -33,6 +34,34 @@ REPLAY_KEYS: tuple[NestedKey, ...] = (
     ("next", "done"),
     TRAJ_KEY,
 )
+
+
+#: Where BMPC's replay keeps the planner's ("expert") action distribution of each transition's state: its mean
+#: ``("expert", "loc")`` and std ``("expert", "scale")``, shaped like the action (BMPC's ``expert_action_dist``).
+#: NaN where no planner produced one (random seed steps, the policy prior acting); the lazy reanalyze overwrites it.
+EXPERT_KEY = "expert"
+EXPERT_KEYS: tuple[NestedKey, ...] = ((EXPERT_KEY, "loc"), (EXPERT_KEY, "scale"))
+
+
+def mark_missing_experts(rows: TensorDictBase, like: NestedKey = "action") -> TensorDictBase:
+    """Writes NaN as the expert distribution of the rows no planner produced one for, as BMPC stores them.
+
+    That is rows without the entries (an actor that writes none, e.g. the policy prior) and rows whose scale is
+    not a positive number: on the random-action steps of the seed phase TorchRL's collector carries the planner's
+    output entries as the zeros it pre-allocated them with, and a planner's std is never 0 (MPPI's is at least
+    ``min_std``, Dream-MPC's expert std at least 0.05).
+    """
+    loc, scale = rows.get(EXPERT_KEYS[0], None), rows.get(EXPERT_KEYS[1], None)
+    if loc is None or scale is None:
+        nan = torch.full_like(rows.get(like), float("nan"))
+        rows.set(EXPERT_KEYS[0], nan)
+        rows.set(EXPERT_KEYS[1], nan.clone())
+        return rows
+    invalid = ~(scale > 0).all(-1, keepdim=True)  # (NaN compares False)
+    if bool(invalid.any()):
+        rows.set(EXPERT_KEYS[0], loc.masked_fill(invalid, float("nan")))
+        rows.set(EXPERT_KEYS[1], scale.masked_fill(invalid, float("nan")))
+    return rows
 
 
 def make_replay_buffer(
@@ -116,8 +145,13 @@ class SliceReplayBufferTrainer(ReplayBufferTrainer):
     - :meth:`extend` flattens collector batches (``[T]``, or ``[workers, T]`` for multi-worker collectors)
       into rows without touching the end flags. The parent's ``flatten_tensordicts=True`` path marks the last
       row of every batch as ``truncated``, which with one-frame batches (UTD 1) would mark every transition.
-      Only :data:`REPLAY_KEYS` are stored, and each of them is required (a ``KeyError`` names the missing ones).
-    - :meth:`sample` reshapes the flat ``[B * H]`` sample into ``[B, H]`` sub-trajectories.
+      Only ``keys`` (:data:`REPLAY_KEYS` by default) are stored, and each of them is required after
+      ``preprocess`` (a ``KeyError`` names the missing ones).
+    - :meth:`sample` reshapes the flat ``[B * H]`` sample into ``[B, H]`` sub-trajectories (with the storage
+      index of every row under ``"index"``, ``[B, H, 1]``, as TorchRL's sample gives it).
+
+    ``preprocess`` (optional) edits the selected rows before they are written, e.g. :func:`mark_missing_experts`
+    for BMPC (which writes the expert entries an actor did not).
 
     It registers :meth:`extend` as a ``batch_process`` op, :meth:`sample` as a ``process_optim_batch`` op, and
     itself as the ``replay_buffer`` module (checkpointed with the Trainer); no ``post_loss`` priority update
@@ -131,6 +165,7 @@ class SliceReplayBufferTrainer(ReplayBufferTrainer):
         device (torch.device, optional): where samples are moved. Defaults to ``None`` (stay on the storage's
             device).
         keys (sequence of NestedKey): entries stored. Defaults to :data:`REPLAY_KEYS`.
+        preprocess (callable, optional): ``rows -> rows`` applied to the selected rows before they are written.
     """
 
     def __init__(
@@ -140,24 +175,31 @@ class SliceReplayBufferTrainer(ReplayBufferTrainer):
         *,
         device: torch.device | str | None = None,
         keys: Sequence[NestedKey] = REPLAY_KEYS,
+        preprocess: Callable[[TensorDictBase], TensorDictBase] | None = None,
     ) -> None:
         super().__init__(replay_buffer, batch_size=None, device=device, flatten_tensordicts=False)
         self.horizon = horizon
         self.keys = tuple(keys)
+        self.preprocess = preprocess
 
     def extend(self, batch: TensorDictBase) -> TensorDictBase:
         mask = batch.get(("collector", "mask"), None)
         rows = batch[mask] if mask is not None else batch.reshape(-1)
         if rows.numel():  # an empty write would leave the storage's cursor empty (and break its dump)
+            collected = rows
+            rows = rows.select(*self.keys, strict=False)
+            if self.preprocess is not None:
+                rows = self.preprocess(rows)
             present = set(rows.keys(True))
             missing = [key for key in self.keys if key not in present]
             if missing:
+                present = set(collected.keys(True))
                 # Storing the rows without them would make every sample fail later, or worse, be read with a default.
                 raise MissingKeyError(
                     f"The collected batch lacks {missing}, which the replay buffer stores for the loss and the slice "
                     f"sampler (it has {sorted(map(str, present))}). Collect with an env that writes them "
                     "(torchrl_dreammpc.envs.make_env does).")
-            self.replay_buffer.extend(rows.select(*self.keys))
+            self.replay_buffer.extend(rows)
         return batch
 
     def sample(self, batch: TensorDictBase | None = None) -> TensorDictBase:

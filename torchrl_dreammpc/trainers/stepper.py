@@ -1,4 +1,4 @@
-"""TD-MPC2's update as a TorchRL :class:`~torchrl.trainers.OptimizationStepper`."""
+"""TD-MPC2's and BMPC's updates as TorchRL :class:`~torchrl.trainers.OptimizationStepper` s."""
 from __future__ import annotations
 
 import math
@@ -6,10 +6,12 @@ from typing import Any, TYPE_CHECKING
 
 import torch
 from tensordict import TensorDict, TensorDictBase
+from tensordict.utils import NestedKey
 from torch import nn
 from torchrl.objectives import SoftUpdate
 
 from torchrl_dreammpc._checks import check_bool, check_compile, check_float
+from torchrl_dreammpc.objectives.bmpc import BMPCLoss, BMPCPolicyLoss
 from torchrl_dreammpc.objectives.tdmpc2 import TDMPC2Loss, TDMPC2PolicyLoss, make_tdmpc2_optimizers
 
 from torchrl.trainers import OptimizationStepper
@@ -17,7 +19,7 @@ from torchrl.trainers import OptimizationStepper
 if TYPE_CHECKING:
     from torchrl.trainers import Trainer
 
-__all__ = ["TDMPC2OptimizationStepper", "NonFiniteUpdateError"]
+__all__ = ["TDMPC2OptimizationStepper", "BMPCOptimizationStepper", "NonFiniteUpdateError"]
 
 
 class NonFiniteUpdateError(FloatingPointError):
@@ -105,6 +107,8 @@ class TDMPC2OptimizationStepper(OptimizationStepper):
         ['consistency', 'grad_norm', 'loss_consistency']
     """
 
+    loss_class, policy_loss_class = TDMPC2Loss, TDMPC2PolicyLoss
+
     def __init__(
         self,
         loss_module: TDMPC2Loss,
@@ -118,8 +122,8 @@ class TDMPC2OptimizationStepper(OptimizationStepper):
         compile: bool | str = False,
         check_finite: bool = True,
     ) -> None:
-        if not isinstance(loss_module, TDMPC2Loss):
-            raise TypeError(f"loss_module must be a TDMPC2Loss, got {type(loss_module).__name__}.")
+        if not isinstance(loss_module, self.loss_class):
+            raise TypeError(f"loss_module must be a {self.loss_class.__name__}, got {type(loss_module).__name__}.")
         grad_clip = check_float("grad_clip", grad_clip, low=0.0, low_open=True)
         tau = check_float("tau", tau, low=0.0, high=1.0, low_open=True)
         compile = check_compile("compile", compile)
@@ -127,7 +131,7 @@ class TDMPC2OptimizationStepper(OptimizationStepper):
         self.loss_module = loss_module
         self.world_model = loss_module.world_model
         if policy_loss is None:
-            policy_loss = TDMPC2PolicyLoss(self.world_model)
+            policy_loss = self.policy_loss_class(self.world_model)
         elif policy_loss.world_model is not self.world_model:
             raise ValueError("policy_loss and loss_module must train the same world model.")
         self.policy_loss = policy_loss
@@ -181,23 +185,34 @@ class TDMPC2OptimizationStepper(OptimizationStepper):
         self.wm_optim.step()
         self.wm_optim.zero_grad(set_to_none=True)
 
-        pi_out = self._policy_losses(out.get(self.loss_module.tensor_keys.latents))
-        pi_out["loss_pi"].backward()
-        pi_grad_norm = nn.utils.clip_grad_norm_(self._pi_params, self.grad_clip)
-        if self.check_finite:
-            self._check_finite(trainer, "policy", pi_out, pi_grad_norm, self.pi_optim)
-        self.pi_optim.step()
-        self.pi_optim.zero_grad(set_to_none=True)
+        pi_out = None
+        if self._trains_policy(trainer):
+            pi_out = self._policy_losses(*self._policy_inputs(out, sub_batch))
+            pi_out["loss_pi"].backward()
+            pi_grad_norm = nn.utils.clip_grad_norm_(self._pi_params, self.grad_clip)
+            if self.check_finite:
+                self._check_finite(trainer, "policy", pi_out, pi_grad_norm, self.pi_optim)
+            self.pi_optim.step()
+            self.pi_optim.zero_grad(set_to_none=True)
 
         self.target_updater.step()
         wm.eval()
         self.num_updates += 1
 
         metrics = out.exclude(self.loss_module.tensor_keys.latents).detach()
-        metrics.update(pi_out.detach())
         metrics.set("grad_norm", grad_norm.detach())
-        metrics.set("pi_grad_norm", pi_grad_norm.detach())
+        if pi_out is not None:
+            metrics.update(pi_out.detach())
+            metrics.set("pi_grad_norm", pi_grad_norm.detach())
         return metrics
+
+    def _trains_policy(self, trainer: Trainer | None) -> bool:
+        """Whether this update steps the policy too (TD-MPC2: always)."""
+        return True
+
+    def _policy_inputs(self, out: TensorDictBase, sub_batch: TensorDictBase) -> tuple:
+        """The arguments of :meth:`_policy_losses` (TD-MPC2: the detached latent rollout)."""
+        return (out.get(self.loss_module.tensor_keys.latents),)
 
     def _check_finite(self, trainer, part: str, out: TensorDictBase, grad_norm: torch.Tensor,
                       optimizer: torch.optim.Optimizer) -> None:
@@ -245,3 +260,80 @@ class TDMPC2OptimizationStepper(OptimizationStepper):
         self.policy_loss.scale.load_state_dict(state_dict["q_scale"])
         self.target_updater.load_state_dict(state_dict["target_updater"])
         self.num_updates = int(state_dict["num_updates"])
+
+
+class BMPCOptimizationStepper(TDMPC2OptimizationStepper):
+    """One BMPC update (``BMPC._update`` of its public code): world model, then the policy, then the soft target
+    update of the V ensemble; the world model back to ``eval()``.
+
+    The same order, optimizers (BMPC's are TD-MPC2's: Adam 3e-4 with the encoder at 0.3x, a separate Adam with
+    ``eps=1e-5`` on the policy), separate gradient clipping at 20 and target update (``tau=0.01``) as
+    :class:`TDMPC2OptimizationStepper`, with BMPC's two differences:
+
+    - the policy loss is :class:`~torchrl_dreammpc.objectives.BMPCPolicyLoss`, which imitates the planner's
+      action distribution stored with each transition (``(expert_key, "loc")`` / ``(expert_key, "scale")`` of the
+      ``[B, H]`` batch, NaN where there is none) along the first H latents of the rollout;
+    - during the seed-phase pre-training the policy is not trained (BMPC's ``pretrain``): :meth:`step` skips it
+      when the trainer says it is pre-training (``trainer.pretraining``, set by
+      :class:`~torchrl_dreammpc.trainers.DreamMPCTrainer`) or when called with ``pretrain=True``.
+
+    Args:
+        loss_module (BMPCLoss): the world-model loss.
+
+    Keyword Args:
+        policy_loss (BMPCPolicyLoss, optional): defaults to ``BMPCPolicyLoss(loss_module.world_model)``.
+        expert_key (NestedKey): where the batch holds the expert distribution. Default ``"expert"``.
+        lr, enc_lr_scale, optimizers, grad_clip, tau, compile: see :class:`TDMPC2OptimizationStepper`.
+
+    Examples:
+        >>> from torchrl_dreammpc.modules import BMPCWorldModel
+        >>> from torchrl_dreammpc.objectives import BMPCLoss
+        >>> wm = BMPCWorldModel(5, 1, model_size=1, enc_dim=32, mlp_dim=32, latent_dim=16)
+        >>> stepper = BMPCOptimizationStepper(BMPCLoss(wm))
+        >>> B, H = 8, 3
+        >>> batch = TensorDict({"observation": torch.randn(B, H, 5), "action": torch.rand(B, H, 1) * 2 - 1,
+        ...     "expert": {"loc": torch.zeros(B, H, 1), "scale": torch.ones(B, H, 1)},
+        ...     "next": {"observation": torch.randn(B, H, 5), "reward": torch.randn(B, H, 1)}}, [B, H])
+        >>> "loss_pi" in stepper.step(None, batch).keys(), "loss_pi" in stepper.step(None, batch, pretrain=True).keys()
+        (True, False)
+    """
+
+    loss_class, policy_loss_class = BMPCLoss, BMPCPolicyLoss
+
+    def __init__(self, loss_module: BMPCLoss, *, policy_loss: BMPCPolicyLoss | None = None,
+                 expert_key: NestedKey = "expert", **kwargs) -> None:
+        super().__init__(loss_module, policy_loss=policy_loss, **kwargs)
+        self.expert_key = expert_key
+        self._pretrain: bool | None = None
+
+    def step(self, trainer: Trainer | None, sub_batch: TensorDictBase, *, pretrain: bool | None = None
+             ) -> TensorDictBase:
+        """One BMPC update; ``pretrain`` (default: ``trainer.pretraining``, else ``False``) skips the policy."""
+        self._pretrain = pretrain
+        try:
+            return super().step(trainer, sub_batch)
+        finally:
+            self._pretrain = None
+
+    def _trains_policy(self, trainer: Trainer | None) -> bool:
+        pretrain = self._pretrain
+        if pretrain is None:
+            pretrain = bool(getattr(trainer, "pretraining", False))
+        return not pretrain
+
+    def _policy_inputs(self, out: TensorDictBase, sub_batch: TensorDictBase) -> tuple:
+        key = self.expert_key
+        entries = [(*key, n) if isinstance(key, tuple) else (key, n) for n in ("loc", "scale")]
+        missing = [k for k in entries if k not in sub_batch.keys(True)]
+        if missing:
+            raise KeyError(f"BMPC's policy loss needs the planner's action distribution of each transition, "
+                           f"{entries} in the [B, H] batch; missing {missing}. Store it in the replay buffer "
+                           "(a planner with expert_key, NaN where there is none).")
+        loc, scale = (sub_batch.get(k).transpose(0, 1) for k in entries)  # time-major [H, B, A]
+        return out.get(self.loss_module.tensor_keys.latents), loc, scale
+
+    def _policy_losses(self, latents: torch.Tensor, loc: torch.Tensor | None = None,
+                       scale: torch.Tensor | None = None) -> TensorDictBase:
+        k = self.policy_loss.tensor_keys
+        return self.policy_loss(TensorDict({k.latents: latents, k.expert_loc: loc, k.expert_scale: scale},
+                                           batch_size=[]))
