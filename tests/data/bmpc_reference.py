@@ -34,6 +34,7 @@ Saved (CPU tensors, a few hundred kB):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tarfile
 import tempfile
@@ -140,15 +141,37 @@ def perturb(model, seed: int) -> None:
             t.add_(0.05 * torch.randn(t.shape, generator=g))
 
 
-def generate(archive: Path = ARCHIVE) -> dict:
-    root = unpack(archive)
+@contextlib.contextmanager
+def peer_modules(root: Path):
+    """Import from the peer's folder ``root`` without leaving its modules behind: BMPC's top-level ``common`` and
+    ``bmpc`` would otherwise shadow TD-MPC2's ``common`` (../shared/peers/tdmpc2_peer.py) for every later import in
+    the same process (the test session). Modules of those names imported before are restored afterwards."""
+    def ours(name):
+        return name in ("bmpc", "common") or name.startswith(("bmpc.", "common."))
+
+    before = {name: mod for name, mod in sys.modules.items() if ours(name)}
+    for name in before:
+        del sys.modules[name]
     sys.path.insert(0, str(root))
     try:
-        import bmpc as bmpc_module
-        from common import math as bmpc_math
-        from bmpc import BMPC
+        yield
     finally:
         sys.path.remove(str(root))
+        for name in [name for name in sys.modules if ours(name)]:
+            del sys.modules[name]
+        sys.modules.update(before)
+
+
+def generate(archive: Path = ARCHIVE) -> dict:
+    with peer_modules(unpack(archive)):
+        return _generate()
+
+
+def _generate() -> dict:
+    import bmpc as bmpc_module
+    from bmpc import BMPC
+    from common import math as bmpc_math
+
     cfg = peer_config()
     torch.manual_seed(SEEDS["weights"])
     agent = BMPC(cfg)
