@@ -89,30 +89,38 @@ def _load_train_module():
     return module
 
 
-def test_the_bmpc_runs_of_the_campaign_yaml_are_valid_train_configs():
-    """The BMPC evidence runs (issue #16): own run directories, and train.py would accept their arguments (checked
-    by composing the training config the campaign's command gives and validating it; nothing is trained)."""
+def test_the_other_algorithms_runs_of_the_campaign_yaml_are_valid_train_configs():
+    """The BMPC (issue #16) and DreamerV3 (issue #17) evidence runs: own run directories, and train.py would accept
+    their arguments (checked by composing the training config the campaign's command gives and validating it;
+    nothing is trained)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     from torchrl_dreammpc.trainers.builders import validate_train_config
 
     loaded = campaign.load_campaign(campaign.DEFAULT_CONFIG)
-    bmpc = [run for run in loaded["runs"] if run.train["algorithm"] == "bmpc"]
-    assert [run.id for run in bmpc] == ["humanoid_h1hand-stand-v0-dream_mpc-1M-s1-bmpc",
-                                        "cartpole-swingup-dream_mpc-1M-s1-bmpc"]
-    assert bmpc[0].score_scale == 800 and bmpc[1].score_scale is None
+    others = [run for run in loaded["runs"] if run.train["algorithm"] != "tdmpc2"]
+    assert [run.id for run in others] == ["humanoid_h1hand-stand-v0-dream_mpc-1M-s1-bmpc",
+                                          "cartpole-swingup-dream_mpc-1M-s1-bmpc",
+                                          "cartpole-swingup-dream_mpc-1M-s1-dreamer_v3"]
+    assert others[0].score_scale == 800 and others[1].score_scale is None
     # the runs before them keep their names (and hence their run directories)
-    assert all(not run.id.endswith("-bmpc") for run in loaded["runs"][:4])
-    for run in bmpc:
+    assert loaded["runs"][:4] == [run for run in loaded["runs"] if run.train["algorithm"] == "tdmpc2"]
+    assert all(run.id.endswith("-dream_mpc-1M-s1") for run in loaded["runs"][:4])
+    for run in others:
+        algorithm = run.train["algorithm"]
         overrides = campaign.train_command(run, 10000, 1)[2:]
-        assert "algorithm=bmpc" in overrides
+        assert f"algorithm={algorithm}" in overrides
         overrides = _load_train_module().quote_model_size(overrides)  # what train.py does to its argv
         if run.suite == "humanoid_bench" and importlib.util.find_spec("humanoid_bench") is None:
             continue
         with initialize_config_dir(config_dir=str(campaign.ROOT / "recipes" / "config"), version_base="1.3"):
             cfg = OmegaConf.to_container(compose(config_name="train", overrides=overrides), resolve=True)
-        assert cfg["algorithm"] == "bmpc" and cfg["algorithm_options"]["reanalyze"]["interval"] == 10
+        assert cfg["algorithm"] == algorithm
+        if algorithm == "bmpc":
+            assert cfg["algorithm_options"]["reanalyze"]["interval"] == 10
+        else:  # preset=dreamer_cpu: the CPU model and replay ratio
+            assert cfg["dreamer"]["model_size"] == "cpu" and cfg["dreamer"]["train_ratio"] == 128
         validate_train_config(cfg)
 
 
