@@ -22,7 +22,8 @@ from tensordict.utils import NestedKey
 from torchrl.objectives import LossModule
 
 from torchrl_dreammpc.modules.bmpc import BMPCWorldModel, gaussian_entropy_terms
-from torchrl_dreammpc.objectives.tdmpc2 import RunningScale, TDMPC2Loss, _rho_weights
+from torchrl_dreammpc.objectives.tdmpc2 import (RunningScale, TDMPC2Loss, _rho_weights, ensemble_value_ce,
+                                                 latent_rollout_losses)
 
 __all__ = ["BMPCLoss", "BMPCPolicyLoss", "normal_kl", "expert_or_standard_normal"]
 
@@ -98,7 +99,6 @@ class BMPCLoss(TDMPC2Loss):
     def forward(self, tensordict: TensorDictBase) -> TensorDict:
         wm = self.world_model
         obs0, action, next_obs, reward, _ = self._read(tensordict)
-        horizon = action.shape[0]
 
         with torch.no_grad():
             true_zs = wm.encode(torch.cat([obs0.unsqueeze(0), next_obs]))  # [H+1, B, L]
@@ -106,19 +106,8 @@ class BMPCLoss(TDMPC2Loss):
             z = true_zs[:-1]
             td_target = wm.value(z, wm.policy(z)[0], reduce="avg", target=True)  # [H, B, 1]
 
-        z = wm.encode(obs0)
-        zs = [z]
-        for t in range(horizon):
-            z = wm.next(z, action[t])
-            zs.append(z)
-        zs = torch.stack(zs)  # [H+1, B, L]
-
-        w = _rho_weights(self.rho, horizon, zs)
-        consistency = ((zs[1:] - next_z) ** 2).mean(dim=(1, 2)) @ w / horizon
-        reward_ce = wm.two_hot.cross_entropy(wm.reward_logits(zs[:-1], action), reward).mean(1) @ w / horizon
-        v_logits = wm.v_logits(zs[:-1])  # [K, H, B, bins]
-        value_ce = (wm.two_hot.cross_entropy(v_logits, td_target.expand(v_logits.shape[0], *td_target.shape))
-                    .mean(2) @ w).sum() / (horizon * v_logits.shape[0])
+        zs, w, consistency, reward_ce = latent_rollout_losses(wm, obs0, action, next_z, reward, self.rho)
+        value_ce = ensemble_value_ce(wm, wm.v_logits(zs[:-1]), td_target, w)  # V logits [K, H, B, bins]
         return TensorDict({
             "loss_consistency": self.consistency_coef * consistency,
             "loss_reward": self.reward_coef * reward_ce,

@@ -59,6 +59,31 @@ def _rho_weights(rho: float, n: int, like: torch.Tensor) -> torch.Tensor:
                      torch.arange(n, device=like.device, dtype=like.dtype))
 
 
+def latent_rollout_losses(wm, obs0: torch.Tensor, action: torch.Tensor, next_z: torch.Tensor, reward: torch.Tensor,
+                          rho: float):
+    """The latent rollout from the first observation only (the model must predict the rest) and the two losses on
+    it that TD-MPC2 and BMPC share: ρ^t-weighted latent consistency with the encoded ``next_z`` and reward
+    cross-entropy. Returns ``(zs [H+1, B, L], weights [H], consistency, reward_ce)``."""
+    horizon = action.shape[0]
+    z = wm.encode(obs0)
+    zs = [z]
+    for t in range(horizon):
+        z = wm.next(z, action[t])
+        zs.append(z)
+    zs = torch.stack(zs)
+    w = _rho_weights(rho, horizon, zs)
+    consistency = ((zs[1:] - next_z) ** 2).mean(dim=(1, 2)) @ w / horizon
+    reward_ce = wm.two_hot.cross_entropy(wm.reward_logits(zs[:-1], action), reward).mean(1) @ w / horizon
+    return zs, w, consistency, reward_ce
+
+
+def ensemble_value_ce(wm, logits: torch.Tensor, target: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Two-hot cross-entropy of every value head's ``logits [K, H, B, bins]`` against ``target [H, B, 1]``,
+    ρ^t-weighted over H, averaged over heads and steps (TD-MPC2's and BMPC's value loss)."""
+    K, horizon = logits.shape[0], logits.shape[1]
+    return (wm.two_hot.cross_entropy(logits, target.expand(K, *target.shape)).mean(2) @ w).sum() / (horizon * K)
+
+
 class TDMPC2Loss(LossModule):
     """TD-MPC2 world-model + value loss.
 
@@ -214,7 +239,6 @@ class TDMPC2Loss(LossModule):
     def forward(self, tensordict: TensorDictBase) -> TensorDict:
         wm = self.world_model
         obs0, action, next_obs, reward, terminated = self._read(tensordict)
-        horizon = action.shape[0]
 
         with torch.no_grad():
             next_z = wm.encode(next_obs)
@@ -222,20 +246,9 @@ class TDMPC2Loss(LossModule):
             td_target = reward + self.discount * (1 - terminated) * wm.value(next_z, next_action, reduce="min",
                                                                              target=True)
 
-        # Latent rollout from the first observation only: the model must predict the rest.
-        z = wm.encode(obs0)
-        zs = [z]
-        for t in range(horizon):
-            z = wm.next(z, action[t])
-            zs.append(z)
-        zs = torch.stack(zs)  # [H+1, B, L]
-
-        w = _rho_weights(self.rho, horizon, zs)
-        consistency = ((zs[1:] - next_z) ** 2).mean(dim=(1, 2)) @ w / horizon
-        reward_ce = wm.two_hot.cross_entropy(wm.reward_logits(zs[:-1], action), reward).mean(1) @ w / horizon
+        zs, w, consistency, reward_ce = latent_rollout_losses(wm, obs0, action, next_z, reward, self.rho)
         q_logits = wm.q_logits(zs[:-1], action)  # [K, H, B, bins], every head in one batched op
-        value_ce = (wm.two_hot.cross_entropy(q_logits, td_target.expand(q_logits.shape[0], *td_target.shape))
-                    .mean(2) @ w).sum() / (horizon * q_logits.shape[0])
+        value_ce = ensemble_value_ce(wm, q_logits, td_target, w)
 
         out = TensorDict({
             "loss_consistency": self.consistency_coef * consistency,
