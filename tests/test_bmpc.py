@@ -289,6 +289,11 @@ def test_policy_loss_uses_standard_normal_where_there_is_no_expert():
     close(outs[1], outs[2])
     with pytest.raises(ValueError, match="expects latents"):
         BMPCPolicyLoss(wm)(TensorDict({"latents": zs, "expert_loc": loc[:2], "expert_scale": scale[:2]}, []))
+    # arguments: finite and in range, as for TDMPC2PolicyLoss (NaN passes a plain `< 0` test)
+    for kwargs, name in (({"entropy_coef": float("nan")}, "entropy_coef"), ({"entropy_coef": -1.0}, "entropy_coef"),
+                         ({"rho": 0.0}, "rho"), ({"scale_tau": float("inf")}, "scale_tau")):
+        with pytest.raises(ValueError, match=name):
+            BMPCPolicyLoss(wm, **kwargs)
 
 
 def test_losses_decrease_on_a_fixed_batch():

@@ -21,6 +21,7 @@ from tensordict.nn import TensorDictParams
 from tensordict.utils import NestedKey
 from torchrl.objectives import LossModule
 
+from torchrl_dreammpc._checks import check_float
 from torchrl_dreammpc.modules.bmpc import BMPCWorldModel, gaussian_entropy_terms
 from torchrl_dreammpc.objectives.tdmpc2 import (RunningScale, TDMPC2Loss, _rho_weights, ensemble_value_ce,
                                                  latent_rollout_losses)
@@ -170,10 +171,10 @@ class BMPCPolicyLoss(LossModule):
         super().__init__()
         if not isinstance(world_model, BMPCWorldModel):
             raise TypeError(f"BMPCPolicyLoss trains BMPC's policy head; got {type(world_model).__name__}.")
-        if entropy_coef < 0:
-            raise ValueError(f"entropy_coef must be >= 0, got {entropy_coef}")
-        if not 0 < rho <= 1:
-            raise ValueError(f"rho must be in (0, 1], got {rho}")
+        # the same checks as TDMPC2PolicyLoss (finite: NaN would pass a plain `< 0` comparison)
+        entropy_coef = check_float("entropy_coef", entropy_coef, low=0.0)
+        rho = check_float("rho", rho, low=0.0, high=1.0, low_open=True)
+        scale_tau = check_float("scale_tau", scale_tau, low=0.0, high=1.0, low_open=True)
         self.world_model = world_model
         self.entropy_coef, self.rho = entropy_coef, rho
         self.scale = RunningScale(scale_tau)
