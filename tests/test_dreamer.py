@@ -105,6 +105,13 @@ def test_planning_view_shapes_and_conventions():
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
     with pytest.raises(ValueError, match="reduce"):
         wm.value(z, a, reduce="max")
+    # the whole model as a TensorDictModule (WorldModelBase.forward): the same history-free quantities
+    obs = torch.randn(6, 5)
+    out = wm(TensorDict(observation=obs, action=a, batch_size=[6]))
+    torch.testing.assert_close(out[wm.latent_key], wm.encode(obs))
+    torch.testing.assert_close(out["next_latent"], wm.next(wm.encode(obs), a))
+    torch.testing.assert_close(out["reward"], wm.reward(wm.encode(obs), a))
+    torch.testing.assert_close(out["state_action_value"], wm.value(wm.encode(obs), a, reduce="avg"))
 
 
 def test_heads_are_decoded_in_float64():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import abc
 
 import torch
+from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 
 __all__ = ["WorldModelBase", "state_action_trajectory_values"]
@@ -131,6 +132,31 @@ class WorldModelBase(TensorDictModuleBase, abc.ABC):
         """The module that acts in an env with ``planner`` over this model: the planner itself by default; a
         model with a :attr:`latent_key` puts its state estimator in front of it."""
         return planner
+
+    # ---- the whole model as one TensorDictModule ----
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        """History-free pass: the latent (into :attr:`latent_key`, ``"latent"`` when that is ``None``) from
+        ``"observation"`` (:meth:`encode`); with an ``"action"`` entry, also ``"next_latent"``, ``"reward"`` and
+        ``"state_action_value"`` (the average of two members)."""
+        z = self.encode(tensordict.get("observation"))
+        tensordict.set(self.latent_key or "latent", z)
+        if "action" in tensordict.keys():
+            a = tensordict.get("action")
+            tensordict.set("next_latent", self.next(z, a))
+            tensordict.set("reward", self.reward(z, a))
+            tensordict.set("state_action_value", self.value(z, a, reduce="avg"))
+        return tensordict
+
+
+def last_dim(spec_or_dim) -> int:
+    """The size of the last dimension of a TorchRL spec (an ``int`` passes through): the observation / action
+    size a model is built for."""
+    if isinstance(spec_or_dim, int):
+        return spec_or_dim
+    shape = getattr(spec_or_dim, "shape", None)
+    if shape is None or len(shape) == 0:
+        raise TypeError(f"Expected an int or a TorchRL spec with a shape, got {spec_or_dim!r}")
+    return int(shape[-1])
 
 
 def _prior_action(model, z: torch.Tensor, eps: torch.Tensor | None) -> torch.Tensor:

@@ -42,7 +42,7 @@ from torchrl.modules import (
 )
 from torchrl.modules.functional import symexp, symlog
 
-from torchrl_dreammpc.modules.base import WorldModelBase
+from torchrl_dreammpc.modules.base import WorldModelBase, last_dim
 from torchrl_dreammpc.modules.layers import param_count
 
 __all__ = ["DreamerV3WorldModel", "DreamerV3Config", "DREAMER_V3_SIZES", "ActingPath"]
@@ -312,7 +312,7 @@ class DreamerV3WorldModel(WorldModelBase):
 
     def __init__(self, observation_spec, action_spec, model_size: str = "1m", **overrides):
         super().__init__()
-        cfg = DreamerV3Config.from_size(_last_dim(observation_spec), _last_dim(action_spec), model_size, **overrides)
+        cfg = DreamerV3Config.from_size(last_dim(observation_spec), last_dim(action_spec), model_size, **overrides)
         self.config = cfg
         self.obs_dim, self.action_dim = cfg.obs_dim, cfg.action_dim
         self.state_dim, self.belief_dim = cfg.stoch * cfg.classes, cfg.deter
@@ -591,25 +591,3 @@ class DreamerV3WorldModel(WorldModelBase):
         env.action_spec = Bounded(-1.0, 1.0, (self.action_dim,), device=device)
         env.reward_spec = Unbounded((1,), device=device)
         return env
-
-    # ---- the whole model as one TensorDictModule --------------------------------------------------------------
-    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
-        """History-free: ``"latent"`` from ``"observation"`` (:meth:`encode`); with an ``"action"``, also
-        ``"next_latent"``, ``"reward"`` and ``"state_action_value"``."""
-        z = self.encode(tensordict.get("observation"))
-        tensordict.set(self.latent_key, z)
-        if "action" in tensordict.keys():
-            a = tensordict.get("action")
-            tensordict.set("next_latent", self.next(z, a))
-            tensordict.set("reward", self.reward(z, a))
-            tensordict.set("state_action_value", self.value(z, a, reduce="avg"))
-        return tensordict
-
-
-def _last_dim(spec_or_dim) -> int:
-    if isinstance(spec_or_dim, int):
-        return spec_or_dim
-    shape = getattr(spec_or_dim, "shape", None)
-    if shape is None or len(shape) == 0:
-        raise TypeError(f"Expected an int or a TorchRL spec with a shape, got {spec_or_dim!r}")
-    return int(shape[-1])

@@ -12,12 +12,11 @@ import math
 import weakref
 
 import torch
-from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModule
 from torch import nn
 
 from torchrl_dreammpc._checks import check_bool, check_float, check_int
-from torchrl_dreammpc.modules.base import WorldModelBase
+from torchrl_dreammpc.modules.base import WorldModelBase, last_dim
 from torchrl_dreammpc.modules.layers import EnsembleMLP, SimNorm, mlp, param_count, weight_init
 from torchrl_dreammpc.modules.two_hot import SymlogTwoHot
 
@@ -171,7 +170,7 @@ class TDMPC2WorldModel(WorldModelBase):
 
     def __init__(self, observation_spec, action_spec, model_size: int = 5, **overrides):
         super().__init__()
-        cfg = self.config_class.from_size(_last_dim(observation_spec), _last_dim(action_spec), model_size,
+        cfg = self.config_class.from_size(last_dim(observation_spec), last_dim(action_spec), model_size,
                                           **overrides)
         self.config = cfg
         self.obs_dim, self.action_dim, self.latent_dim = cfg.obs_dim, cfg.action_dim, cfg.latent_dim
@@ -397,23 +396,3 @@ class TDMPC2WorldModel(WorldModelBase):
         """Polyak-average the target values towards the online ones (TorchRL's SoftUpdate does this in training)."""
         for t, s in zip(self.target_value_ensemble.buffers(), self.value_ensemble.parameters()):
             t.lerp_(s, tau)
-
-    # ---- the whole model as one TensorDictModule ----
-    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
-        z = self.encode(tensordict.get("observation"))
-        tensordict.set("latent", z)
-        if "action" in tensordict.keys():
-            a = tensordict.get("action")
-            tensordict.set("next_latent", self.next(z, a))
-            tensordict.set("reward", self.reward(z, a))
-            tensordict.set("state_action_value", self.value(z, a, reduce="avg"))
-        return tensordict
-
-
-def _last_dim(spec_or_dim) -> int:
-    if isinstance(spec_or_dim, int):
-        return spec_or_dim
-    shape = getattr(spec_or_dim, "shape", None)
-    if shape is None or len(shape) == 0:
-        raise TypeError(f"Expected an int or a TorchRL spec with a shape, got {spec_or_dim!r}")
-    return int(shape[-1])
