@@ -25,14 +25,13 @@ import functools
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import ROOT, machine_info, write_json, write_section  # noqa: E402
-from trainer_overhead import Stopwatch  # noqa: E402
+from trainer_overhead import Stopwatch, timed_window  # noqa: E402
 
 from torchrl_dreammpc.envs import make_env, task_info  # noqa: E402
 from torchrl_dreammpc.trainers import DreamMPCTrainer  # noqa: E402
@@ -56,7 +55,8 @@ def measure(algorithm: str, planner: str, task: str, model_size: int, batch_size
     env.close()
     model_cfg = {"size": model_size, **SIZES.get(model_size, {})}
     if algorithm == "bmpc":
-        model_cfg = {k: v for k, v in model_cfg.items() if k != "num_q"} | {"episodic": False}
+        # BMPC's V ensemble has its own size (2); make_world_model makes BMPC models non-episodic
+        model_cfg = {k: v for k, v in model_cfg.items() if k != "num_q"}
     wm = make_world_model(model_cfg, obs_dim, action_spec.shape[-1], episode_length=info.episode_length,
                           episodic=info.episodic, algorithm=algorithm)
     actor = make_planner(PLANNER_CFG[planner], wm, action_spec=action_spec,
@@ -74,18 +74,7 @@ def measure(algorithm: str, planner: str, task: str, model_size: int, batch_size
         trainer.optimization_stepper.step = update.wrap(trainer.optimization_stepper.step)
         for hook in trainer.algorithm_hooks:
             hook.reanalyze = reanalyze.wrap(hook.reanalyze)
-        window = {}
-
-        def start_stop():  # post_steps op: opens the window after warm-up, closes it at the last step
-            frames = trainer.collected_frames
-            if frames == seed_frames + warmup:
-                window["start"] = time.perf_counter()
-                plan.active = update.active = reanalyze.active = True
-            elif frames == total:
-                window["stop"] = time.perf_counter()
-                plan.active = update.active = reanalyze.active = False
-
-        trainer.register_op("post_steps", start_stop)
+        window = timed_window(trainer, seed_frames + warmup, total, (plan, update, reanalyze))
         trainer.train()
         trainer.collector.shutdown()
     wall = window["stop"] - window["start"]

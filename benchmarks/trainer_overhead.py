@@ -58,6 +58,23 @@ class Stopwatch:
         return timed
 
 
+def timed_window(trainer, start_frame: int, stop_frame: int, stopwatches) -> dict:
+    """Registers a ``post_steps`` op on ``trainer`` that opens a wall-clock window (and activates ``stopwatches``)
+    once ``start_frame`` frames are collected and closes it at ``stop_frame``. Returns the dict that receives
+    ``"start"`` / ``"stop"`` (``perf_counter`` times) while ``trainer.train()`` runs."""
+    window = {}
+
+    def start_stop():
+        frames = trainer.collected_frames
+        if frames in (start_frame, stop_frame):
+            window["start" if frames == start_frame else "stop"] = time.perf_counter()
+            for watch in stopwatches:
+                watch.active = frames == start_frame
+
+    trainer.register_op("post_steps", start_stop)
+    return window
+
+
 def measure(task: str, model_size: int, batch_size: int, steps: int, warmup: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -85,18 +102,7 @@ def measure(task: str, model_size: int, batch_size: int, steps: int, warmup: int
         trainer.optimization_stepper.step = update.wrap(trainer.optimization_stepper.step)
         base_env = trainer.collector.env.base_env
         base_env._step = sim.wrap(base_env._step)
-        window = {}
-
-        def start_stop():  # post_steps op: opens the window after warm-up, closes it at the last step
-            frames = trainer.collected_frames
-            if frames == seed_frames + warmup:
-                window["start"] = time.perf_counter()
-                plan.active = update.active = sim.active = True
-            elif frames == total:
-                window["stop"] = time.perf_counter()
-                plan.active = update.active = sim.active = False
-
-        trainer.register_op("post_steps", start_stop)
+        window = timed_window(trainer, seed_frames + warmup, total, (plan, update, sim))
         trainer.train()
         wall = window["stop"] - window["start"]
         checkpoint_s = save.total / max(save.calls, 1)
