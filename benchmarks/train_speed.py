@@ -26,7 +26,6 @@ Run::
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import tempfile

@@ -168,7 +168,6 @@ def generate(archive: Path = ARCHIVE) -> dict:
 
 
 def _generate() -> dict:
-    import bmpc as bmpc_module
     from bmpc import BMPC
     from common import math as bmpc_math
 

@@ -19,11 +19,9 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from tensordict.nn import TensorDictParams
 from tensordict.utils import NestedKey
-from torchrl.objectives import LossModule
 
-from torchrl_dreammpc._checks import check_float
 from torchrl_dreammpc.modules.bmpc import BMPCWorldModel, gaussian_entropy_terms
-from torchrl_dreammpc.objectives.tdmpc2 import (RunningScale, TDMPC2Loss, _rho_weights, ensemble_value_ce,
+from torchrl_dreammpc.objectives.tdmpc2 import (PolicyPriorLoss, TDMPC2Loss, _rho_weights, ensemble_value_ce,
                                                  latent_rollout_losses)
 
 __all__ = ["BMPCLoss", "BMPCPolicyLoss", "normal_kl", "expert_or_standard_normal"]
@@ -121,7 +119,7 @@ class BMPCLoss(TDMPC2Loss):
         }, batch_size=[])
 
 
-class BMPCPolicyLoss(LossModule):
+class BMPCPolicyLoss(PolicyPriorLoss):
     """BMPC's policy loss: imitate the planner's action distribution along the latent rollout.
 
     With ``z_t`` the first H latents of the detached rollout (``"latents"`` ``[H+1, B, L]`` from :class:`BMPCLoss`),
@@ -168,19 +166,9 @@ class BMPCPolicyLoss(LossModule):
 
     def __init__(self, world_model: BMPCWorldModel, *, entropy_coef: float = 1e-4, rho: float = 0.5,
                  scale_tau: float = 0.01):
-        super().__init__()
         if not isinstance(world_model, BMPCWorldModel):
             raise TypeError(f"BMPCPolicyLoss trains BMPC's policy head; got {type(world_model).__name__}.")
-        # the same checks as TDMPC2PolicyLoss (finite: NaN would pass a plain `< 0` comparison)
-        entropy_coef = check_float("entropy_coef", entropy_coef, low=0.0)
-        rho = check_float("rho", rho, low=0.0, high=1.0, low_open=True)
-        scale_tau = check_float("scale_tau", scale_tau, low=0.0, high=1.0, low_open=True)
-        self.world_model = world_model
-        self.entropy_coef, self.rho = entropy_coef, rho
-        self.scale = RunningScale(scale_tau)
-
-    def _forward_value_estimator_keys(self, **kwargs) -> None:
-        pass
+        super().__init__(world_model, entropy_coef=entropy_coef, rho=rho, scale_tau=scale_tau)
 
     def forward(self, tensordict: TensorDictBase) -> TensorDict:
         k = self.tensor_keys

@@ -266,7 +266,23 @@ class TDMPC2Loss(LossModule):
         return out
 
 
-class TDMPC2PolicyLoss(LossModule):
+class PolicyPriorLoss(LossModule):
+    """What TD-MPC2's and BMPC's policy-prior losses share: the model, the checked settings (finite; a NaN would pass
+    a plain ``< 0`` comparison) and the running scale of the first step's objective (saved in ``state_dict``).
+    Subclasses check the model family, then call this constructor, and implement ``forward``."""
+
+    def __init__(self, world_model, *, entropy_coef: float, rho: float, scale_tau: float):
+        super().__init__()
+        self.world_model = world_model
+        self.entropy_coef = check_float("entropy_coef", entropy_coef, low=0.0)
+        self.rho = check_float("rho", rho, low=0.0, high=1.0, low_open=True)
+        self.scale = RunningScale(check_float("scale_tau", scale_tau, low=0.0, high=1.0, low_open=True))
+
+    def _forward_value_estimator_keys(self, **kwargs) -> None:
+        pass
+
+
+class TDMPC2PolicyLoss(PolicyPriorLoss):
     """TD-MPC2's policy-prior loss: maximize scaled Q plus an entropy bonus along the latent rollout.
 
     ``loss = mean_t rho**t * mean_b -(entropy_coef * scaled_entropy + Q(z, π(z)) / S)``, with the Q weights
@@ -302,19 +318,10 @@ class TDMPC2PolicyLoss(LossModule):
 
     def __init__(self, world_model: TDMPC2WorldModel, *, entropy_coef: float = 1e-4, rho: float = 0.5,
                  scale_tau: float = 0.01):
-        super().__init__()
         if getattr(world_model, "family", "tdmpc2") != "tdmpc2":
             raise TypeError(f"TDMPC2PolicyLoss maximizes Q of a TDMPC2WorldModel; got a {type(world_model).__name__} "
                             "(a BMPCWorldModel trains its policy with BMPCPolicyLoss).")
-        entropy_coef = check_float("entropy_coef", entropy_coef, low=0.0)
-        rho = check_float("rho", rho, low=0.0, high=1.0, low_open=True)
-        scale_tau = check_float("scale_tau", scale_tau, low=0.0, high=1.0, low_open=True)
-        self.world_model = world_model
-        self.entropy_coef, self.rho = entropy_coef, rho
-        self.scale = RunningScale(scale_tau)
-
-    def _forward_value_estimator_keys(self, **kwargs) -> None:
-        pass
+        super().__init__(world_model, entropy_coef=entropy_coef, rho=rho, scale_tau=scale_tau)
 
     def forward(self, tensordict: TensorDictBase) -> TensorDict:
         wm = self.world_model
