@@ -24,8 +24,8 @@ class WorldModelBase(TensorDictModuleBase, abc.ABC):
     """What a planner needs from a latent world model.
 
     Shapes: ``obs`` ``[*B, obs_dim]``, latents ``z`` ``[*B, latent_dim]``, actions ``a`` ``[*B, action_dim]``,
-    scalars ``[*B, 1]``. Attributes every model provides: ``action_dim``, ``latent_dim``, ``discount`` (the
-    discount its values are defined with).
+    scalars ``[*B, 1]``. Attributes every model provides: ``obs_dim``, ``action_dim``, ``latent_dim``,
+    ``discount`` (the discount its values are defined with).
 
     Models whose latent depends on the history (a recurrent state-space model) cannot encode one observation
     alone. They set :attr:`latent_key`: the planners then read the latent from that tensordict entry (``encode``
@@ -33,6 +33,7 @@ class WorldModelBase(TensorDictModuleBase, abc.ABC):
     env transforms it needs (:meth:`acting_transforms`) carrying its state from step to step.
     """
 
+    obs_dim: int
     action_dim: int
     latent_dim: int
     discount: float
@@ -43,6 +44,21 @@ class WorldModelBase(TensorDictModuleBase, abc.ABC):
     #: it, and our checkpoint files record it (:data:`torchrl_dreammpc.checkpoints.FAMILIES`). ``None``: a model
     #: outside those (it still plans with every planner).
     family: str | None = None
+
+    def check_inputs(self, obs: torch.Tensor | None = None, action: torch.Tensor | None = None,
+                     check_finite: bool = True) -> None:
+        """Raise a ValueError naming the problem for a wrong observation/action width (``obs_dim`` /
+        ``action_dim``; a model without one of them skips that check) or non-finite values."""
+        for name, x, dim in (("observation", obs, getattr(self, "obs_dim", None)),
+                             ("action", action, getattr(self, "action_dim", None))):
+            if x is None:
+                continue
+            if dim is not None and x.shape[-1] != dim:
+                raise ValueError(f"{name} has width {x.shape[-1]} (shape {tuple(x.shape)}) but this "
+                                 f"{type(self).__name__} was built for {name} width {dim}.")
+            if check_finite and not bool(torch.isfinite(x).all()):
+                bad = (~torch.isfinite(x)).sum().item()
+                raise ValueError(f"{name} contains {bad} NaN/inf value(s); refusing to use it.")
 
     @abc.abstractmethod
     def encode(self, obs: torch.Tensor) -> torch.Tensor:

@@ -354,19 +354,6 @@ class DreamerV3WorldModel(WorldModelBase):
     def num_params(self) -> int:
         return param_count(self)
 
-    def check_inputs(self, obs: torch.Tensor | None = None, action: torch.Tensor | None = None,
-                     check_finite: bool = True) -> None:
-        """Raise a ValueError naming the problem for a wrong observation/action width or non-finite values."""
-        for name, x, dim in (("observation", obs, self.obs_dim), ("action", action, self.action_dim)):
-            if x is None:
-                continue
-            if x.shape[-1] != dim:
-                raise ValueError(f"{name} has width {x.shape[-1]} (shape {tuple(x.shape)}) but this "
-                                 f"DreamerV3WorldModel was built for {name} width {dim}.")
-            if check_finite and not bool(torch.isfinite(x).all()):
-                raise ValueError(f"{name} contains {(~torch.isfinite(x)).sum().item()} NaN/inf value(s); "
-                                 "refusing to use it.")
-
     # ---- the planning view ------------------------------------------------------------------------------------
     def split(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``z -> (state, belief)``."""

@@ -302,19 +302,6 @@ class TDMPC2WorldModel(WorldModelBase):
         return self.target_qvalue
 
     # ---- the planner / loss interface ----
-    def check_inputs(self, obs: torch.Tensor | None = None, action: torch.Tensor | None = None,
-                     check_finite: bool = True) -> None:
-        """Raise a ValueError naming the problem for a wrong observation/action width or non-finite values."""
-        for name, x, dim in (("observation", obs, self.obs_dim), ("action", action, self.action_dim)):
-            if x is None:
-                continue
-            if x.shape[-1] != dim:
-                raise ValueError(f"{name} has width {x.shape[-1]} (shape {tuple(x.shape)}) but this "
-                                 f"{type(self).__name__} was built for {name} width {dim}.")
-            if check_finite and not bool(torch.isfinite(x).all()):
-                bad = (~torch.isfinite(x)).sum().item()
-                raise ValueError(f"{name} contains {bad} NaN/inf value(s); refusing to use it.")
-
     def encode(self, obs: torch.Tensor) -> torch.Tensor:
         return self.encoder.module(obs)
 
