@@ -112,7 +112,7 @@ def test_planning_view_shapes_and_conventions():
     torch.testing.assert_close(out["next_latent"], wm.next(wm.encode(obs), a))
     torch.testing.assert_close(out["reward"], wm.reward(wm.encode(obs), a))
     torch.testing.assert_close(out["state_action_value"], wm.value(wm.encode(obs), a, reduce="avg"))
-    with pytest.raises(ValueError, match="observation has width 7 .* DreamerV3WorldModel was built for observation width 5"):
+    with pytest.raises(ValueError, match="width 7 .* DreamerV3WorldModel was built for observation width 5"):
         wm.check_inputs(obs=torch.randn(2, 7))
     with pytest.raises(ValueError, match="action contains 1 NaN"):
         wm.check_inputs(action=torch.tensor([[float("nan")]]))
