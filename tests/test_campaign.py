@@ -100,10 +100,10 @@ def test_the_other_algorithms_runs_of_the_campaign_yaml_are_valid_train_configs(
 
     loaded = campaign.load_campaign(campaign.DEFAULT_CONFIG)
     others = [run for run in loaded["runs"] if run.train["algorithm"] != "tdmpc2"]
-    assert [run.id for run in others] == ["humanoid_h1hand-stand-v0-dream_mpc-1M-s1-bmpc",
+    assert [run.id for run in others] == ["cartpole-swingup-dream_mpc-1M-s1-dreamer_v3",
                                           "cartpole-swingup-dream_mpc-1M-s1-bmpc",
-                                          "cartpole-swingup-dream_mpc-1M-s1-dreamer_v3"]
-    assert others[0].score_scale == 800 and others[1].score_scale is None
+                                          "humanoid_h1hand-stand-v0-dream_mpc-1M-s1-bmpc"]
+    assert others[2].score_scale == 800 and others[1].score_scale is None
     # the runs before them keep their names (and hence their run directories)
     assert loaded["runs"][:4] == [run for run in loaded["runs"] if run.train["algorithm"] == "tdmpc2"]
     assert all(run.id.endswith("-dream_mpc-1M-s1") for run in loaded["runs"][:4])
