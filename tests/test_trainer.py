@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import shutil
 
 import pytest
 import torch
@@ -356,6 +357,41 @@ def test_train_checkpoint_resume_restores_everything(tmp_path):
     ids = second.replay_buffer[:]["collector", "traj_ids"]
     assert ids[150:].min() > ids[:150].max()
     assert [step for step, _ in read_eval_csv(run / "eval.csv")] == [0, 100, 150, 200]  # no second step 0
+
+
+def test_restart_without_a_checkpoint_rewrites_the_logs_and_keeps_a_copy(tmp_path):
+    """A run killed before its first checkpoint and started again in its directory (``resume()`` finds nothing)
+    starts afresh: ``eval.csv`` gets step 0 once, not once per attempt; the earlier attempt's rows are copied aside."""
+    def trainer(wm):
+        return make_trainer(tmp_path, world_model=wm, total_frames=60, eval_interval=50, eval_episodes=1,
+                            eval_at_start=True, eval_actors={"policy": PolicyActor(wm)}, checkpoint_interval=10_000)
+
+    wm = tiny_world_model()
+    first = trainer(wm)
+    first.train()  # as if killed before a checkpoint: delete the final one the Trainer wrote at the end
+    run = tmp_path / "run"
+    for checkpoint in (run / "checkpoints").iterdir():
+        shutil.rmtree(checkpoint)
+    first_rows = read_eval_csv(run / "eval.csv")
+    assert [step for step, _ in first_rows] == [0, 50, 60]
+    scalars = sorted((run / "csv").rglob("*.csv"))
+    assert scalars, "the CSV logger wrote no scalars"
+
+    wm2 = tiny_world_model()
+    second = trainer(wm2)
+    assert second.resume() is None
+    assert read_eval_csv(run / "eval.csv") == []  # the attempt's rows are gone from the curve ...
+    assert read_eval_csv(run / "eval.csv.before-restart") == first_rows  # ... but kept beside it
+    for file in scalars:  # the CSV scalars likewise
+        assert file.read_text().strip() == "" and file.with_name(file.name + ".before-restart").read_text().strip()
+    second.train()
+    assert [step for step, _ in read_eval_csv(run / "eval.csv")] == [0, 50, 60]
+    # a second restart keeps the second attempt's rows too, under a new name
+    for checkpoint in (run / "checkpoints").iterdir():
+        shutil.rmtree(checkpoint)
+    assert trainer(tiny_world_model()).resume() is None
+    assert [step for step, _ in read_eval_csv(run / "eval.csv.before-restart-2")] == [0, 50, 60]
+    assert read_eval_csv(run / "eval.csv") == []
 
 
 def test_resume_refuses_another_task_or_model_size_before_loading(tmp_path):

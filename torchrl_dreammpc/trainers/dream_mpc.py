@@ -831,7 +831,9 @@ class DreamMPCTrainer(Trainer):
         file of the checkpoint is there and whole (:func:`verify_checkpoint_files`) before anything is loaded. Staging directories left by a run killed while saving are removed first (they are never
         considered: a checkpoint is only published, by an atomic rename, once complete). Log rows written
         after the checkpoint (``eval.csv``, CSV scalars, TensorBoard events) are dropped, so the resumed run
-        writes them again.
+        writes them again. Without a checkpoint (a run killed before its first one, restarted in the same
+        directory) the run starts afresh and the rows of the earlier attempt are dropped too (otherwise
+        ``eval.csv`` would hold step 0 twice); each trimmed CSV file is first copied to ``<name>.before-restart``.
 
         Returns:
             the checkpoint restored, or ``None`` when there is none (a fresh start).
@@ -842,20 +844,24 @@ class DreamMPCTrainer(Trainer):
             self._remove_stale_staging()
             path = self.latest_checkpoint()
             if path is None:
+                self._truncate_logs_after(-1, keep_copy=True)
                 return None
         path = Path(path)
         self.check_fingerprint(path)
         verify_checkpoint_files(path)
         self.load_from_file(path)
         step = self.collected_frames
-        if isinstance(self.logger, MultiLogger):
-            self.logger.truncate_after(step)
-        if self.evaluation is not None:
-            self.evaluation.truncate_after(step)
+        self._truncate_logs_after(step)
         self.world_model.eval()
         if self.verbose:
             print(f"[train] resumed from {path} at step {step}", flush=True)
         return path
+
+    def _truncate_logs_after(self, step: int, keep_copy: bool = False) -> None:
+        if isinstance(self.logger, MultiLogger):
+            self.logger.truncate_after(step, keep_copy=keep_copy)
+        if self.evaluation is not None:
+            self.evaluation.truncate_after(step, keep_copy=keep_copy)
 
     def _remove_stale_staging(self) -> None:
         if self.checkpoint_dir is None or not self.checkpoint_dir.is_dir():

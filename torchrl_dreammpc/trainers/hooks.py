@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -93,11 +94,11 @@ class MultiLogger(Logger):
         for logger, state in zip(self.loggers, states):
             logger.load_state_dict(state)
 
-    def truncate_after(self, step: int) -> None:
+    def truncate_after(self, step: int, keep_copy: bool = False) -> None:
         """Forgets what was logged after ``step`` (used when a killed run resumes from the checkpoint at ``step``).
 
-        CSV scalar files lose their rows with a larger step; TensorBoard is reopened with ``purge_step=step + 1``
-        so the events written after the checkpoint are hidden.
+        CSV scalar files lose their rows with a larger step (``keep_copy``: see :func:`trim_csv_rows`); TensorBoard
+        is reopened with ``purge_step=step + 1`` so the events written after the checkpoint are hidden.
         """
         for logger in self.loggers:
             if isinstance(logger, CSVLogger):
@@ -106,7 +107,7 @@ class MultiLogger(Logger):
                     handle = logger.experiment.files.pop(str(file), None)
                     if handle is not None:
                         handle.close()
-                    trim_csv_rows(file, step, header=False)
+                    trim_csv_rows(file, step, header=False, keep_copy=keep_copy)
                 for name, rows in logger.experiment.scalars.items():
                     rows[:] = [row for row in rows if row[0] <= step]
             elif isinstance(logger, TensorboardLogger):
@@ -119,8 +120,12 @@ class MultiLogger(Logger):
         return f"MultiLogger({self.loggers})"
 
 
-def trim_csv_rows(path: str | Path, step: int, *, header: bool) -> None:
-    """Rewrites a ``step,value...`` CSV file keeping only the rows whose step is ``<= step`` (atomically)."""
+def trim_csv_rows(path: str | Path, step: int, *, header: bool, keep_copy: bool = False) -> None:
+    """Rewrites a ``step,value...`` CSV file keeping only the rows whose step is ``<= step`` (atomically).
+
+    ``keep_copy``: when rows are dropped, the whole file is first copied to ``<name>.before-restart`` (``-2``,
+    ``-3``, ... if that exists), so the dropped rows stay on disk.
+    """
     path = Path(path)
     if not path.exists():
         return
@@ -128,6 +133,12 @@ def trim_csv_rows(path: str | Path, step: int, *, header: bool) -> None:
         rows = list(csv.reader(file))
     head, body = (rows[:1], rows[1:]) if header else ([], rows)
     kept = [row for row in body if row and float(row[0]) <= step]
+    if keep_copy and len(kept) < len([row for row in body if row]):
+        copy, n = path.with_name(path.name + ".before-restart"), 1
+        while copy.exists():
+            n += 1
+            copy = path.with_name(f"{path.name}.before-restart-{n}")
+        shutil.copy2(path, copy)
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", newline="") as file:
         csv.writer(file).writerows(head + kept)
@@ -559,12 +570,13 @@ class EvaluationHook(TrainerHookBase):
         if trainer is not None and self.interval and trainer.collected_frames != self.last_eval_step:
             self.evaluate(trainer.collected_frames)
 
-    def truncate_after(self, step: int) -> None:
-        """Drops ``eval*.csv`` rows recorded after ``step`` (a killed run resuming from the checkpoint at ``step``)."""
+    def truncate_after(self, step: int, keep_copy: bool = False) -> None:
+        """Drops ``eval*.csv`` rows recorded after ``step`` (a killed run resuming from the checkpoint at ``step``;
+        ``keep_copy``: see :func:`trim_csv_rows`)."""
         for name in self.names:
             path = self.csv_for(name)
             if path is not None:
-                trim_csv_rows(path, step, header=True)
+                trim_csv_rows(path, step, header=True, keep_copy=keep_copy)
 
     def state_dict(self) -> dict[str, Any]:
         return {
