@@ -22,6 +22,12 @@ Re-running the command after an interruption continues: a killed training chunk 
 checkpoint (train.py), a killed evaluation is redone, nothing finished is redone. Child processes die with the
 campaign, and a lock file refuses a second campaign on the same ``runs_root``.
 
+A second lane on the other core: ``--only RUN_ID`` (repeatable) works through those runs alone, beside the main
+campaign. Every campaign process claims a run (a lock file per run in ``runs_root``) before working on it and
+skips a run that another one holds; report rewrites take turns (``runs_root/.report.lock``)::
+
+    python benchmarks/campaign.py --only cartpole-swingup-dream_mpc-1M-s1-dreamer_v3
+
 A run directory that is gone (a new machine) is started again from scratch; the rows that an earlier machine
 produced for it stay in the committed report until the new run directory has its own (a run whose committed
 record says it finished is not trained again: ``--rerun TASK`` forces it).
@@ -29,6 +35,7 @@ record says it finished is not trained again: ``--rerun TASK`` forces it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import datetime as dt
 import fcntl
@@ -340,11 +347,12 @@ def evaluate_swap(run: Run, step: int, swap: Swap, eval_seed: int, threads: int)
 # the campaign
 # ----------------------------------------------------------------------------------------------------------------
 class CampaignLock:
-    """An exclusive lock on ``<runs_root>/.campaign.lock`` (released by the OS when the process dies)."""
+    """An exclusive lock on ``<runs_root>/<name>`` (released by the OS when the process dies): by default the
+    whole runs root (the main campaign); :meth:`claim` takes one run's."""
 
-    def __init__(self, runs_root: Path) -> None:
+    def __init__(self, runs_root: Path, name: str = ".campaign.lock", what: str | None = None) -> None:
         runs_root.mkdir(parents=True, exist_ok=True)
-        self.path = runs_root / ".campaign.lock"
+        self.path = runs_root / name
         self.file = self.path.open("a+")
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -352,11 +360,51 @@ class CampaignLock:
             self.file.seek(0)
             holder = self.file.read().strip() or "another process"
             self.file.close()
-            raise CampaignError(f"{runs_root} is in use by another campaign ({holder}); wait for it or stop it.")
+            raise CampaignError(f"{what or runs_root} is in use by another campaign ({holder}); wait for it or "
+                                "stop it.")
         self.file.seek(0)
         self.file.truncate()
         self.file.write(f"pid {os.getpid()}")
         self.file.flush()
+
+    @classmethod
+    def claim(cls, run: Run) -> "CampaignLock":
+        """This process's claim on ``run`` (CampaignError if another campaign holds it)."""
+        return cls(run.run_dir.parent, f".campaign-{run.id}.lock", what=run.id)
+
+    def release(self) -> None:
+        self.file.close()  # closing the file drops the flock
+
+
+@contextlib.contextmanager
+def report_turn(runs_root: Path):
+    """Waits for, then holds, the report lock: two lanes never rewrite the report at the same time."""
+    runs_root.mkdir(parents=True, exist_ok=True)
+    with (runs_root / ".report.lock").open("a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def rewrite_report(campaign: dict[str, Any]) -> Path:
+    from campaign_report import write_report
+
+    with report_turn(campaign["runs_root"]):
+        return write_report(campaign)
+
+
+def work_through(campaign: dict[str, Any], runs: list[Run], rerun: list[str]) -> None:
+    """``continue_run`` on each of ``runs`` in order, skipping (with a line saying so) a run another campaign
+    process has claimed."""
+    for run in runs:
+        try:
+            claim = CampaignLock.claim(run)
+        except CampaignError as err:
+            print(f"[campaign] {run.id}: skipped: {err}", flush=True)
+            continue
+        try:
+            continue_run(campaign, run, rerun=run.task in rerun)
+        finally:
+            claim.release()
 
 
 def finished_in_report(campaign: dict[str, Any], run: Run) -> bool:
@@ -368,8 +416,6 @@ def finished_in_report(campaign: dict[str, Any], run: Run) -> bool:
 
 
 def continue_run(campaign: dict[str, Any], run: Run, rerun: bool) -> None:
-    from campaign_report import write_report
-
     swaps, threads = campaign["swaps"], campaign["threads"]
     if not run.run_dir.exists():
         if finished_in_report(campaign, run) and not rerun:
@@ -383,16 +429,25 @@ def continue_run(campaign: dict[str, Any], run: Run, rerun: bool) -> None:
             print(f"[campaign] {run.id}: snapshots from trainer checkpoints at steps {made}", flush=True)
         for step, swap in pending_swaps(run, swaps):
             evaluate_swap(run, step, swap, campaign["eval_seed"], threads)
-            write_report(campaign)
+            rewrite_report(campaign)
         if prior_pending(run):
             diagnose_prior(run, campaign["eval_seed"], threads)
-            write_report(campaign)
+            rewrite_report(campaign)
         step = trained_step(run)
         if step >= run.steps:
             return
         until = min((step // campaign["chunk"] + 1) * campaign["chunk"], run.steps)
         train_chunk(run, until, threads)
-        write_report(campaign)
+        rewrite_report(campaign)
+
+
+def select_runs(campaign: dict[str, Any], only: list[str]) -> list[Run]:
+    """The runs of ``campaign`` whose ids are in ``only`` (in the YAML's order; all of them for none)."""
+    ids = [run.id for run in campaign["runs"]]
+    unknown = [run_id for run_id in only if run_id not in ids]
+    if unknown:
+        raise CampaignError(f"--only {', '.join(unknown)}: no such run (the runs: {', '.join(ids)})")
+    return [run for run in campaign["runs"] if not only or run.id in only]
 
 
 def print_status(campaign: dict[str, Any]) -> None:
@@ -409,19 +464,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--status", action="store_true", help="print where every run stands, change nothing")
     parser.add_argument("--rerun", action="append", default=[], metavar="TASK",
                         help="train TASK again although the committed report says it finished elsewhere")
+    parser.add_argument("--only", action="append", default=[], metavar="RUN_ID",
+                        help="a second lane: work through these runs only (ids as --status prints them)")
     args = parser.parse_args(argv)
     try:
         campaign = load_campaign(args.config)
         if args.status:
             print_status(campaign)
             return 0
-        lock = CampaignLock(campaign["runs_root"])  # noqa: F841  (held until the process ends)
-        from campaign_report import write_report
-
+        runs = select_runs(campaign, args.only)
+        # the main campaign holds the runs root; a lane (--only) shares it, claiming run by run; a report rewrite
+        # only waits for its turn
+        lock = None if args.only or args.report_only else CampaignLock(campaign["runs_root"])  # noqa: F841
         if not args.report_only:
-            for run in campaign["runs"]:
-                continue_run(campaign, run, rerun=run.task in args.rerun)
-        path = write_report(campaign)
+            work_through(campaign, runs, args.rerun)
+        path = rewrite_report(campaign)
     except CampaignError as err:
         print(f"campaign.py: {err}", file=sys.stderr)
         return 2

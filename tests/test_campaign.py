@@ -143,6 +143,37 @@ def test_a_second_campaign_on_the_same_runs_root_is_refused(tmp_path):
         campaign.CampaignLock(tmp_path)
 
 
+def test_a_lane_skips_runs_another_campaign_claimed_and_shares_the_runs_root(tmp_path, monkeypatch, capsys):
+    """``--only`` (a second lane on the other core): claims run by run, skips a run claimed elsewhere, and runs
+    beside the main campaign, which holds the runs root."""
+    config = tiny_config(tmp_path)
+    loaded = campaign.load_campaign(config)
+    first, second = loaded["runs"]
+    worked = []
+    monkeypatch.setattr(campaign, "continue_run", lambda _campaign, run, rerun: worked.append(run.id))
+    held = campaign.CampaignLock.claim(first)  # as another campaign process working on `first`
+    campaign.work_through(loaded, loaded["runs"], rerun=[])
+    assert worked == [second.id]
+    out = capsys.readouterr().out
+    assert f"{first.id}: skipped: {first.id} is in use by another campaign (pid {os.getpid()})" in out
+    with pytest.raises(campaign.CampaignError, match="in use by another campaign"):
+        campaign.CampaignLock.claim(first)
+    held.release()
+    campaign.work_through(loaded, loaded["runs"], rerun=[])  # released: both are worked on
+    assert worked == [second.id, first.id, second.id]
+
+    # --only picks runs by id (in the YAML's order) and refuses an unknown id, naming it
+    assert campaign.select_runs(loaded, [second.id, first.id]) == [first, second]
+    assert campaign.select_runs(loaded, []) == [first, second]
+    with pytest.raises(campaign.CampaignError, match="--only nope-run: no such run"):
+        campaign.select_runs(loaded, ["nope-run"])
+    # a lane does not need the runs root, which the main campaign holds
+    root = campaign.CampaignLock(loaded["runs_root"])  # noqa: F841
+    assert campaign.main(["--config", str(config), "--only", second.id]) == 0
+    assert worked[-1] == second.id and loaded["report"].exists()
+    assert campaign.main(["--config", str(config)]) == 2  # a second main campaign is still refused
+
+
 def test_report_keeps_committed_rows_of_runs_whose_directory_is_gone(tmp_path):
     loaded = campaign.load_campaign(tiny_config(tmp_path))
     first = loaded["runs"][0]
