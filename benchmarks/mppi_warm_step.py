@@ -1,0 +1,56 @@
+"""One warm-started MPPI step, ours against TD-MPC2's, on the same state and the same previous mean.
+
+TD-MPC2's agent (our weights, exported) acts for STEPS steps from env seed 1 (evaluation mode); its observation and
+shifted-mean state ``_prev_mean`` are then frozen, and CALLS calls of each MPPI plan from them (ours with its
+``_prev`` set to the same mean, ``is_init`` False). Prints the action's mean / std per dimension and the KS p-value.
+It complements ``mppi_fidelity.py``, whose one-step comparison is at an episode start (no warm start).
+
+    python benchmarks/mppi_warm_step.py CHECKPOINT STEPS CALLS    # e.g. runs/cartpole-10k 100 300
+"""
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import mppi_fidelity as mf  # noqa: E402
+from scipy.stats import ks_2samp  # noqa: E402
+from torchrl.envs.utils import ExplorationType, set_exploration_type, step_mdp  # noqa: E402
+
+from torchrl_dreammpc.envs import make_env, task_info  # noqa: E402
+from torchrl_dreammpc.trainers.builders import make_planner  # noqa: E402
+
+torch.set_num_threads(1)
+ckpt, steps_in, calls = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+wm, task, _ = mf.load_model(ckpt, None)
+agent = mf.load_reference(wm, task_info(task).episode_length)
+env = make_env(task, seed=1)
+env.set_seed(1); torch.manual_seed(0)
+td = env.reset()
+with torch.no_grad():
+    for t in range(steps_in):
+        a = agent.act(td["observation"], t0=(t == 0), eval_mode=True)
+        td = step_mdp(env.step(td.set("action", a.reshape(env.action_spec.shape))))
+prev = agent._prev_mean.clone()  # [H, A]
+obs = td["observation"].clone()
+planner = make_planner(mf.planner_config("mppi"), wm, action_spec=env.action_spec)
+print("prev_mean", prev.flatten().tolist())
+ref, ours = [], []
+with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
+    planner(td.select("observation", "is_init").clone())  # sets the planner's per-env state (B = 1)
+assert bool(planner._has_prev.all()), "our planner would not warm-start"
+with torch.no_grad():
+    for i in range(calls):
+        agent._prev_mean.copy_(prev)
+        ref.append(agent.act(obs, t0=False, eval_mode=True).reshape(-1).float())
+        planner._prev = prev.unsqueeze(1).clone()  # [H, B=1, A]
+        x = td.select("observation", "is_init").clone()
+        x["is_init"] = torch.zeros_like(x["is_init"])
+        with set_exploration_type(ExplorationType.DETERMINISTIC):
+            ours.append(planner(x)["action"].reshape(-1).float())
+ref, ours = torch.stack(ref), torch.stack(ours)
+for d in range(ref.shape[1]):
+    r, o = ref[:, d], ours[:, d]
+    se = (r.var() / len(r) + o.var() / len(o)).sqrt()
+    print(f"dim {d}: mean ours {o.mean():.4f} ref {r.mean():.4f} z {(o.mean() - r.mean()) / se:+.2f}; "
+          f"std ours {o.std():.4f} ref {r.std():.4f}; KS p {ks_2samp(o.numpy(), r.numpy()).pvalue:.3f}")
