@@ -2,10 +2,13 @@
 
 TD-MPC2's agent (our weights, exported) acts for STEPS steps from env seed 1 (evaluation mode); its observation and
 shifted-mean state ``_prev_mean`` are then frozen, and CALLS calls of each MPPI plan from them (ours with its
-``_prev`` set to the same mean, ``is_init`` False). Prints the action's mean / std per dimension and the KS p-value.
+``_prev`` set to the same mean, ``is_init`` False). Prints the action's mean / std per dimension, the KS p-value
+and, for the spread, the Brown-Forsythe test (Levene's about the median: robust to the non-normal, often skewed
+distribution of a planned action, where the normal-theory standard error of a std is too small) and a bootstrap
+95 % interval of the ratio std(ours) / std(ref). SEED (default 0) seeds torch before the run.
 It complements ``mppi_fidelity.py``, whose one-step comparison is at an episode start (no warm start).
 
-    python benchmarks/mppi_warm_step.py CHECKPOINT STEPS CALLS    # e.g. runs/cartpole-10k 100 300
+    python benchmarks/mppi_warm_step.py CHECKPOINT STEPS CALLS [SEED]    # e.g. runs/cartpole-10k 100 300
 """
 import sys
 from pathlib import Path
@@ -14,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mppi_fidelity as mf  # noqa: E402
-from scipy.stats import ks_2samp  # noqa: E402
+from scipy.stats import ks_2samp, levene  # noqa: E402
 from torchrl.envs.utils import ExplorationType, set_exploration_type, step_mdp  # noqa: E402
 
 from torchrl_dreammpc.envs import make_env, task_info  # noqa: E402
@@ -22,10 +25,11 @@ from torchrl_dreammpc.trainers.builders import make_planner  # noqa: E402
 
 torch.set_num_threads(1)
 ckpt, steps_in, calls = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+seed = int(sys.argv[4]) if len(sys.argv) > 4 else 0
 wm, task, _ = mf.load_model(ckpt, None)
 agent = mf.load_reference(wm, task_info(task).episode_length)
 env = make_env(task, seed=1)
-env.set_seed(1); torch.manual_seed(0)
+env.set_seed(1); torch.manual_seed(seed)
 td = env.reset()
 with torch.no_grad():
     for t in range(steps_in):
@@ -49,8 +53,20 @@ with torch.no_grad():
         with set_exploration_type(ExplorationType.DETERMINISTIC):
             ours.append(planner(x)["action"].reshape(-1).float())
 ref, ours = torch.stack(ref), torch.stack(ours)
+
+
+def std_ratio_interval(o: torch.Tensor, r: torch.Tensor, draws: int = 4000) -> tuple[float, float]:
+    g = torch.Generator().manual_seed(1)
+    io = torch.randint(len(o), (draws, len(o)), generator=g)
+    ir = torch.randint(len(r), (draws, len(r)), generator=g)
+    ratio = o[io].std(1) / r[ir].std(1)
+    return ratio.quantile(0.025).item(), ratio.quantile(0.975).item()
+
+
 for d in range(ref.shape[1]):
     r, o = ref[:, d], ours[:, d]
     se = (r.var() / len(r) + o.var() / len(o)).sqrt()
     print(f"dim {d}: mean ours {o.mean():.4f} ref {r.mean():.4f} z {(o.mean() - r.mean()) / se:+.2f}; "
-          f"std ours {o.std():.4f} ref {r.std():.4f}; KS p {ks_2samp(o.numpy(), r.numpy()).pvalue:.3f}")
+          f"std ours {o.std():.4f} ref {r.std():.4f}; KS p {ks_2samp(o.numpy(), r.numpy()).pvalue:.3f}; "
+          f"Brown-Forsythe p {levene(o.numpy(), r.numpy(), center='median').pvalue:.3f}; "
+          "std ratio 95 % bootstrap [{:.3f}, {:.3f}]".format(*std_ratio_interval(o, r)))

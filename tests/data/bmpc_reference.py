@@ -44,6 +44,9 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from peer_noise import mppi_draws, mppi_noise_size, pinned_randomness  # noqa: E402
+
 ARCHIVE = HERE.parents[2] / "shared" / "peers" / "bmpc-d5dabc6.tar.gz"
 OUT = HERE / "bmpc_reference.pt"
 
@@ -85,49 +88,6 @@ def peer_config() -> types.SimpleNamespace:
         expl_log_std_max=c["expl_log_std_max"], **PLAN)
     cfg["bin_size"] = (cfg["vmax"] - cfg["vmin"]) / (cfg["num_bins"] - 1)
     return types.SimpleNamespace(**cfg)
-
-
-def mppi_noise_layout(B: int, H: int, A: int) -> dict:
-    """Where ``MPPIPlanner``'s per-env noise keeps each draw (see its docstring)."""
-    S, P, I = PLAN["num_samples"], PLAN["num_pi_trajs"], PLAN["iterations"]
-    prior = H * P * A
-    per_iter = H * (S - P) * A + S * A
-    return dict(prior=prior, per_iter=per_iter, total=prior + I * per_iter + 1 + A, S=S, P=P, I=I)
-
-
-class NoiseFeeder:
-    """Stands in for ``torch.randn`` / ``torch.randn_like`` during one BMPC plan: hands out, in BMPC's call order,
-    the parts of ``noise [B, D]`` that ``MPPIPlanner`` uses for the same purpose, checking every shape."""
-
-    def __init__(self, noise: torch.Tensor, H: int, A: int):
-        B = noise.shape[0]
-        lay = mppi_noise_layout(B, H, A)
-        S, P, I = lay["S"], lay["P"], lay["I"]
-        prior = noise[:, :lay["prior"]].view(B, H, P, A)
-        draws = [prior[:, t] for t in range(H)]  # pi(...) at each prior step: randn_like(mean [B, P, A])
-        for i in range(I):
-            it = noise[:, lay["prior"] + i * lay["per_iter"]:]
-            draws.append(it[:, :H * (S - P) * A].reshape(B, H, S - P, A))  # randn(B, H, S-P, A)
-        draws.append(noise[0, -A:].clone())  # the exploration noise randn(A) (not part of the expert)
-        self.draws = draws
-
-    def randn(self, *shape, **kwargs):
-        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)) else shape
-        out = self.draws.pop(0)
-        assert tuple(out.shape) == tuple(shape), (tuple(out.shape), shape)
-        return out.clone()
-
-    def randn_like(self, x, **kwargs):
-        return self.randn(*x.shape)
-
-
-def inverse_cdf_choice(noise: torch.Tensor, A: int):
-    """``MPPIPlanner``'s elite draw: one uniform per env, ``Φ(noise[:, -A-1])``, through the score CDF."""
-    def choose(p, temperature=1.0, dim=0):
-        u = torch.special.ndtr(noise[:, -A - 1:-A])
-        cdf = p.cumsum(1)
-        return (cdf < u * cdf[:, -1:]).sum(1).clamp(max=p.shape[1] - 1)
-    return choose
 
 
 def perturb(model, seed: int) -> None:
@@ -236,18 +196,14 @@ def _generate() -> dict:
 
     # ---- one lazy reanalyze: MPPI re-plans 6 states from scratch with the exploration prior ----
     obs_r = obs[:-1, :REANALYZE_STATES // H].reshape(REANALYZE_STATES, O)  # BMPC's obs[:-1, :n] rows
-    lay = mppi_noise_layout(REANALYZE_STATES, H, A)
-    noise = torch.randn(REANALYZE_STATES, lay["total"], generator=torch.Generator().manual_seed(SEEDS["noise"]))
-    feeder = NoiseFeeder(noise, H, A)
-    saved = torch.randn, torch.randn_like, bmpc_math.gumbel_softmax_sample
-    torch.randn, torch.randn_like, bmpc_math.gumbel_softmax_sample = (feeder.randn, feeder.randn_like,
-                                                                       inverse_cdf_choice(noise, A))
-    try:
-        with torch.no_grad():
-            _, plan_info = agent._plan(obs_r, REANALYZE_STATES, t0=True, task=None, horizon=H, update_prev_mean=False,
-                                       reanalyze=True)
-    finally:
-        torch.randn, torch.randn_like, bmpc_math.gumbel_softmax_sample = saved
+    sizes = dict(num_samples=PLAN["num_samples"], num_pi_trajs=PLAN["num_pi_trajs"], iterations=PLAN["iterations"],
+                 horizon=H, action_dim=A)
+    noise = torch.randn(REANALYZE_STATES, mppi_noise_size(**sizes),
+                        generator=torch.Generator().manual_seed(SEEDS["noise"]))
+    draws = mppi_draws(noise, **sizes, terminal_prior=False, batched=True)  # BMPC's objective is V(z_H)
+    with pinned_randomness(bmpc_math, draws, noise, A) as (feeder, _), torch.no_grad():
+        _, plan_info = agent._plan(obs_r, REANALYZE_STATES, t0=True, task=None, horizon=H, update_prev_mean=False,
+                                   reanalyze=True)
     assert not feeder.draws, f"{len(feeder.draws)} planned noise draws were not consumed"
     expert_loc, expert_scale = plan_info["action_dist"].chunk(2, dim=-1)
     reanalyze_ref = dict(observation=obs_r, noise=noise, planner=dict(PLAN, horizon=H), expert_loc=expert_loc,
