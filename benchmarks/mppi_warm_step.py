@@ -10,6 +10,7 @@ It complements ``mppi_fidelity.py``, whose one-step comparison is at an episode 
 
     python benchmarks/mppi_warm_step.py CHECKPOINT STEPS CALLS [SEED]    # e.g. runs/cartpole-10k 100 300
 """
+import argparse
 import sys
 from pathlib import Path
 
@@ -23,39 +24,9 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type, step_mdp  
 from torchrl_dreammpc.envs import make_env, task_info  # noqa: E402
 from torchrl_dreammpc.trainers.builders import make_planner  # noqa: E402
 
-torch.set_num_threads(1)
-ckpt, steps_in, calls = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-seed = int(sys.argv[4]) if len(sys.argv) > 4 else 0
-wm, task, _ = mf.load_model(ckpt, None)
-agent = mf.load_reference(wm, task_info(task).episode_length)
-env = make_env(task, seed=1)
-env.set_seed(1); torch.manual_seed(seed)
-td = env.reset()
-with torch.no_grad():
-    for t in range(steps_in):
-        a = agent.act(td["observation"], t0=(t == 0), eval_mode=True)
-        td = step_mdp(env.step(td.set("action", a.reshape(env.action_spec.shape))))
-prev = agent._prev_mean.clone()  # [H, A]
-obs = td["observation"].clone()
-planner = make_planner(mf.planner_config("mppi"), wm, action_spec=env.action_spec)
-print("prev_mean", prev.flatten().tolist())
-ref, ours = [], []
-with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
-    planner(td.select("observation", "is_init").clone())  # sets the planner's per-env state (B = 1)
-assert bool(planner._has_prev.all()), "our planner would not warm-start"
-with torch.no_grad():
-    for i in range(calls):
-        agent._prev_mean.copy_(prev)
-        ref.append(agent.act(obs, t0=False, eval_mode=True).reshape(-1).float())
-        planner._prev = prev.unsqueeze(1).clone()  # [H, B=1, A]
-        x = td.select("observation", "is_init").clone()
-        x["is_init"] = torch.zeros_like(x["is_init"])
-        with set_exploration_type(ExplorationType.DETERMINISTIC):
-            ours.append(planner(x)["action"].reshape(-1).float())
-ref, ours = torch.stack(ref), torch.stack(ours)
-
 
 def std_ratio_interval(o: torch.Tensor, r: torch.Tensor, draws: int = 4000) -> tuple[float, float]:
+    """95 % percentile-bootstrap interval of ``std(o) / std(r)`` (each sample resampled on its own)."""
     g = torch.Generator().manual_seed(1)
     io = torch.randint(len(o), (draws, len(o)), generator=g)
     ir = torch.randint(len(r), (draws, len(r)), generator=g)
@@ -63,10 +34,51 @@ def std_ratio_interval(o: torch.Tensor, r: torch.Tensor, draws: int = 4000) -> t
     return ratio.quantile(0.025).item(), ratio.quantile(0.975).item()
 
 
-for d in range(ref.shape[1]):
-    r, o = ref[:, d], ours[:, d]
-    se = (r.var() / len(r) + o.var() / len(o)).sqrt()
-    print(f"dim {d}: mean ours {o.mean():.4f} ref {r.mean():.4f} z {(o.mean() - r.mean()) / se:+.2f}; "
-          f"std ours {o.std():.4f} ref {r.std():.4f}; KS p {ks_2samp(o.numpy(), r.numpy()).pvalue:.3f}; "
-          f"Brown-Forsythe p {levene(o.numpy(), r.numpy(), center='median').pvalue:.3f}; "
-          "std ratio 95 % bootstrap [{:.3f}, {:.3f}]".format(*std_ratio_interval(o, r)))
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoint", help="a trainer run/checkpoint dir or a model file (mppi_fidelity.load_model)")
+    parser.add_argument("steps", type=int, help="reference steps before the frozen state")
+    parser.add_argument("calls", type=int, help="calls of each planner from that state")
+    parser.add_argument("seed", type=int, nargs="?", default=0, help="torch seed (default 0)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    wm, task, _ = mf.load_model(args.checkpoint, None)
+    agent = mf.load_reference(wm, task_info(task).episode_length)
+    if agent is None:
+        raise SystemExit(f"TD-MPC2's code is needed for the comparison: {mf.PEER} is missing.")
+    env = make_env(task, seed=1)
+    env.set_seed(1); torch.manual_seed(args.seed)
+    td = env.reset()
+    with torch.no_grad():
+        for t in range(args.steps):
+            a = agent.act(td["observation"], t0=(t == 0), eval_mode=True)
+            td = step_mdp(env.step(td.set("action", a.reshape(env.action_spec.shape))))
+    prev = agent._prev_mean.clone()  # [H, A]
+    obs = td["observation"].clone()
+    planner = make_planner(mf.planner_config("mppi"), wm, action_spec=env.action_spec)
+    print("prev_mean", prev.flatten().tolist())
+    ref, ours = [], []
+    with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
+        planner(td.select("observation", "is_init").clone())  # sets the planner's per-env state (B = 1)
+    assert bool(planner._has_prev.all()), "our planner would not warm-start"
+    with torch.no_grad():
+        for i in range(args.calls):
+            agent._prev_mean.copy_(prev)
+            ref.append(agent.act(obs, t0=False, eval_mode=True).reshape(-1).float())
+            planner._prev = prev.unsqueeze(1).clone()  # [H, B=1, A]
+            x = td.select("observation", "is_init").clone()
+            x["is_init"] = torch.zeros_like(x["is_init"])
+            with set_exploration_type(ExplorationType.DETERMINISTIC):
+                ours.append(planner(x)["action"].reshape(-1).float())
+    ref, ours = torch.stack(ref), torch.stack(ours)
+    for d in range(ref.shape[1]):
+        r, o = ref[:, d], ours[:, d]
+        se = (r.var() / len(r) + o.var() / len(o)).sqrt()
+        print(f"dim {d}: mean ours {o.mean():.4f} ref {r.mean():.4f} z {(o.mean() - r.mean()) / se:+.2f}; "
+              f"std ours {o.std():.4f} ref {r.std():.4f}; KS p {ks_2samp(o.numpy(), r.numpy()).pvalue:.3f}; "
+              f"Brown-Forsythe p {levene(o.numpy(), r.numpy(), center='median').pvalue:.3f}; "
+              "std ratio 95 % bootstrap [{:.3f}, {:.3f}]".format(*std_ratio_interval(o, r)))
+
+
+if __name__ == "__main__":
+    main()

@@ -13,6 +13,7 @@ Writes ``docs/results/uncertainty_grad.json`` and the ``uncertainty_grad`` secti
 """
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import sys
@@ -70,6 +71,7 @@ def perturbed_model(size: int) -> TDMPC2WorldModel:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()  # no options; --help describes it
     rows = []
     for size in (1, 5):
         wm = perturbed_model(size)

@@ -1,0 +1,50 @@
+"""Every benchmark script still imports against the library and builds its command line (``--help``).
+
+The benchmarks are run by hand for hours (their numbers are in docs/), so an API change in the library would
+otherwise surface only at the next such run. Running them is not a test (see the developers' guide); importing
+them and parsing ``--help`` is cheap and catches a renamed import, a moved builder or a broken parser.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+HELPERS = {"_report.py", "campaign_report.py"}  # modules the scripts import, no command line of their own
+SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py") if p.name not in HELPERS)
+
+
+def test_the_benchmark_list_is_complete():
+    assert len(SCRIPTS) >= 16 and "campaign.py" in SCRIPTS and "mppi_warm_step.py" in SCRIPTS
+
+
+@pytest.mark.parametrize("name", sorted(HELPERS))
+def test_helper_module_imports(name, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    _import(name, monkeypatch)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_script_imports_and_prints_its_help(name, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    module = _import(name, monkeypatch)
+    assert callable(getattr(module, "main", None)), f"{name} has no main(): it would run on import"
+    monkeypatch.setattr(sys, "argv", [name, "--help"])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_:
+        module.main()
+    assert exit_.value.code == 0
+    assert out.getvalue().startswith("usage:"), out.getvalue()[:200]
+
+
+def _import(name: str, monkeypatch):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{Path(name).stem}", BENCHMARKS / name)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up while it executes
+    spec.loader.exec_module(module)
+    return module
