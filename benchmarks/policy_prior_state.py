@@ -5,12 +5,12 @@ wide its distribution, on the states its own deterministic evaluation episodes v
 
 For every ``snapshots/step_<N>.pt``: one DETERMINISTIC episode of the policy prior (seed ``--seed``, the campaign's
 evaluation seed), then on the visited states: the fraction of action dimensions whose squashed mean is within
-0.01 of ±1 (``saturated``), the mean |tanh(mean)|, the mean log-std (TD-MPC2's range is [-10, 2]), and the
+0.01 of ±1 (``saturated``), the mean |squashed mean|, the mean log-std (TD-MPC2's range is [-10, 2]), and the
 fraction of steps whose action equals the previous one in every dimension (``repeated``: a policy that plays one
 constant action has 1.0). Writes ``--json`` (default ``<run dir>/policy_prior.json``; snapshots already in it are
 kept, not redone) and prints a table. ``benchmarks/campaign.py`` runs it on every run; the report shows it beside
-the planner-swap table (Dream-MPC's candidates are sampled from this prior). Models without a Gaussian policy head
-(``policy_params``) are skipped, saying so.
+the planner-swap table (Dream-MPC's candidates are sampled from this prior). Every model family acts through its
+own acting path (DreamerV3: its RSSM state estimator), and the prior is read on the latents it acted from.
 """
 from __future__ import annotations
 
@@ -28,18 +28,24 @@ from campaign import SNAPSHOT_NAME  # noqa: E402
 
 @torch.no_grad()
 def prior_state(world_model, task: str, seed: int) -> dict[str, float]:
+    import functools
+
     from torchrl.envs.utils import ExplorationType, set_exploration_type
 
-    from torchrl_dreammpc.envs import make_env
+    from torchrl_dreammpc.envs import make_env, with_transforms
     from torchrl_dreammpc.planners import PolicyActor
 
-    env = make_env(task, seed=seed)
+    # The model's acting path (DreamerV3: its RSSM state estimator in front of the actor, with the env transforms
+    # that carry its state); the prior is then read on the latents it acted from.
+    env = with_transforms(functools.partial(make_env, task, seed=seed), world_model.acting_transforms())()
     with set_exploration_type(ExplorationType.DETERMINISTIC):
-        episode = env.rollout(10_000, PolicyActor(world_model), break_when_any_done=True)
+        episode = env.rollout(10_000, world_model.acting_module(PolicyActor(world_model)), break_when_any_done=True)
     env.close()
-    z = world_model.encode(episode["observation"])
-    mean, log_std = world_model.policy_params(z)
-    squashed = torch.tanh(mean)
+    key = world_model.latent_key
+    z = episode[key] if key is not None else world_model.encode(episode["observation"])
+    # WorldModelBase.policy: (action, squashed mean, log-std) in every family (policy_params is not: TD-MPC2's
+    # mean is pre-squash, BMPC's already squashed, DreamerV3's second entry a std).
+    _, squashed, log_std = world_model.policy(z, deterministic=True)
     action = episode["action"]
     return {
         "steps": int(episode.shape[0]),
@@ -68,9 +74,6 @@ def main() -> None:
         if step in rows:
             continue
         world_model = load_world_model(path)
-        if not hasattr(world_model, "policy_params"):
-            print(f"{type(world_model).__name__} has no Gaussian policy head (policy_params): nothing to report")
-            return
         rows[step] = prior_state(world_model, args.task, args.seed)
         r = rows[step]
         print(f"step {int(step):>7}: return {r['return']:8.1f}  saturated {r['saturated']:.2f}  |tanh(mean)| "

@@ -6,6 +6,7 @@ import csv
 import fcntl
 import importlib.util
 import json
+import math
 import os
 import signal
 import subprocess
@@ -276,3 +277,39 @@ def test_tiny_campaign_killed_in_the_middle_completes_on_the_next_call(tmp_path)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     assert "training" not in out and (second.run_dir / "campaign.json").read_text() == before
+
+
+def _tiny_model(family: str):
+    from torchrl_dreammpc.modules import BMPCWorldModel, DreamerV3WorldModel, TDMPC2WorldModel
+
+    if family == "dreamer_v3":
+        return DreamerV3WorldModel(5, 1, model_size="cpu", deter=32, hidden=16, stoch=4, classes=4, units=16).eval()
+    cls = BMPCWorldModel if family == "bmpc" else TDMPC2WorldModel
+    return cls(5, 1, model_size=1, enc_dim=16, mlp_dim=16, latent_dim=16).eval()
+
+
+# policy_params as each family defines it -> what the diagnosis must report: saturated, |squashed mean|, log-std
+PRIOR_CASES = {
+    "tdmpc2": ((5.0, -1.0), 1.0, math.tanh(5.0), -1.0),            # (pre-squash mean, log-std)
+    "bmpc": ((0.5, -1.0), 0.0, 0.5, -1.0),                         # (squashed mean, log-std)
+    "dreamer_v3": ((5.0, 0.5), 1.0, math.tanh(5.0), math.log(0.5)),  # (pre-squash mean, std)
+}
+
+
+@pytest.mark.parametrize("family", sorted(PRIOR_CASES))
+def test_policy_prior_diagnosis_reads_every_family_s_prior(family, monkeypatch, one_thread):
+    """benchmarks/policy_prior_state.py acts through the family's acting path (DreamerV3: its RSSM state estimator)
+    and reads the prior through WorldModelBase.policy, whatever the family's own policy_params returns."""
+    import torch
+
+    import policy_prior_state
+
+    model = _tiny_model(family)
+    (mean, second), saturated, abs_mean, log_std = PRIOR_CASES[family]
+    monkeypatch.setattr(model, "policy_params", lambda z: (torch.full((*z.shape[:-1], 1), mean),
+                                                           torch.full((*z.shape[:-1], 1), second)))
+    state = policy_prior_state.prior_state(model, "cartpole-swingup", seed=3)
+    assert state["steps"] == 500  # cartpole-swingup: 1000 simulator steps at TD-MPC2's action repeat 2
+    assert state["saturated"] == saturated
+    assert state["mean_abs_tanh_mean"] == pytest.approx(abs_mean, abs=1e-6)
+    assert state["mean_log_std"] == pytest.approx(log_std, abs=1e-6)
