@@ -203,6 +203,14 @@ def compare_returns(a: list[dict], b: list[dict]) -> dict:
                                                equal_var=False).pvalue)
         out["mannwhitney_p"] = float(stats.mannwhitneyu([r["return"] for r in a],
                                                         [r["return"] for r in b]).pvalue)
+        # The paired differences are far from normal (many exact ties where both reach the same outcome, a few
+        # large ones): the sign test and Wilcoxon's signed-rank test do not lean on the normal approximation.
+        nonzero = [d for d in paired if d != 0]
+        if nonzero:
+            wins = sum(d > 0 for d in nonzero)
+            out["paired_wins"], out["paired_losses"] = wins, len(nonzero) - wins
+            out["sign_p"] = float(stats.binomtest(wins, len(nonzero)).pvalue)
+            out["wilcoxon_p"] = float(stats.wilcoxon(nonzero).pvalue)
     except ImportError:
         pass
     return out
@@ -240,9 +248,11 @@ def markdown(payload: dict) -> str:
     c = payload.get("mppi_vs_ref")
     if c:
         p = "".join(f", {k} {c[k]:.2f}" for k in ("welch_p", "mannwhitney_p") if k in c)
+        paired = (f"; ours higher in {c['paired_wins']}, lower in {c['paired_losses']} of {payload['episodes']} "
+                  f"(sign test p {c['sign_p']:.2f}, Wilcoxon p {c['wilcoxon_p']:.2f})" if "sign_p" in c else "")
         lines += ["", f"**Ours − reference (MPPI):** {c['diff']:+.1f} ± {c['se']:.1f} (z = {c['z']:+.2f}{p}); paired "
                   f"over the same initial states {c['paired_diff']:+.1f} ± {c['paired_se']:.1f} "
-                  f"(z = {c['paired_z']:+.2f})."]
+                  f"(z = {c['paired_z']:+.2f}{paired})."]
     if payload.get("actions"):
         lines += ["", f"One step's planned action ({payload['calls']} calls each, first observation of episode 0, "
                   "no warm start, evaluation mode):", "",

@@ -48,3 +48,16 @@ def _import(name: str, monkeypatch):
     monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up while it executes
     spec.loader.exec_module(module)
     return module
+
+
+def test_mppi_fidelity_compares_returns_paired_and_unpaired(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    fidelity = _import("mppi_fidelity.py", monkeypatch)
+    ours = [{"episode": i, "return": r, "ms_per_step": 1.0} for i, r in enumerate([10.0, 12.0, 9.0, 30.0, 5.0])]
+    ref = [{"episode": i, "return": r, "ms_per_step": 1.0} for i, r in enumerate([10.0, 11.0, 9.0, 20.0, 6.0])]
+    c = fidelity.compare_returns(ours, ref)
+    assert c["diff"] == pytest.approx(2.0) and c["paired_diff"] == pytest.approx(2.0)
+    # differences 0, +1, 0, +10, -1: two ties left out, 2 wins and 1 loss
+    assert (c["paired_wins"], c["paired_losses"]) == (2, 1)
+    assert c["sign_p"] == pytest.approx(1.0)  # 2 of 3 is what a fair coin gives
+    assert 0.0 < c["wilcoxon_p"] <= 1.0 and 0.0 < c["welch_p"] <= 1.0
