@@ -351,7 +351,8 @@ def _swap_table(record: dict, rows: list[dict], planners: list[str]) -> str:
     lines.append("| ms per step (median) | " + " | ".join(ms) + (" | |" if prior else " |"))
     what = ("success rate (return ± s.e.)" if suite == "metaworld" else "return ± standard error")
     note = (" *prior*: the policy prior on the states of its own evaluation episode (benchmarks/policy_prior_state.py): "
-            "the fraction of action dimensions whose tanh(mean) is beyond ±0.99, and the mean log-std (range [-10, 2])."
+            "the fraction of action dimensions whose squashed mean is beyond ±0.99, and the mean log-std (TD-MPC2's and "
+            "BMPC's range [-10, 2] and [-3, 1]; DreamerV3's std lies in [0.1, 1])."
             if prior else "")
     return (f"Cells: {what} over n episodes, DETERMINISTIC mode, the same initial states for every planner. ms per "
             f"step: the planner's own time, median over snapshots, measured while other jobs shared the 2 cores "

@@ -76,7 +76,7 @@ def main() -> None:
         world_model = load_world_model(path)
         rows[step] = prior_state(world_model, args.task, args.seed)
         r = rows[step]
-        print(f"step {int(step):>7}: return {r['return']:8.1f}  saturated {r['saturated']:.2f}  |tanh(mean)| "
+        print(f"step {int(step):>7}: return {r['return']:8.1f}  saturated {r['saturated']:.2f}  |mean| "
               f"{r['mean_abs_tanh_mean']:.3f}  log_std {r['mean_log_std']:+.2f}  repeated {r['repeated']:.2f}",
               flush=True)
     if not rows:
