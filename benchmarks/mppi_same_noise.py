@@ -98,7 +98,7 @@ def main() -> None:
             td = step_mdp(env.step(td.set("action", a_ref.float().reshape(env.action_spec.shape))))
     summary = {"checkpoint": str(args.checkpoint), "task": task, "states": args.states, "explore": args.explore,
                "dtype": str(dtype), "seed": args.seed, "steps_differing_over_1e-6": differing,
-               "max_action_diff": worst, "max_mean_diff": worst_mean}
+               "max_action_diff": worst, "max_mean_diff": worst_mean, "command": " ".join(["python", *sys.argv])}
     print(json.dumps(summary))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
