@@ -205,6 +205,9 @@ def test_report_keeps_committed_rows_of_runs_whose_directory_is_gone(tmp_path):
 
 
 @pytest.mark.slow
+# ~200 s on an idle 2-core machine; the project-wide 600 s (pyproject.toml) is too tight when the benchmark
+# campaign shares the cores (the file once took 10 min, and this test failed with its output lost).
+@pytest.mark.timeout(1800)
 def test_tiny_campaign_killed_in_the_middle_completes_on_the_next_call(tmp_path):
     config = tiny_config(tmp_path)
     loaded = campaign.load_campaign(config)
@@ -212,7 +215,7 @@ def test_tiny_campaign_killed_in_the_middle_completes_on_the_next_call(tmp_path)
 
     # 1. start, and kill the campaign while it trains the second run (after its checkpoint at step 50)
     proc = start_campaign(config)
-    wait_for(lambda: (second.run_dir / "checkpoints" / "checkpoint-000000000050").exists(), proc)
+    wait_for(lambda: (second.run_dir / "checkpoints" / "checkpoint-000000000050").exists(), proc, timeout=900)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     # the training child died with it: its run directory is not locked by anyone
