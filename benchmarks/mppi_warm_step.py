@@ -47,7 +47,8 @@ def main() -> None:
     if agent is None:
         raise SystemExit(f"TD-MPC2's code is needed for the comparison: {mf.PEER} is missing.")
     env = make_env(task, seed=1)
-    env.set_seed(1); torch.manual_seed(args.seed)
+    env.set_seed(1)
+    torch.manual_seed(args.seed)
     td = env.reset()
     with torch.no_grad():
         for t in range(args.steps):

@@ -133,6 +133,17 @@ def run_mode(agent, peer_math, num_q: int, eval_mode: bool, seed: int) -> dict:
     return dict(observation=obs.float(), is_init=flags, noise=noise.float(), perms=perms, action=actions, mean=means)
 
 
+def float32_state_dict(model) -> dict:
+    """The model's tensors as float32; entries that share storage in the model (TD-MPC2's ``_detach_Qs`` are its
+    ``_Qs``) share it in the file too, which keeps the file small."""
+    converted, out = {}, {}
+    for k, v in model.state_dict().items():
+        if isinstance(v, torch.Tensor) and not v.is_meta:
+            key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()))
+            out[k] = converted.setdefault(key, v.detach().float())
+    return out
+
+
 def generate_case(peer, name: str) -> dict:
     case = CASES[name]
     torch.manual_seed(SEED)  # the peer initializes its weights from the global RNG
@@ -148,8 +159,7 @@ def generate_case(peer, name: str) -> dict:
                           episode_length=EPISODE_LENGTH, discount=float(agent.discount))}
     for i, (mode, eval_mode) in enumerate(MODES.items()):
         out[mode] = run_mode(agent, peer_math, case["num_q"], eval_mode, seed=SEED + 10 * i + len(name))
-    out["state_dict"] = {k: v.detach().float() for k, v in agent.model.state_dict().items()
-                         if isinstance(v, torch.Tensor) and not v.is_meta}
+    out["state_dict"] = float32_state_dict(agent.model)
     return out
 
 
