@@ -143,6 +143,22 @@ def test_one_reanalyze_expert_distribution(model, reference):
     close(batch["expert", "scale"].transpose(0, 1).reshape(6, 2), ref["expert_scale"])
 
 
+def test_acting_steps_equal_bmpc_s_own_mppi(model, reference):
+    """BMPC's own setting, MPPI acting: warm-started steps with the acting prior and exploration noise; the action,
+    the stored expert distribution and the final mean of every step."""
+    ref = reference["acting"]
+    planner = MPPIPlanner(model, expert_key="expert", **reference["reanalyze"]["planner"])
+    for t in range(ref["observation"].shape[0]):
+        planner.draw_noise = lambda batch, device, dtype, t=t: ref["noise"][t]
+        td = TensorDict({"observation": ref["observation"][t], "is_init": torch.tensor([[t == 0]])}, [1])
+        with set_exploration_type(ExplorationType.RANDOM):
+            out = planner(td)
+        close(out["action"], ref["action"][t])
+        close(out["expert", "loc"], ref["expert_loc"][t])
+        close(out["expert", "scale"], ref["expert_scale"][t])
+        close(planner.last_plan, ref["mean"][t])
+
+
 def test_committed_reference_is_what_the_generator_writes(reference, tmp_path):
     spec = importlib.util.spec_from_file_location("bmpc_reference", DATA / "bmpc_reference.py")
     generator = importlib.util.module_from_spec(spec)
@@ -150,7 +166,7 @@ def test_committed_reference_is_what_the_generator_writes(reference, tmp_path):
     if not generator.ARCHIVE.exists():
         pytest.skip(f"the peer's archive {generator.ARCHIVE} is not here")
     fresh = generator._detached(generator.generate())
-    for part in ("model", "update", "reanalyze"):
+    for part in ("model", "update", "reanalyze", "acting"):
         flat_fresh = TensorDict.from_dict(fresh[part]).flatten_keys(".")
         flat_ref = TensorDict.from_dict(reference[part]).flatten_keys(".")
         assert set(flat_fresh.keys()) == set(flat_ref.keys())

@@ -26,7 +26,11 @@ Saved (CPU tensors, a few hundred kB):
   ``torch.randn`` / ``randn_like`` draws are replaced, in call order, by slices of one ``[6, D]`` standard-normal
   tensor laid out as ``MPPIPlanner`` lays out its noise, and its Gumbel elite draw by the inverse-CDF draw
   ``MPPIPlanner`` makes from the same tensor (the same categorical distribution over the elites, sampled from the
-  same numbers), so that the two implementations consume identical randomness.
+  same numbers), so that the two implementations consume identical randomness;
+- ``acting``: BMPC's own acting MPPI (``_plan(obs, 1, t0=(t == 0), eval_mode=False)``: the acting prior, the
+  previous final mean shifted by one step, the exploration noise) over 5 steps of one env on fixed observations,
+  with the same pinned randomness: per step the action, the expert distribution ``action_dist`` and the final
+  mean ``_prev_mean``.
 
     python tests/data/bmpc_reference.py                     # writes tests/data/bmpc_reference.pt
     python tests/data/bmpc_reference.py --out /tmp/ref.pt
@@ -54,8 +58,9 @@ CONFIG = dict(obs_dim=6, action_dim=2, enc_dim=32, mlp_dim=32, latent_dim=16, nu
               num_bins=101, vmin=-10.0, vmax=10.0, simnorm_dim=8, log_std_min=-3.0, log_std_max=1.0,
               expl_log_std_min=-2.0, expl_log_std_max=1.0, episode_length=500, horizon=3, batch_size=16)
 PLAN = dict(num_samples=64, num_elites=8, num_pi_trajs=8, iterations=3, temperature=0.5, min_std=0.05, max_std=2.0)
-SEEDS = dict(weights=0, batch=1, target=2, pi=3, noise=4)
+SEEDS = dict(weights=0, batch=1, target=2, pi=3, noise=4, acting=5)
 REANALYZE_STATES = 6
+ACTING_STEPS = 5
 
 
 def unpack(archive: Path) -> Path:
@@ -209,13 +214,29 @@ def _generate() -> dict:
     reanalyze_ref = dict(observation=obs_r, noise=noise, planner=dict(PLAN, horizon=H), expert_loc=expert_loc,
                          expert_scale=expert_scale, action_value=plan_info["action_value"])
 
+    # ---- acting: BMPC's own MPPI over ACTING_STEPS warm-started steps of one env, exploration mode ----
+    obs_a = torch.randn(ACTING_STEPS, 1, O, generator=torch.Generator().manual_seed(SEEDS["acting"]))
+    noise_a = torch.randn(ACTING_STEPS, 1, mppi_noise_size(**sizes),
+                          generator=torch.Generator().manual_seed(SEEDS["acting"] + 1))
+    acting = {k: [] for k in ("action", "expert_loc", "expert_scale", "mean")}
+    for t in range(ACTING_STEPS):
+        draws = mppi_draws(noise_a[t], **sizes, terminal_prior=False, batched=True)
+        with pinned_randomness(bmpc_math, draws, noise_a[t], A) as (feeder, _), torch.no_grad():
+            action, plan_info = agent._plan(obs_a[t], 1, t0=(t == 0), eval_mode=False, task=None, horizon=H)
+        assert not feeder.draws, f"{len(feeder.draws)} planned noise draws were not consumed"
+        loc, scale = plan_info["action_dist"].chunk(2, dim=-1)
+        for key, value in (("action", action), ("expert_loc", loc), ("expert_scale", scale),
+                           ("mean", agent._prev_mean)):
+            acting[key].append(value.clone())
+    acting_ref = dict(observation=obs_a, noise=noise_a, **{k: torch.stack(v) for k, v in acting.items()})
+
     # (The functional ensemble's data-less module shells and TensorDict metadata entries are left out.)
     state_dict = {k: v.detach().clone() for k, v in model.state_dict().items()
                   if isinstance(v, torch.Tensor) and not v.is_meta}
     return {"source": "github.com/wertyuilife2/bmpc@d5dabc6 (MIT), tests/data/bmpc_reference.py",
             "torch": str(torch.__version__), "config": dict(CONFIG, dropout=0.0, discount=agent.discount, **PLAN),
             "seeds": dict(SEEDS), "state_dict": state_dict, "model": model_ref, "update": update_ref,
-            "reanalyze": reanalyze_ref}
+            "reanalyze": reanalyze_ref, "acting": acting_ref}
 
 
 def _detached(x):
