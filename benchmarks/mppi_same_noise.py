@@ -10,7 +10,8 @@ the actions and of the final MPPI means, and how many steps differ by more than 
 
 In float64 (default) the two agree step by step; in float32 (``--float32``) their rounding differs by ~1e-5 in the
 scores, which reorders elites of nearly equal score (the same uniform then picks another elite) or swaps them at the
-top-k boundary: on the cartpole model 77 of 200 steps differ (the same distribution, a different sample). ``tests/test_tdmpc2_mppi_reference.py`` checks the same on a tiny model.
+top-k boundary: on the cartpole model 77 of 200 steps differ (the same distribution, a different sample).
+``tests/test_tdmpc2_mppi_reference.py`` checks the same on a tiny model.
 
     python benchmarks/mppi_same_noise.py runs/cartpole-10k --states 200             # evaluation mode
     python benchmarks/mppi_same_noise.py runs/cartpole-10k --states 200 --explore   # exploration noise too
