@@ -54,6 +54,7 @@ def one_step(agent, peer_math, planner, td, obs, t0: bool, explore: bool, num_q:
         planner._prev = prev.unsqueeze(1).clone()  # [H, B=1, A]
     x = td.select("observation", "is_init").clone()
     x["observation"], x["is_init"] = obs, torch.full_like(x["is_init"], t0)
+    # Ours takes its noise from draw_noise; the pinning gives it the same Q pairs, and no randn draw (any would fail).
     with pinned_randomness(peer_math, [], noise, planner.action_dim, list(perms)), \
             set_exploration_type(ExplorationType.RANDOM if explore else ExplorationType.DETERMINISTIC):
         a_ours = planner(x)["action"].reshape(-1)
