@@ -2,7 +2,7 @@
 on fixed weights, fixed observations and pinned randomness.
 
 TD-MPC2 (Hansen, Su & Wang, ICLR 2024; github.com/nicklashansen/tdmpc2, MIT, commit e9f5932) is run on the CPU by
-``../shared/peers/tdmpc2_peer.py``. ``tests/test_tdmpc2_reference.py`` replays the same steps with ``MPPIPlanner``
+``../shared/peers/tdmpc2_peer.py``. ``tests/test_tdmpc2_mppi_reference.py`` replays the same steps with ``MPPIPlanner``
 and compares the actions and the final MPPI means; nothing of the peer is imported by the library.
 
 What is run, per case (a tiny model, observation 6, action 2; ``q5``: 5 Q heads, so that the random pair of
