@@ -20,7 +20,8 @@ stays free for other work):
 
 Re-running the command after an interruption continues: a killed training chunk resumes from its last
 checkpoint (train.py), a killed evaluation is redone, nothing finished is redone. Child processes die with the
-campaign, and a lock file refuses a second campaign on the same ``runs_root``.
+campaign, and a lock file refuses a second campaign on the same ``runs_root``. SIGTERM or Ctrl-C is a clean stop
+(exit code 143 / 130): the training in progress first writes a checkpoint of the step it reached.
 
 A second lane on the other core: ``--only RUN_ID`` (repeatable) works through those runs alone, beside the main
 campaign. Every campaign process claims a run (a lock file per run in ``runs_root``) before working on it and
@@ -259,7 +260,53 @@ def _override(key: str, value: Any) -> str:
     return f"{key}={value}"
 
 
+class CampaignStopped(Exception):
+    """The campaign received SIGTERM or SIGINT and stopped after its child process (see :func:`stop_on_signals`)."""
+
+    def __init__(self, signum: signal.Signals) -> None:
+        super().__init__(f"stopped by {signum.name}")
+        self.signum = signum
+
+
+#: Signals received under :func:`stop_on_signals`, and the child process running now (at most one).
+_received: list[signal.Signals] = []
+_running: list[subprocess.Popen] = []
+
+
+def _forward_stop(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGTERM / SIGINT stop the campaign cleanly: the running child gets SIGTERM and is waited for (train.py
+    writes a checkpoint of the step it reached; an evaluation dies and is redone next time), its training chunk
+    is recorded, and :class:`CampaignStopped` is raised instead of starting anything else. Without this, a
+    SIGTERM would kill the campaign at once and its child (``PR_SET_PDEATHSIG``) a moment later, losing the steps
+    since the child's last periodic checkpoint."""
+    def handler(signum, frame):
+        _received.append(signal.Signals(signum))
+        if len(_received) == 1:
+            for proc in _running:
+                _forward_stop(proc)
+
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+        _received.clear()
+
+
+def raise_if_stopped() -> None:
+    if _received:
+        raise CampaignStopped(_received[0])
+
+
 def _run_child(cmd: list[str], log: Path, threads: int) -> int:
+    raise_if_stopped()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"), "PYTHONPATH": str(ROOT)}
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -268,7 +315,13 @@ def _run_child(cmd: list[str], log: Path, threads: int) -> int:
         out.flush()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                                 preexec_fn=_die_with_parent)
-        return proc.wait()
+        _running.append(proc)
+        if _received:  # a signal that came while it started
+            _forward_stop(proc)
+        try:
+            return proc.wait()
+        finally:
+            _running.remove(proc)
 
 
 def train_command(run: Run, until: int, threads: int) -> list[str]:
@@ -304,6 +357,7 @@ def diagnose_prior(run: Run, eval_seed: int, threads: int) -> None:
     cmd = [sys.executable, str(ROOT / "benchmarks" / "policy_prior_state.py"), "--run-dir", str(run.run_dir),
            "--task", run.task, "--seed", str(eval_seed)]
     code = _run_child(cmd, run.run_dir / "swaps" / "policy_prior.log", threads)
+    raise_if_stopped()
     if code != 0:
         raise CampaignError(f"{run.id}: the policy-prior diagnosis failed (exit code {code}); see "
                             f"{run.run_dir / 'swaps' / 'policy_prior.log'}.")
@@ -328,6 +382,7 @@ def train_chunk(run: Run, until: int, threads: int) -> None:
                         "start": dt.datetime.fromtimestamp(start, dt.timezone.utc).isoformat(timespec="seconds"),
                         "wall_s": round(time.time() - start, 1), "command": _printable(cmd),
                         "machine": machine_info()["cpu"]})
+    raise_if_stopped()
     if code != 0 or end_step < until:
         raise CampaignError(f"{run.id}: recipes/train.py stopped with exit code {code} at step {end_step} "
                             f"(wanted {until}); see {run.run_dir / 'campaign.log'}.")
@@ -338,6 +393,7 @@ def evaluate_swap(run: Run, step: int, swap: Swap, eval_seed: int, threads: int)
     out = swap_dir(run, step, swap)
     code = _run_child(evaluate_command(run, step, swap, eval_seed, threads), out.parent / f"{swap.name}.log",
                       threads)
+    raise_if_stopped()
     if code != 0 or not (out / "results.json").exists():
         raise CampaignError(f"{run.id}: evaluation of {swap.name} at step {step} failed (exit code {code}); see "
                             f"{out.parent / (swap.name + '.log')}.")
@@ -477,11 +533,16 @@ def main(argv: list[str] | None = None) -> int:
         # only waits for its turn
         lock = None if args.only or args.report_only else CampaignLock(campaign["runs_root"])  # noqa: F841
         if not args.report_only:
-            work_through(campaign, runs, args.rerun)
+            with stop_on_signals():
+                work_through(campaign, runs, args.rerun)
         path = rewrite_report(campaign)
     except CampaignError as err:
         print(f"campaign.py: {err}", file=sys.stderr)
         return 2
+    except CampaignStopped as stop:
+        print(f"[campaign] {stop}: the training in progress wrote a checkpoint of the step it reached; re-run the "
+              "same command to continue.", flush=True)
+        return 128 + stop.signum
     print(f"[campaign] report: {path}", flush=True)
     return 0
 

@@ -14,6 +14,8 @@ with arguments it starts from the published config (``preset=quickstart`` adds t
 The run directory gets ``config.yaml``, ``eval.csv`` (the learning curve: ``step,return``), TensorBoard events
 (``tb/``), CSV scalars (``csv/``), rotating checkpoints (``checkpoints/``) and, at the end, ``world_model.pt``.
 With ``resume=true`` (the default) the run continues from its last complete checkpoint and stops at ``steps``.
+SIGTERM or Ctrl-C stops the run at the next step with a checkpoint of that step (exit code 143 / 130); a second
+Ctrl-C stops it at once, from the last complete checkpoint.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from torchrl.checkpoint import CheckpointError as TorchRLCheckpointError
 
 from torchrl_dreammpc.checkpoints import CheckpointError
 from torchrl_dreammpc.planners import NonFiniteActionError
-from torchrl_dreammpc.trainers import ConfigMismatchError, NonFiniteUpdateError, read_eval_csv
+from torchrl_dreammpc.trainers import ConfigMismatchError, NonFiniteUpdateError, read_eval_csv, stop_on_signals
 from torchrl_dreammpc.trainers.builders import ConfigError, build_trainer, validate_train_config
 
 
@@ -96,9 +98,14 @@ def main(cfg: DictConfig) -> float | None:
         print(f"[train] already complete: {trainer.collected_frames} steps.", flush=True)
     else:
         try:
-            trainer.train()
+            with stop_on_signals(trainer) as received:  # SIGTERM / Ctrl-C: checkpoint the step reached, then stop
+                trainer.train()
         except (NonFiniteUpdateError, NonFiniteActionError) as err:  # the message names the step and what to do
             raise SystemExit(f"train.py: {err}")
+        if received:
+            print(f"[train] stopped by {received[0].name} at step {trainer.collected_frames} of {cfg['steps']}, "
+                  f"checkpoint written; re-run the same command to continue.", flush=True)
+            sys.exit(128 + received[0])  # the shell's code for a run ended by that signal: not complete
     curve = read_eval_csv(run_dir / "eval.csv") if (run_dir / "eval.csv").exists() else []
     if curve:
         print("[train] eval returns: " + ", ".join(f"{step}: {ret:.1f}" for step, ret in curve), flush=True)

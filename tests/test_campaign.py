@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -280,6 +281,51 @@ def test_tiny_campaign_killed_in_the_middle_completes_on_the_next_call(tmp_path)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     assert "training" not in out and (second.run_dir / "campaign.json").read_text() == before
+
+
+def test_a_stop_signal_goes_to_the_running_child_and_nothing_new_starts(tmp_path):
+    """SIGTERM while a child runs (here a stand-in for an evaluation): the child gets SIGTERM, is waited for,
+    and no other child starts; outside the block the previous handler is back."""
+    before = signal.getsignal(signal.SIGTERM)
+    sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
+    with campaign.stop_on_signals():
+        timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
+        timer.start()
+        started = time.monotonic()
+        code = campaign._run_child(sleeper, tmp_path / "child.log", threads=1)
+        assert code == -signal.SIGTERM and time.monotonic() - started < 60
+        with pytest.raises(campaign.CampaignStopped, match="stopped by SIGTERM"):
+            campaign._run_child(sleeper, tmp_path / "child.log", threads=1)
+    assert command_lines(tmp_path / "child.log") == 1  # the second child never started
+    assert signal.getsignal(signal.SIGTERM) is before
+    campaign.raise_if_stopped()  # the block's signals are forgotten with it
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_sigterm_stops_the_campaign_with_a_checkpoint_and_the_next_call_continues_from_it(tmp_path):
+    train = {**TINY_TRAIN, "steps": 100, "eval_interval": 100}
+    config = tiny_config(tmp_path, runs=[{"task": "cartpole-swingup"}], train=train)
+    loaded = campaign.load_campaign(config)
+    (run,) = loaded["runs"]
+    proc = start_campaign(config)
+    wait_for(lambda: (run.run_dir / "checkpoints" / "checkpoint-000000000050").exists(), proc, timeout=900)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert "[campaign] stopped by SIGTERM" in out
+    stopped_at = campaign.trained_step(run)
+    assert 50 < stopped_at < 100  # the training child checkpointed the step it reached, between periodic ones
+    chunk = json.loads((run.run_dir / "campaign.json").read_text())["chunks"][-1]
+    assert (chunk["from"], chunk["to"], chunk["returncode"]) == (0, stopped_at, 128 + signal.SIGTERM)
+    assert f"stopped by SIGTERM at step {stopped_at} of 100" in (run.run_dir / "campaign.log").read_text()
+
+    proc = start_campaign(config)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-3000:]
+    assert f"training {stopped_at} -> 100" in out
+    assert campaign.trained_step(run) == 100 and sorted(campaign.snapshots(run)) == [0, 100]
+    assert not campaign.pending_swaps(run, loaded["swaps"]) and not campaign.prior_pending(run)
 
 
 def _tiny_model(family: str):

@@ -245,6 +245,32 @@ def test_sigkill_during_training_resumes_from_last_complete_checkpoint(tmp_path)
     assert steps == [250, 500]  # each evaluation once, even if one was written before the kill
 
 
+def test_sigterm_during_training_checkpoints_the_step_and_the_same_command_continues(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*TINY, "steps=500", "eval_interval=250", f"run_dir={run_dir}"]
+    proc = subprocess.Popen([sys.executable, str(TRAIN), *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(run_dir / "checkpoints" / "checkpoint-000000000100" / "manifest.json", proc, timeout=300)
+        os.kill(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    stopped = re.search(r"stopped by SIGTERM at step (\d+) of 500, checkpoint written", out)
+    assert stopped, out[-2000:]
+    step = int(stopped[1])
+    assert 100 <= step < 500
+    checkpoint = run_dir / "checkpoints" / f"checkpoint-{step:012d}"
+    assert json.loads((checkpoint / "manifest.json").read_text())["metadata"]["collected_frames"] == step
+
+    result = run(TRAIN, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {checkpoint} at step {step}" in result.stdout
+    assert [s for s, _ in read_eval_csv(run_dir / "eval.csv")] == [250, 500]
+
+
 def test_train_checkpoint_resume_evaluate_end_to_end(tmp_path):
     run_dir = tmp_path / "run"
     first = run(TRAIN, *TINY, "steps=300", "eval_interval=300", "buffer_size=400", f"run_dir={run_dir}")

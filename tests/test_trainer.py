@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import os
 import shutil
+import signal
 
 import pytest
 import torch
@@ -30,6 +32,7 @@ from torchrl_dreammpc.trainers import (
     make_replay_buffer,
     read_eval_csv,
     seed_steps,
+    stop_on_signals,
 )
 from torchrl_dreammpc.trainers.hooks import _episode_metrics
 
@@ -392,6 +395,65 @@ def test_restart_without_a_checkpoint_rewrites_the_logs_and_keeps_a_copy(tmp_pat
     assert trainer(tiny_world_model()).resume() is None
     assert [step for step, _ in read_eval_csv(run / "eval.csv.before-restart-2")] == [0, 50, 60]
     assert read_eval_csv(run / "eval.csv") == []
+
+
+def test_sigterm_checkpoints_the_step_reached_and_the_run_resumes_from_it(tmp_path):
+    """A preempted run (SIGTERM, twice: a process-group kill and a forwarding parent) stops at the next step with a
+    checkpoint of that step, between two periodic ones, and without an evaluation there; resumed, it goes on from
+    that step, and the episode cut by the stop is no trajectory that continues after the resume."""
+    def trainer(wm, total_frames):
+        return make_trainer(tmp_path, world_model=wm, total_frames=total_frames, eval_interval=100,
+                            eval_episodes=1, eval_at_start=True, eval_actors={"policy": PolicyActor(wm)})
+
+    first = trainer(tiny_world_model(), 150)
+    stop_at = 73  # after the checkpoint of step 50, before the one of step 100
+
+    def preempt():
+        if first.collected_frames == stop_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    first.register_op("post_steps", preempt)
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_on_signals(first) as received:
+        first.train()
+    assert received == [signal.SIGTERM, signal.SIGTERM]
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is gone after the block
+    run = tmp_path / "run"
+    assert first.collected_frames == stop_at
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "checkpoint-000000000050", f"checkpoint-{stop_at:012d}"]
+    assert [step for step, _ in read_eval_csv(run / "eval.csv")] == [0]  # no evaluation at the stop step
+
+    wm2 = tiny_world_model(seed=3)
+    second = trainer(wm2, 150)
+    assert second.resume() == run / "checkpoints" / f"checkpoint-{stop_at:012d}"
+    for a, b in zip(first.world_model.state_dict().values(), wm2.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    second.train()
+    assert second.collected_frames == 150
+    assert [step for step, _ in read_eval_csv(run / "eval.csv")] == [0, 100, 150]
+    stored = second.replay_buffer[:]
+    ids = stored["collector", "traj_ids"]
+    assert not stored["next", "done"][stop_at - 1].any()  # the stop cut an episode (cartpole's are 500 steps) ...
+    assert ids[stop_at:].min() > ids[:stop_at].max()  # ... and the resumed steps are another trajectory
+
+
+def test_sigint_twice_stops_at_once():
+    """Ctrl-C once asks for the graceful stop; a second Ctrl-C raises KeyboardInterrupt as Python does."""
+    class Recorder:
+        reasons = []
+
+        def request_stop(self, reason=None):
+            self.reasons.append(reason)
+
+    trainer = Recorder()
+    with pytest.raises(KeyboardInterrupt):
+        with stop_on_signals(trainer) as received:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert trainer.reasons == ["received SIGINT"] and received == [signal.SIGINT]
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_resume_refuses_another_task_or_model_size_before_loading(tmp_path):

@@ -20,6 +20,7 @@ from torchrl_dreammpc.trainers.hooks import (
     WorldModelSnapshots,
     read_eval_csv,
 )
+from torchrl_dreammpc.trainers.preemption import stop_on_signals
 from torchrl_dreammpc.trainers.reanalyze import LazyReanalyze
 from torchrl_dreammpc.trainers.replay import (
     EXPERT_KEY,
@@ -58,5 +59,6 @@ __all__ = [
     "read_eval_csv",
     "read_fingerprint",
     "seed_steps",
+    "stop_on_signals",
     "verify_checkpoint_files",
 ]

@@ -565,9 +565,14 @@ class EvaluationHook(TrainerHookBase):
             self.evaluate(0)
 
     def final(self) -> None:
-        """Evaluates at the last frame count unless that was just done (shutdown hook)."""
+        """Evaluates at the last frame count unless that was just done (shutdown hook). A run stopped early
+        (:meth:`~torchrl.trainers.Trainer.request_stop`, e.g. preempted by SIGTERM) is not evaluated: its step is
+        no evaluation step, and a preempted process has seconds left, not an evaluation's minutes."""
         trainer = self._trainer
-        if trainer is not None and self.interval and trainer.collected_frames != self.last_eval_step:
+        # TorchRL keeps the stop request in a private flag (no public getter in 0.14.1)
+        if trainer is None or getattr(trainer, "_stop_training", False):
+            return
+        if self.interval and trainer.collected_frames != self.last_eval_step:
             self.evaluate(trainer.collected_frames)
 
     def truncate_after(self, step: int, keep_copy: bool = False) -> None:
