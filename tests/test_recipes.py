@@ -215,19 +215,26 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
         time.sleep(0.2)
 
 
-def test_sigkill_during_training_resumes_from_last_complete_checkpoint(tmp_path):
-    run_dir = tmp_path / "run"
-    args = [*TINY, "steps=500", "eval_interval=250", f"run_dir={run_dir}"]
+def _signal_after_checkpoint(args: list[str], checkpoint: Path, sig: int) -> tuple[int, str, str]:
+    """Starts train.py with ``args``, sends ``sig`` once ``checkpoint`` is complete; returns (exit code, stdout,
+    stderr)."""
     proc = subprocess.Popen([sys.executable, str(TRAIN), *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(run_dir / "checkpoints" / "checkpoint-000000000100" / "manifest.json", proc, timeout=300)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        _wait_for(checkpoint / "manifest.json", proc, timeout=300)
+        os.kill(proc.pid, sig)
+        out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    return proc.returncode, out, err
+
+
+def test_sigkill_during_training_resumes_from_last_complete_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*TINY, "steps=500", "eval_interval=250", f"run_dir={run_dir}"]
+    code, _, _ = _signal_after_checkpoint(args, run_dir / "checkpoints" / "checkpoint-000000000100", signal.SIGKILL)
+    assert code == -signal.SIGKILL
     complete = sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")
                       if (p / "manifest.json").exists())
     assert complete, "no complete checkpoint before the kill"
@@ -248,16 +255,9 @@ def test_sigkill_during_training_resumes_from_last_complete_checkpoint(tmp_path)
 def test_sigterm_during_training_checkpoints_the_step_and_the_same_command_continues(tmp_path):
     run_dir = tmp_path / "run"
     args = [*TINY, "steps=500", "eval_interval=250", f"run_dir={run_dir}"]
-    proc = subprocess.Popen([sys.executable, str(TRAIN), *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        _wait_for(run_dir / "checkpoints" / "checkpoint-000000000100" / "manifest.json", proc, timeout=300)
-        os.kill(proc.pid, signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    code, out, err = _signal_after_checkpoint(args, run_dir / "checkpoints" / "checkpoint-000000000100",
+                                              signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, err[-3000:]
     stopped = re.search(r"stopped by SIGTERM at step (\d+) of 500, checkpoint written", out)
     assert stopped, out[-2000:]
     step = int(stopped[1])
@@ -466,16 +466,8 @@ def test_bmpc_config_is_bmpcs_and_is_validated():
 def test_bmpc_sigkill_during_training_resumes_and_evaluates(tmp_path):
     run_dir = tmp_path / "run"
     args = [*TINY, *BMPC_TINY, "steps=300", "eval_interval=300", f"run_dir={run_dir}"]
-    proc = subprocess.Popen([sys.executable, str(TRAIN), *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        _wait_for(run_dir / "checkpoints" / "checkpoint-000000000200" / "manifest.json", proc, timeout=300)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    code, _, _ = _signal_after_checkpoint(args, run_dir / "checkpoints" / "checkpoint-000000000200", signal.SIGKILL)
+    assert code == -signal.SIGKILL
     result = run(TRAIN, *args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout
