@@ -10,8 +10,10 @@ the config stored in it and only its weights are read), a ``world_model.pt`` wri
 checkpoint of TD-MPC2's public code. A DreamerV3 model acts through its RSSM state estimator (the planners read
 its latent), in envs with its acting transforms. Every planner plays ``episodes`` episodes from the same initial
 states (the env is
-reseeded with ``seed`` before each planner), in TorchRL's DETERMINISTIC exploration mode. The table (mean ± std
-return, success rate on Meta-World, ms per step of acting, ms per env step overall) is printed one row per planner
+reseeded with ``seed`` before each planner), in TorchRL's DETERMINISTIC exploration mode (``exploration=random``:
+RANDOM, e.g. the policy prior's samples instead of its mean). Torch's RNG is seeded with ``seed`` before each
+planner too, so what a planner samples (Dream-MPC's candidates, MPPI's samples) repeats on a rerun. The table
+(mean ± std return, success rate on Meta-World, ms per step of acting, ms per env step overall) is printed one row per planner
 as soon as it is done, and saved as ``results.json`` (with every episode's return and success flag) and
 ``results.csv`` in ``output_dir`` (after every planner). ``progress=auto`` (the default) shows the progress within
 a planner (episodes done, elapsed, estimated time left): a tqdm bar in a terminal, one line per episode otherwise
@@ -32,6 +34,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
+from torchrl.envs.utils import ExplorationType
 
 from torchrl_dreammpc.checkpoints import CheckpointError
 from torchrl_dreammpc.planners import NonFiniteActionError
@@ -49,6 +52,10 @@ CONFIG_DIR = Path(__file__).resolve().parent / "config"
 
 class UserError(Exception):
     """An error the user caused (a path, a file, a value): printed as one line, exit status 1, no traceback."""
+
+
+#: ``exploration=`` values: TorchRL's mode the planners act in.
+EXPLORATION_TYPES = {"deterministic": ExplorationType.DETERMINISTIC, "random": ExplorationType.RANDOM}
 
 
 def _one_line(err: BaseException) -> str:
@@ -80,6 +87,8 @@ def check_config(cfg: dict) -> None:
         EvaluationProgress(cfg.get("progress", "auto"))
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if cfg.get("exploration", "deterministic") not in EXPLORATION_TYPES:
+        raise ConfigError(f"exploration must be one of {sorted(EXPLORATION_TYPES)}, got {cfg['exploration']!r}.")
     if not isinstance(cfg["video"], bool):
         raise ConfigError(f"video must be true or false, got {cfg['video']!r}.")
     if not isinstance(cfg["planners"], list) or not cfg["planners"]:
@@ -156,9 +165,11 @@ class _Timer:
         return 1000.0 * self.total / max(self.calls, 1)
 
 
-def record_video(create_env, actor, path: Path, seed: int, size: tuple[int, int], fps: int = 30) -> Path:
-    """Plays one DETERMINISTIC episode and writes it as an MP4 (frames rendered by MuJoCo, encoded by ffmpeg)."""
-    from torchrl.envs.utils import ExplorationType, set_exploration_type
+def record_video(create_env, actor, path: Path, seed: int, size: tuple[int, int], fps: int = 30,
+                 exploration_type: ExplorationType = ExplorationType.DETERMINISTIC) -> Path:
+    """Plays one episode (in ``exploration_type`` mode) and writes it as an MP4 (frames rendered by MuJoCo, encoded
+    by ffmpeg)."""
+    from torchrl.envs.utils import set_exploration_type
 
     try:
         import imageio.v2 as imageio
@@ -173,7 +184,7 @@ def record_video(create_env, actor, path: Path, seed: int, size: tuple[int, int]
     env.set_seed(seed)
     frames = []
     try:
-        with set_exploration_type(ExplorationType.DETERMINISTIC), torch.no_grad():
+        with set_exploration_type(exploration_type), torch.no_grad():
             td = env.reset()
             frames.append(render())
             while True:
@@ -264,10 +275,14 @@ def evaluate(cfg: dict) -> None:
         out_dir = Path(cfg["checkpoint"]) / "eval_planners"
     else:
         out_dir = Path("eval_planners")
-    header = {"task": task, "source": source, "episodes": int(cfg["episodes"]), "seed": int(cfg["seed"])}
-    print(f"[evaluate] {task}: {source}; {cfg['episodes']} episodes per planner, seed {cfg['seed']}", flush=True)
+    exploration = cfg.get("exploration", "deterministic")
+    header = {"task": task, "source": source, "episodes": int(cfg["episodes"]), "seed": int(cfg["seed"]),
+              "exploration": exploration}
+    print(f"[evaluate] {task}: {source}; {cfg['episodes']} episodes per planner, seed {cfg['seed']}, "
+          f"{exploration} mode", flush=True)
     hook = EvaluationHook(actors, create_env, interval=0, episodes=int(cfg["episodes"]), seed=int(cfg["seed"]),
-                          max_steps=cfg.get("max_steps"), verbose=False, progress=cfg.get("progress", "auto"))
+                          max_steps=cfg.get("max_steps"), verbose=False, progress=cfg.get("progress", "auto"),
+                          exploration_type=EXPLORATION_TYPES[exploration], torch_seed=int(cfg["seed"]))
     with_success = task_info(task).has_success
     rows = []
 
@@ -296,7 +311,8 @@ def evaluate(cfg: dict) -> None:
     if cfg["video"]:
         for row in rows:
             row["video"] = str(record_video(create_env, actors[row["planner"]], out_dir / f"{row['planner']}.mp4",
-                                            int(cfg["seed"]), tuple(cfg["video_size"])))
+                                            int(cfg["seed"]), tuple(cfg["video_size"]),
+                                            exploration_type=EXPLORATION_TYPES[exploration], torch_seed=int(cfg["seed"])))
         write_results(out_dir, header, rows)
 
     if hook.progress.mode == "lines" and len(rows) > 1:  # the rows were interleaved with progress lines: again

@@ -395,6 +395,8 @@ def test_evaluate_reports_each_user_error_in_one_line(evaluate_inputs, monkeypat
          r"planner_args names \['dreammpc'\]"),
         (dict(checkpoint=str(model), task="cartpole-swingup", planners=["dream_mpc"],
               planner_args={"dream_mpc": {"lr": -1}}), "planner dream_mpc .*lr must be > 0.0, got -1"),
+        (dict(checkpoint=str(model), task="cartpole-swingup", exploration="sample"),
+         r"exploration must be one of \['deterministic', 'random'\], got 'sample'"),
     ]
     for overrides, pattern in cases:
         message = _evaluate_error(module, root, **overrides)
@@ -409,6 +411,27 @@ def test_evaluate_reports_each_user_error_in_one_line(evaluate_inputs, monkeypat
     victim = sorted(run.glob("checkpoints/checkpoint-000000000060/components/*-loss_module/state/*.memmap"))[0]
     victim.write_bytes(victim.read_bytes()[:4])
     assert "(a truncated copy?)" in _evaluate_error(module, root, checkpoint=str(run))
+
+
+def test_evaluate_in_random_mode_plays_the_prior_s_samples(evaluate_inputs):
+    """``exploration=random``: the policy prior acts with samples (another return than its mean's on the same
+    initial states, and again the same return on a rerun: the samples are seeded); the mode is recorded."""
+    module, root = _load_evaluate_module(), evaluate_inputs
+    cfg = OmegaConf.load(CONFIG_DIR / "evaluate.yaml")
+    for key in ("defaults", "hydra"):
+        cfg.pop(key)
+    returns = {}
+    for run, mode in enumerate(["deterministic", "random", "random"]):
+        out = root / f"mode-{run}"
+        cfg.merge_with({"checkpoint": str(root / "run" / "world_model.pt"), "task": "cartpole-swingup",
+                        "planners": ["policy"], "episodes": 1, "max_steps": 50,
+                        "output_dir": str(out), "progress": False, "exploration": mode})
+        module.main(cfg)
+        results = json.loads((out / "results.json").read_text())
+        assert results["exploration"] == mode
+        returns[run] = results["results"][0]["episode_returns"][0]
+    assert returns[1] != returns[0]
+    assert returns[2] == returns[1]
 
 
 def test_evaluate_cli_exits_with_one_line(tmp_path):

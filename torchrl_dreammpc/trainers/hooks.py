@@ -16,6 +16,7 @@ from tensordict import TensorDictBase
 from torch import nn
 from torchrl.collectors import Collector, Evaluator
 from torchrl.envs import Transform, TransformedEnv
+from torchrl.envs.utils import ExplorationType
 from torchrl.record.loggers import CSVLogger, Logger, TensorboardLogger
 from torchrl.trainers import Trainer, TrainerHookBase
 
@@ -369,8 +370,9 @@ def _episode_length(env) -> int | None:
 class EvaluationHook(TrainerHookBase):
     """Periodic evaluation through :class:`torchrl.collectors.Evaluator`, with an ``eval.csv`` learning curve.
 
-    At step 0 (``at_start``, as TD-MPC2), every ``interval`` collected frames, and at the last one, each named actor plays ``episodes`` full episodes in its own evaluation env, in
-    TorchRL's ``ExplorationType.DETERMINISTIC`` mode. Before each evaluation the env is reseeded with
+    At step 0 (``at_start``, as TD-MPC2), every ``interval`` collected frames, and at the last one, each named
+    actor plays ``episodes`` full episodes in its own evaluation env, in TorchRL's
+    ``ExplorationType.DETERMINISTIC`` mode (``exploration_type``). Before each evaluation the env is reseeded with
     ``seed``, so every evaluation (and every actor) starts from the same initial states.
 
     The first actor is the training planner: its mean return is appended as a ``step,return`` row to
@@ -396,6 +398,13 @@ class EvaluationHook(TrainerHookBase):
         progress (str or bool): progress within each actor's evaluation (:class:`EvaluationProgress`):
             ``"auto"`` / ``True`` (a tqdm bar in a terminal, one line per episode otherwise), ``"bar"``,
             ``"lines"``, or ``"off"`` / ``False`` (default: the training loop has its own output).
+        exploration_type (ExplorationType): the mode the actors play in. Default ``DETERMINISTIC`` (the policy
+            prior's mean, no exploration noise: TD-MPC2's evaluation); ``RANDOM`` evaluates the stochastic
+            actors (e.g. the policy prior's samples).
+        torch_seed (int, optional): seeds torch's global RNG before each actor's episodes, so that what the actors
+            draw from it (Dream-MPC's prior candidates, MPPI's samples, a sampled action, a DreamerV3 posterior)
+            is the same on a rerun, whatever the order of the actors. Default ``None``: not seeded (inside a
+            training run, where reseeding would replay the training's random stream after every evaluation).
     """
 
     def __init__(
@@ -411,6 +420,8 @@ class EvaluationHook(TrainerHookBase):
         at_start: bool = True,
         verbose: bool = True,
         progress: str | bool = False,
+        exploration_type: ExplorationType = ExplorationType.DETERMINISTIC,
+        torch_seed: int | None = None,
     ) -> None:
         if not actors:
             raise ValueError("EvaluationHook needs at least one actor.")
@@ -427,6 +438,7 @@ class EvaluationHook(TrainerHookBase):
         self.progress = EvaluationProgress(progress)
         self.envs = {name: self._with_progress(create_env_fn()) for name in self.names}
         self.max_steps = max_steps
+        self.torch_seed = torch_seed
         self.evaluators = {
             name: Evaluator(
                 self.envs[name],
@@ -439,6 +451,7 @@ class EvaluationHook(TrainerHookBase):
                 frames_per_batch=self._episode_length(self.envs[name]),
                 collector_kwargs={"traj_format": "cat"},
                 log_prefix="eval",
+                exploration_type=exploration_type,
                 metrics_fn=_episode_metrics,
             )
             for name, actor in self.actors.items()
@@ -490,6 +503,8 @@ class EvaluationHook(TrainerHookBase):
             # which would otherwise leave the world model in train mode (Q dropout on) for the next training step.
             modes = [(m, m.training) for m in actor.modules()] if isinstance(actor, nn.Module) else []
             env.set_seed(self.seed)
+            if self.torch_seed is not None:
+                torch.manual_seed(self.torch_seed)
             start = time.perf_counter()
             self.progress.start(name, self.episodes, self._episode_length(env))
             try:
