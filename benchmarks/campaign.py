@@ -81,6 +81,7 @@ class Swap:
     episodes: int
     args: dict[str, Any] = field(default_factory=dict)
     steps: tuple[int, ...] | None = None  # None: every snapshot
+    exploration: str = "deterministic"  # evaluate.py's mode: "random" plays the stochastic actor (prior samples)
 
     def due_at(self, step: int) -> bool:
         return self.steps is None or step in self.steps
@@ -152,11 +153,14 @@ def load_campaign(path: str | Path) -> dict[str, Any]:
         steps = spec.get("steps")
         if steps is not None:
             steps = tuple(_positive_int(f"swaps.{name}.steps", int_step) for int_step in steps)
-        unknown = set(spec) - {"planner", "episodes", "args", "steps"}
+        unknown = set(spec) - {"planner", "episodes", "args", "steps", "exploration"}
         if unknown:
             raise CampaignError(f"swaps.{name}: unknown keys {sorted(unknown)}.")
+        exploration = spec.get("exploration", "deterministic")
+        if exploration not in ("deterministic", "random"):
+            raise CampaignError(f"swaps.{name}.exploration must be deterministic or random, got {exploration!r}.")
         swaps.append(Swap(name, planner, _positive_int(f"swaps.{name}.episodes", spec.get("episodes")),
-                          dict(spec.get("args") or {}), steps))
+                          dict(spec.get("args") or {}), steps, exploration))
     runs_root = _resolve(raw["runs_root"])
     runs, seen = [], set()
     for i, entry in enumerate(raw["runs"]):
@@ -337,6 +341,8 @@ def evaluate_command(run: Run, step: int, swap: Swap, eval_seed: int, threads: i
     cmd = [sys.executable, str(EVALUATE), f"checkpoint={snapshot}", f"task={run.task}",
            f"planners=[{swap.planner}]", f"episodes={swap.episodes}", f"seed={eval_seed}", f"threads={threads}",
            f"output_dir={swap_dir(run, step, swap)}"]
+    if swap.exploration != "deterministic":
+        cmd.append(f"exploration={swap.exploration}")
     return cmd + [_override(f"+planner_args.{swap.planner}.{key}", value) for key, value in swap.args.items()]
 
 

@@ -38,7 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = ROOT.parent / "shared" / "reference" / "published-results"
 SWAP_COLUMNS = ["task", "suite", "step", "planner", "return_mean", "return_std", "success_rate", "episodes",
                 "plan_ms_per_step", "return_sem", "run"]
-PLANNER_STYLE = {"policy": ("tab:blue", "policy prior"), "dream_mpc": ("tab:red", "Dream-MPC"),
+PLANNER_STYLE = {"policy": ("tab:blue", "policy prior"), "policy_sample": ("tab:cyan", "policy prior, sampled"),
+                 "dream_mpc": ("tab:red", "Dream-MPC"),
                  "mppi": ("tab:green", "MPPI"), "dream_mpc_no_grad": ("tab:purple", "Dream-MPC, no gradient step"),
                  "dream_mpc_no_uncertainty": ("tab:orange", "Dream-MPC, λ = 0")}
 CONCLUSION_BEGIN, CONCLUSION_END = "<!-- conclusion -->", "<!-- /conclusion -->"
@@ -237,7 +238,7 @@ def normalized_scores(record: dict, values: dict) -> np.ndarray | None:
 
 def aggregate(episodes: dict, runs: dict, planners: list[str]) -> dict[str, Any] | None:
     """rliable IQM / mean with 95 % stratified-bootstrap CIs per planner at each run's final step, and the
-    probability that Dream-MPC improves on the policy prior and on MPPI.
+    probability that Dream-MPC improves on the policy prior, on MPPI and on the prior's samples.
 
     The bootstrap resamples evaluation episodes within each task (the "runs" axis of rliable's score matrices
     holds episodes: with one training seed per task there is nothing else to resample), so the intervals cover
@@ -274,7 +275,8 @@ def aggregate(episodes: dict, runs: dict, planners: list[str]) -> dict[str, Any]
             "iqm": float(point[p][0]), "iqm_ci": [float(interval[p][0][0]), float(interval[p][1][0])],
             "mean": float(point[p][1]), "mean_ci": [float(interval[p][0][1]), float(interval[p][1][1])],
         }
-    pairs = {f"{x} > {y}": (matrices[x], matrices[y]) for x, y in (("dream_mpc", "policy"), ("dream_mpc", "mppi"))
+    pairs = {f"{x} > {y}": (matrices[x], matrices[y])
+             for x, y in (("dream_mpc", "policy"), ("dream_mpc", "mppi"), ("dream_mpc", "policy_sample"))
              if x in matrices and y in matrices}
     if pairs:
         point, interval = rly.get_interval_estimates(pairs, metrics.probability_of_improvement, reps=BOOTSTRAP_REPS,

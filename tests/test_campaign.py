@@ -72,8 +72,9 @@ def test_the_campaign_yaml_is_valid_and_humanoid_threshold_matches_humanoidbench
     assert [run.id for run in loaded["runs"]][:4] == [
         "acrobot-swingup-dream_mpc-1M-s1", "finger-turn-hard-dream_mpc-1M-s1", "mw-stick-push-dream_mpc-1M-s1",
         "humanoid_h1hand-stand-v0-dream_mpc-1M-s1"]
-    assert [swap.name for swap in loaded["swaps"]] == ["policy", "dream_mpc", "mppi", "dream_mpc_no_grad",
-                                                      "dream_mpc_no_uncertainty"]
+    assert [swap.name for swap in loaded["swaps"]] == ["policy", "policy_sample", "dream_mpc", "mppi",
+                                                      "dream_mpc_no_grad", "dream_mpc_no_uncertainty"]
+    assert [swap.exploration for swap in loaded["swaps"]][:3] == ["deterministic", "random", "deterministic"]
     command = campaign.train_command(loaded["runs"][0], 20000, 1)
     assert "steps=20000" in command and "buffer_size=100000" in command and "snapshot_interval=10000" in command
     if importlib.util.find_spec("humanoid_bench") is None:
@@ -133,10 +134,24 @@ def test_the_other_algorithms_runs_of_the_campaign_yaml_are_valid_train_configs(
     ({"swaps": {"x": {"planner": "cem", "episodes": 2}}}, "no planner file"),
     ({"swaps": {"x": {"planner": "policy", "episodes": 0}}}, r"swaps.x.episodes must be a positive integer"),
     ({"chunk": 150}, "multiple of snapshot_interval"),
+    ({"swaps": {"x": {"planner": "policy", "episodes": 2, "exploration": "sample"}}},
+     "swaps.x.exploration must be deterministic or random, got 'sample'"),
 ])
 def test_bad_campaign_files_are_refused_naming_the_entry(tmp_path, change, message):
     with pytest.raises(campaign.CampaignError, match=message):
         campaign.load_campaign(tiny_config(tmp_path, **change))
+
+
+def test_a_random_mode_swap_asks_evaluate_py_for_it(tmp_path):
+    swaps = {"policy": {"planner": "policy", "episodes": 2},
+             "policy_sample": {"planner": "policy", "episodes": 2, "exploration": "random"}}
+    loaded = campaign.load_campaign(tiny_config(tmp_path, swaps=swaps))
+    run = loaded["runs"][0]
+    (run.run_dir / "snapshots").mkdir(parents=True)
+    (run.run_dir / "snapshots" / "step_00000100.pt").touch()
+    mean, sample = (campaign.evaluate_command(run, 100, swap, 7, 1) for swap in loaded["swaps"])
+    assert "exploration=random" in sample and not any(arg.startswith("exploration=") for arg in mean)
+    assert sample[sample.index("exploration=random") - 1].startswith("output_dir=") and "planners=[policy]" in sample
 
 
 def test_a_second_campaign_on_the_same_runs_root_is_refused(tmp_path):
