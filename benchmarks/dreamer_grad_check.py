@@ -13,6 +13,10 @@ policy-prior candidates (the planner's own rollout and noise):
 - the gradient step's effect: ``J(a') - J(a)`` with the same noise, and the share of candidates it improves;
 - ``|dr/da|`` and ``|dQ̄/da|`` at the policy's mean action, and ``tail``: the share of ``|dr/da|`` that comes from
   bins beyond ``|b| > 100`` (DMC rewards per agent step lie in [0, 2]);
+- the selection (Dream-MPC's step 4, with its penalty): how far apart the candidates' ``J`` lie (median over states
+  of max - min), and how often the candidate it picks stays the same when the heads are decoded from the bins
+  within ``|b| <= 100`` only (renormalized), i.e. whether the ranking follows what the heads say on the task's
+  scale or the balance of their outer bins (chance agreement: 1 / 5);
 
 for each world model given: the run's snapshots (step 0: DreamerV3's zero-initialized reward and value output
 layers), the final model, and the step-0 model with random output layers (the "untrained head" of the issue).
@@ -70,6 +74,40 @@ def tail_share(wm, z: torch.Tensor, a: torch.Tensor, limit: float = 100.0) -> to
     return (g_total - g_inner).norm(dim=-1) / g_total.norm(dim=-1).clamp_min(1e-30)
 
 
+class InnerBinsTwoHot(torch.nn.Module):
+    """Decodes two-hot logits from the bins within ``|b| <= limit`` only (their probabilities renormalized)."""
+
+    def __init__(self, two_hot, limit: float = 100.0) -> None:
+        super().__init__()
+        self.bins = two_hot.bins
+        self.inner = (two_hot.bins.abs() <= limit).to(two_hot.bins.dtype)
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(logits, -1) * self.inner.to(logits.dtype)
+        return ((probs * self.bins.to(logits.dtype)).sum(-1) / probs.sum(-1)).unsqueeze(-1)
+
+
+def selection(planner, wm, latents, a, eps_H) -> dict:
+    """Step 4's ranking of the candidates ``a`` with the heads' full decoding and with their inner bins only."""
+    B, N = latents.shape[0], planner.num_candidates
+    lam = planner.uncertainty_weight
+
+    def scores():
+        ret, unc = planner.imagine(latents, a, eps_H, uncertainty=lam > 0)
+        return (ret - lam * unc if lam > 0 else ret).view(B, N)
+
+    with torch.no_grad():
+        full = scores()
+        two_hot, wm.two_hot = wm.two_hot, InnerBinsTwoHot(wm.two_hot)
+        try:
+            inner = scores()
+        finally:
+            wm.two_hot = two_hot
+    spread = lambda J: float((J.max(1).values - J.min(1).values).median())  # noqa: E731
+    return {"J_spread_median": spread(full), "J_inner_spread_median": spread(inner),
+            "same_pick_inner_bins": float((full.argmax(1) == inner.argmax(1)).float().mean())}
+
+
 def measure(wm, latents: torch.Tensor, seed: int) -> dict:
     planner = GradientMPCPlanner(wm, generator=torch.Generator().manual_seed(seed))
     N, H, A = planner.num_candidates, planner.horizon, planner.action_dim
@@ -113,6 +151,7 @@ def measure(wm, latents: torch.Tensor, seed: int) -> dict:
         "abs_dQ_da": quantiles(dq.norm(dim=-1).tolist()),
         "reward_tail_share_median": float(tail_share(wm, latents, mean_action).median()),
         "reward_median": float(reward.median()),
+        **selection(planner, wm, latents, a, eps_H),
     }
 
 
@@ -154,8 +193,9 @@ def main() -> None:
     write_json(ROOT / "docs" / "results" / "dreamer_grad_check.json", payload)
 
     rows = ["| model | ‖dJ/da‖ median / p90 / max | clipped (>20) | step ‖Δa‖ median | J(a') − J(a) min / median / "
-            "max | improved / worse | ‖dr/da‖ median / max | ‖dQ̄/da‖ median | tail share of dr/da | r̂ median |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "max | improved / worse | ‖dr/da‖ median / max | ‖dQ̄/da‖ median | tail share of dr/da | r̂ median | "
+            "J spread: full / inner bins | same pick, inner bins |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         g, dr = r["grad_norm"], r["abs_dr_da"]
         gain = r["J_gain"]
@@ -163,7 +203,8 @@ def main() -> None:
                     f"{r['step_norm_median']:.2g} | {r['J_gain_min']:.3g} / {gain['median']:.3g} / {gain['max']:.3g} | "
                     f"{r['improved_share']:.0%} / {r['worsened_share']:.0%} | {dr['median']:.3g} / {dr['max']:.3g} | "
                     f"{r['abs_dQ_da']['median']:.3g} | {r['reward_tail_share_median']:.2g} | "
-                    f"{r['reward_median']:.3g} |")
+                    f"{r['reward_median']:.3g} | {r['J_spread_median']:.3g} / {r['J_inner_spread_median']:.3g} | "
+                    f"{r['same_pick_inner_bins']:.0%} |")
     info = payload["machine"]
     markdown = "\n".join([
         "## Dream-MPC's action gradients in a DreamerV3 model",
@@ -171,7 +212,9 @@ def main() -> None:
         f"Command: `{info['command']}`. {args.steps} control steps of one deterministic Dream-MPC episode of the "
         f"final model ({args.task}), 5 candidates each (the planner's prior rollouts and noise); "
         "`J(a')`: after one clipped gradient step (lr 0.1, clip 20) with the same noise; `tail share`: part of "
-        "‖dr/da‖ from bins with |b| > 100.",
+        "‖dr/da‖ from bins with |b| > 100; `J spread`: median over states of the candidates' max - min `J` (with "
+        "the penalty, as ranked), from the heads' full decoding and from their bins within |b| <= 100 only; "
+        "`same pick`: share of states where both pick the same candidate (chance: 20 %).",
         "",
         *rows,
     ])

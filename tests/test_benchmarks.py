@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 HELPERS = {"_report.py", "campaign_report.py"}  # modules the scripts import, no command line of their own
@@ -61,3 +62,37 @@ def test_mppi_fidelity_compares_returns_paired_and_unpaired(monkeypatch):
     assert (c["paired_wins"], c["paired_losses"]) == (2, 1)
     assert c["sign_p"] == pytest.approx(1.0)  # 2 of 3 is what a fair coin gives
     assert 0.0 < c["wilcoxon_p"] <= 1.0 and 0.0 < c["welch_p"] <= 1.0
+
+
+def test_dreamer_grad_check_selection_compares_full_and_inner_bin_decoding(monkeypatch, one_thread):
+    """The inner-bins decoder equals the full one when every bin is inner and differs when the outer bins hold
+    mass; the selection measure restores the model's decoder and, with every bin inner, agrees with itself."""
+    from torchrl_dreammpc.modules import DreamerV3WorldModel
+    from torchrl_dreammpc.planners import GradientMPCPlanner
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    check = _import("dreamer_grad_check.py", monkeypatch)
+    torch.manual_seed(0)
+    wm = DreamerV3WorldModel(5, 1, model_size="cpu", deter=32, hidden=16, stoch=4, classes=4, units=16,
+                             blocks=4).eval()
+    with torch.no_grad():
+        for param in wm.parameters():
+            param.add_(0.5 * torch.randn_like(param))
+    logits = torch.randn(7, wm.two_hot.bins.numel())
+    torch.testing.assert_close(check.InnerBinsTwoHot(wm.two_hot, limit=float("inf"))(logits), wm.two_hot(logits))
+    assert not torch.allclose(check.InnerBinsTwoHot(wm.two_hot)(logits), wm.two_hot(logits))
+
+    planner = GradientMPCPlanner(wm, generator=torch.Generator().manual_seed(0))
+    planner._step_ops = wm.planning_ops()
+    B, N, H, A = 16, planner.num_candidates, planner.horizon, planner.action_dim
+    latents = torch.randn(B, wm.latent_dim)
+    a = torch.rand(H, B * N, A) * 2 - 1
+    eps_H = torch.randn(B * N, A)
+    result = check.selection(planner, wm, latents, a, eps_H)
+    assert set(result) == {"J_spread_median", "J_inner_spread_median", "same_pick_inner_bins"}
+    assert 0.0 <= result["same_pick_inner_bins"] <= 1.0 and result["J_spread_median"] > 0
+    assert wm.two_hot.__class__.__name__ == "SymExpTwoHot"  # the model's own decoder is back
+    inner_bins = check.InnerBinsTwoHot
+    monkeypatch.setattr(check, "InnerBinsTwoHot", lambda two_hot: inner_bins(two_hot, limit=float("inf")))
+    same = check.selection(planner, wm, latents, a, eps_H)
+    assert same["same_pick_inner_bins"] == 1.0 and same["J_spread_median"] == same["J_inner_spread_median"]
