@@ -356,7 +356,8 @@ def _swap_table(record: dict, rows: list[dict], planners: list[str]) -> str:
             "the fraction of action dimensions whose squashed mean is beyond ±0.99, and the mean log-std (TD-MPC2's and "
             "BMPC's range [-10, 2] and [-3, 1]; DreamerV3's std lies in [0.1, 1])."
             if prior else "")
-    return (f"Cells: {what} over n episodes, DETERMINISTIC mode, the same initial states for every planner. ms per "
+    return (f"Cells: {what} over n episodes, DETERMINISTIC mode (*policy prior, sampled*: RANDOM mode, the prior's "
+            f"samples, which Dream-MPC draws its candidates from), the same initial states for every planner. ms per "
             f"step: the planner's own time, median over snapshots, measured while other jobs shared the 2 cores "
             f"(docs/performance.md has the quiet-machine timings).{note}\n\n" + "\n".join(lines))
 
@@ -452,9 +453,12 @@ def write_report(campaign: dict[str, Any]) -> Path:
         "",
         "Written by `python benchmarks/campaign.py` (configuration: `" + config + "`; rewrite only the report with "
         "`--report-only`), last on "
-        f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC. Every run trains a TD-MPC2 world model with "
-        "Dream-MPC acting in the loop; every snapshot (every evaluation point) is evaluated with each planner on "
-        "the same initial states. Raw rows: `benchmark/planner_swap.csv`, per-episode values: "
+        f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC. Every run trains a world model (TD-MPC2's; "
+        "DreamerV3's or BMPC's where the run's name ends in `-dreamer_v3` or `-bmpc`) with Dream-MPC acting in the "
+        "loop; every snapshot (every evaluation point) is evaluated with each planner on the same initial states. "
+        "The MPPI column is our `MPPIPlanner`, which computes TD-MPC2's MPPI step exactly given the same random "
+        "numbers (`tests/test_tdmpc2_mppi_reference.py`, `docs/results/mppi_fidelity.md`; BMPC's MPPI on BMPC's "
+        "models: `tests/test_bmpc_reference.py`): it stands for TD-MPC2's planner on the same model. Raw rows: `benchmark/planner_swap.csv`, per-episode values: "
         "`benchmark/episodes.json`, runs (commands, wall time, machine): `benchmark/runs.json`.",
         "",
         "## Conclusion",
