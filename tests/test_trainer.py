@@ -448,12 +448,17 @@ def test_sigint_twice_stops_at_once():
             self.reasons.append(reason)
 
     trainer = Recorder()
-    with pytest.raises(KeyboardInterrupt):
-        with stop_on_signals(trainer) as received:
-            os.kill(os.getpid(), signal.SIGINT)
-            assert trainer.reasons == ["received SIGINT"] and received == [signal.SIGINT]
-            os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Python's own Ctrl-C handler, whatever an earlier test (e.g. one that started Ray) left installed
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with stop_on_signals(trainer) as received:
+                os.kill(os.getpid(), signal.SIGINT)
+                assert trainer.reasons == ["received SIGINT"] and received == [signal.SIGINT]
+                os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_resume_refuses_another_task_or_model_size_before_loading(tmp_path):
