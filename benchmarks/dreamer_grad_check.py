@@ -16,7 +16,8 @@ policy-prior candidates (the planner's own rollout and noise):
 - the selection (Dream-MPC's step 4, with its penalty): how far apart the candidates' ``J`` lie (median over states
   of max - min), and how often the candidate it picks stays the same when the heads are decoded from the bins
   within ``|b| <= 100`` only (renormalized), i.e. whether the ranking follows what the heads say on the task's
-  scale or the balance of their outer bins (chance agreement: 1 / 5);
+  scale or the balance of their outer bins (chance agreement: 1 / 5); and how far apart the penalty ``λ·u`` alone
+  lies, and how often the pick stays the same without it (``λ = 0``);
 
 for each world model given: the run's snapshots (step 0: DreamerV3's zero-initialized reward and value output
 layers), the final model, and the step-0 model with random output layers (the "untrained head" of the issue).
@@ -92,20 +93,23 @@ def selection(planner, wm, latents, a, eps_H) -> dict:
     B, N = latents.shape[0], planner.num_candidates
     lam = planner.uncertainty_weight
 
-    def scores():
-        ret, unc = planner.imagine(latents, a, eps_H, uncertainty=lam > 0)
-        return (ret - lam * unc if lam > 0 else ret).view(B, N)
+    def scores(weight=lam):
+        ret, unc = planner.imagine(latents, a, eps_H, uncertainty=True)
+        return (ret - weight * unc).view(B, N), (weight * unc).view(B, N)
 
     with torch.no_grad():
-        full = scores()
+        full, penalty = scores()
+        no_penalty, _ = scores(0.0)
         two_hot, wm.two_hot = wm.two_hot, InnerBinsTwoHot(wm.two_hot)
         try:
-            inner = scores()
+            inner, _ = scores()
         finally:
             wm.two_hot = two_hot
     spread = lambda J: float((J.max(1).values - J.min(1).values).median())  # noqa: E731
     return {"J_spread_median": spread(full), "J_inner_spread_median": spread(inner),
-            "same_pick_inner_bins": float((full.argmax(1) == inner.argmax(1)).float().mean())}
+            "same_pick_inner_bins": float((full.argmax(1) == inner.argmax(1)).float().mean()),
+            "penalty_spread_median": spread(penalty),
+            "same_pick_without_penalty": float((full.argmax(1) == no_penalty.argmax(1)).float().mean())}
 
 
 def measure(wm, latents: torch.Tensor, seed: int) -> dict:
@@ -194,8 +198,8 @@ def main() -> None:
 
     rows = ["| model | ‖dJ/da‖ median / p90 / max | clipped (>20) | step ‖Δa‖ median | J(a') − J(a) min / median / "
             "max | improved / worse | ‖dr/da‖ median / max | ‖dQ̄/da‖ median | tail share of dr/da | r̂ median | "
-            "J spread: full / inner bins | same pick, inner bins |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "J spread: full / inner bins | same pick, inner bins | λ·u spread | same pick, λ = 0 |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         g, dr = r["grad_norm"], r["abs_dr_da"]
         gain = r["J_gain"]
@@ -204,7 +208,8 @@ def main() -> None:
                     f"{r['improved_share']:.0%} / {r['worsened_share']:.0%} | {dr['median']:.3g} / {dr['max']:.3g} | "
                     f"{r['abs_dQ_da']['median']:.3g} | {r['reward_tail_share_median']:.2g} | "
                     f"{r['reward_median']:.3g} | {r['J_spread_median']:.3g} / {r['J_inner_spread_median']:.3g} | "
-                    f"{r['same_pick_inner_bins']:.0%} |")
+                    f"{r['same_pick_inner_bins']:.0%} | {r['penalty_spread_median']:.3g} | "
+                    f"{r['same_pick_without_penalty']:.0%} |")
     info = payload["machine"]
     markdown = "\n".join([
         "## Dream-MPC's action gradients in a DreamerV3 model",
@@ -214,7 +219,8 @@ def main() -> None:
         "`J(a')`: after one clipped gradient step (lr 0.1, clip 20) with the same noise; `tail share`: part of "
         "‖dr/da‖ from bins with |b| > 100; `J spread`: median over states of the candidates' max - min `J` (with "
         "the penalty, as ranked), from the heads' full decoding and from their bins within |b| <= 100 only; "
-        "`same pick`: share of states where both pick the same candidate (chance: 20 %).",
+        "`same pick`: share of states where both pick the same candidate (chance: 20 %); `λ·u spread`: the same "
+        "spread of the uncertainty penalty alone; `same pick, λ = 0`: the pick without the penalty.",
         "",
         *rows,
     ])

@@ -89,7 +89,9 @@ def test_dreamer_grad_check_selection_compares_full_and_inner_bin_decoding(monke
     a = torch.rand(H, B * N, A) * 2 - 1
     eps_H = torch.randn(B * N, A)
     result = check.selection(planner, wm, latents, a, eps_H)
-    assert set(result) == {"J_spread_median", "J_inner_spread_median", "same_pick_inner_bins"}
+    assert set(result) == {"J_spread_median", "J_inner_spread_median", "same_pick_inner_bins",
+                           "penalty_spread_median", "same_pick_without_penalty"}
+    assert 0.0 <= result["same_pick_without_penalty"] <= 1.0 and result["penalty_spread_median"] >= 0
     assert 0.0 <= result["same_pick_inner_bins"] <= 1.0 and result["J_spread_median"] > 0
     assert wm.two_hot.__class__.__name__ == "SymExpTwoHot"  # the model's own decoder is back
     inner_bins = check.InnerBinsTwoHot
