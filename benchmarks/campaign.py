@@ -546,8 +546,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"campaign.py: {err}", file=sys.stderr)
         return 2
     except CampaignStopped as stop:
-        print(f"[campaign] {stop}: the training in progress wrote a checkpoint of the step it reached; re-run the "
-              "same command to continue.", flush=True)
+        print(f"[campaign] {stop}: a training chunk in progress wrote a checkpoint of the step it reached, an "
+              "evaluation in progress is redone next time; re-run the same command to continue.", flush=True)
         return 128 + stop.signum
     print(f"[campaign] report: {path}", flush=True)
     return 0
