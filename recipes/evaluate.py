@@ -312,7 +312,7 @@ def evaluate(cfg: dict) -> None:
         for row in rows:
             row["video"] = str(record_video(create_env, actors[row["planner"]], out_dir / f"{row['planner']}.mp4",
                                             int(cfg["seed"]), tuple(cfg["video_size"]),
-                                            exploration_type=EXPLORATION_TYPES[exploration], torch_seed=int(cfg["seed"])))
+                                            exploration_type=EXPLORATION_TYPES[exploration]))
         write_results(out_dir, header, rows)
 
     if hook.progress.mode == "lines" and len(rows) > 1:  # the rows were interleaved with progress lines: again
