@@ -166,9 +166,10 @@ class _Timer:
 
 
 def record_video(create_env, actor, path: Path, seed: int, size: tuple[int, int], fps: int = 30,
-                 exploration_type: ExplorationType = ExplorationType.DETERMINISTIC) -> Path:
-    """Plays one episode (in ``exploration_type`` mode) and writes it as an MP4 (frames rendered by MuJoCo, encoded
-    by ffmpeg)."""
+                 exploration_type: ExplorationType = ExplorationType.DETERMINISTIC,
+                 max_steps: int | None = None) -> Path:
+    """Plays one episode (in ``exploration_type`` mode, cut after ``max_steps`` agent steps as the evaluation's
+    episodes are) and writes it as an MP4 (frames rendered by MuJoCo, encoded by ffmpeg)."""
     from torchrl.envs.utils import set_exploration_type
 
     try:
@@ -190,7 +191,7 @@ def record_video(create_env, actor, path: Path, seed: int, size: tuple[int, int]
             while True:
                 td = env.step(actor(td))
                 frames.append(render())
-                if bool(td["next", "done"].any()):
+                if bool(td["next", "done"].any()) or (max_steps is not None and len(frames) > max_steps):
                     break
                 td = td["next"]
     except Exception as err:  # MuJoCo's GL backends raise assorted errors without a display / GPU
@@ -312,7 +313,8 @@ def evaluate(cfg: dict) -> None:
         for row in rows:
             row["video"] = str(record_video(create_env, actors[row["planner"]], out_dir / f"{row['planner']}.mp4",
                                             int(cfg["seed"]), tuple(cfg["video_size"]),
-                                            exploration_type=EXPLORATION_TYPES[exploration]))
+                                            exploration_type=EXPLORATION_TYPES[exploration],
+                                            max_steps=cfg.get("max_steps")))
         write_results(out_dir, header, rows)
 
     if hook.progress.mode == "lines" and len(rows) > 1:  # the rows were interleaved with progress lines: again

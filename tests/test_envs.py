@@ -524,19 +524,6 @@ def test_every_published_tdmpc2_dmc_task_builds():
 
 
 # -- rendering -------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def gl():
-    """Skips a test where MuJoCo cannot open an offscreen GL context (no EGL / OSMesa)."""
-    env = make_base_env("pendulum-swingup", seed=0)
-    env.reset()
-    try:
-        env.render(8, 8)
-    except RuntimeError as err:
-        pytest.skip(f"MuJoCo has no offscreen GL backend here: {err}")
-    finally:
-        env.close()
-
-
 @pytest.mark.parametrize(
     "task,camera", [("cartpole-swingup", 0), ("quadruped-walk", 2), ("reacher-three-easy", 0), ("mw-reach", "corner4")]
 )

@@ -434,6 +434,31 @@ def test_evaluate_in_random_mode_plays_the_prior_s_samples(evaluate_inputs):
     assert returns[2] == returns[1]
 
 
+def test_evaluate_video_records_each_planner_as_its_evaluation_plays(evaluate_inputs, gl):
+    """``video=true``: one MP4 per planner, cut at ``max_steps`` like the evaluated episodes, its path in the
+    results; the returns are those of the evaluation without video."""
+    import imageio.v2 as imageio
+
+    module, root = _load_evaluate_module(), evaluate_inputs
+    results = {}
+    for video in (False, True):
+        cfg = OmegaConf.load(CONFIG_DIR / "evaluate.yaml")
+        for key in ("defaults", "hydra"):
+            cfg.pop(key)
+        out = root / f"video-{video}"
+        cfg.merge_with({"checkpoint": str(root / "run" / "world_model.pt"), "task": "cartpole-swingup",
+                        "planners": ["policy", "dream_mpc"], "episodes": 1, "max_steps": 8, "video": video,
+                        "video_size": [32, 48], "output_dir": str(out), "progress": False})
+        module.main(cfg)
+        results[video] = json.loads((out / "results.json").read_text())["results"]
+    for row, plain in zip(results[True], results[False]):
+        assert row["episode_returns"] == plain["episode_returns"]
+        assert "video" not in plain
+        frames = imageio.mimread(row["video"])
+        assert Path(row["video"]).name == f"{row['planner']}.mp4"
+        assert len(frames) == 9 and frames[0].shape == (32, 48, 3)  # the reset and 8 agent steps
+
+
 def test_evaluate_cli_exits_with_one_line(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"junk")
     result = run(EVALUATE, f"checkpoint={tmp_path / 'bad.pt'}", "task=cartpole-swingup", timeout=120)
