@@ -369,6 +369,11 @@ def diagnose_prior(run: Run, eval_seed: int, threads: int) -> None:
                             f"{run.run_dir / 'swaps' / 'policy_prior.log'}.")
 
 
+def say(message: str) -> None:
+    """One line of the campaign's log, stamped with the UTC time (the log spans sessions and days)."""
+    print(f"[campaign {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M:%SZ}] {message}", flush=True)
+
+
 def _record_chunk(run: Run, record: dict[str, Any]) -> None:
     path = run.run_dir / "campaign.json"
     state = json.loads(path.read_text()) if path.exists() else {"run": run.id, "chunks": []}
@@ -381,7 +386,7 @@ def _record_chunk(run: Run, record: dict[str, Any]) -> None:
 def train_chunk(run: Run, until: int, threads: int) -> None:
     start_step, start = trained_step(run), time.time()
     cmd = train_command(run, until, threads)
-    print(f"[campaign] {run.id}: training {start_step} -> {until}", flush=True)
+    say(f"{run.id}: training {start_step} -> {until}")
     code = _run_child(cmd, run.run_dir / "campaign.log", threads)
     end_step = trained_step(run)
     _record_chunk(run, {"from": start_step, "to": end_step, "target": until, "returncode": code,
@@ -395,7 +400,7 @@ def train_chunk(run: Run, until: int, threads: int) -> None:
 
 
 def evaluate_swap(run: Run, step: int, swap: Swap, eval_seed: int, threads: int) -> None:
-    print(f"[campaign] {run.id}: step {step}, {swap.name} ({swap.episodes} episodes)", flush=True)
+    say(f"{run.id}: step {step}, {swap.name} ({swap.episodes} episodes)")
     out = swap_dir(run, step, swap)
     code = _run_child(evaluate_command(run, step, swap, eval_seed, threads), out.parent / f"{swap.name}.log",
                       threads)
@@ -461,7 +466,7 @@ def work_through(campaign: dict[str, Any], runs: list[Run], rerun: list[str]) ->
         try:
             claim = CampaignLock.claim(run)
         except CampaignError as err:
-            print(f"[campaign] {run.id}: skipped: {err}", flush=True)
+            say(f"{run.id}: skipped: {err}")
             continue
         try:
             continue_run(campaign, run, rerun=run.task in rerun)
@@ -481,14 +486,14 @@ def continue_run(campaign: dict[str, Any], run: Run, rerun: bool) -> None:
     swaps, threads = campaign["swaps"], campaign["threads"]
     if not run.run_dir.exists():
         if finished_in_report(campaign, run) and not rerun:
-            print(f"[campaign] {run.id}: finished on an earlier machine (committed report); skipped "
-                  f"(--rerun {run.task} to train it again)", flush=True)
+            say(f"{run.id}: finished on an earlier machine (committed report); skipped "
+                f"(--rerun {run.task} to train it again)")
             return
-        print(f"[campaign] {run.id}: no run directory at {run.run_dir}: starting it from scratch", flush=True)
+        say(f"{run.id}: no run directory at {run.run_dir}: starting it from scratch")
     while True:
         made = adopt_checkpoints(run, int(run.train["snapshot_interval"]))
         if made:
-            print(f"[campaign] {run.id}: snapshots from trainer checkpoints at steps {made}", flush=True)
+            say(f"{run.id}: snapshots from trainer checkpoints at steps {made}")
         for step, swap in pending_swaps(run, swaps):
             evaluate_swap(run, step, swap, campaign["eval_seed"], threads)
             rewrite_report(campaign)
@@ -546,10 +551,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"campaign.py: {err}", file=sys.stderr)
         return 2
     except CampaignStopped as stop:
-        print(f"[campaign] {stop}: a training chunk in progress wrote a checkpoint of the step it reached, an "
-              "evaluation in progress is redone next time; re-run the same command to continue.", flush=True)
+        say(f"{stop}: a training chunk in progress wrote a checkpoint of the step it reached, an "
+            "evaluation in progress is redone next time; re-run the same command to continue.")
         return 128 + stop.signum
-    print(f"[campaign] report: {path}", flush=True)
+    say(f"report: {path}")
     return 0
 
 

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -328,7 +329,7 @@ def test_sigterm_stops_the_campaign_with_a_checkpoint_and_the_next_call_continue
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
-    assert "[campaign] stopped by SIGTERM" in out
+    assert re.search(r"\[campaign \d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ\] stopped by SIGTERM", out), out[-3000:]
     stopped_at = campaign.trained_step(run)
     assert 50 < stopped_at < 100  # the training child checkpointed the step it reached, between periodic ones
     chunk = json.loads((run.run_dir / "campaign.json").read_text())["chunks"][-1]
