@@ -42,6 +42,7 @@ from torchrl_dreammpc.trainers import (
     ConfigMismatchError,
     EvaluationHook,
     EvaluationProgress,
+    cap_episode_length,
     find_trainer_checkpoint,
     load_world_model_from_trainer_checkpoint,
 )
@@ -177,7 +178,7 @@ def record_video(create_env, actor, path: Path, seed: int, size: tuple[int, int]
         import imageio_ffmpeg  # noqa: F401  (the ffmpeg binary imageio writes MP4 with)
     except ImportError as err:
         raise UserError(f"video=true needs imageio with its ffmpeg plugin (pip install 'imageio[ffmpeg]'): {err}")
-    env = create_env()
+    env = cap_episode_length(create_env(), max_steps)
     base = env.base_env
     height, width = size
     # every suite's env renders its own video camera (SuiteEnv.render: DMC, Meta-World, HumanoidBench)
@@ -191,7 +192,7 @@ def record_video(create_env, actor, path: Path, seed: int, size: tuple[int, int]
             while True:
                 td = env.step(actor(td))
                 frames.append(render())
-                if bool(td["next", "done"].any()) or (max_steps is not None and len(frames) > max_steps):
+                if bool(td["next", "done"].any()):
                     break
                 td = td["next"]
     except Exception as err:  # MuJoCo's GL backends raise assorted errors without a display / GPU
@@ -296,6 +297,7 @@ def evaluate(cfg: dict) -> None:
             "plan_ms_per_step": timers[name].ms,
             "ms_per_step": metrics["ms_per_step"],
             "episodes": int(metrics["episodes"]),
+            "mean_episode_length": metrics["episode_length"],
             "episode_returns": metrics.get("episode_returns"),  # results.json only (paired comparisons)
             "episode_successes": metrics.get("episode_successes"),
         })

@@ -434,9 +434,9 @@ def test_evaluate_in_random_mode_plays_the_prior_s_samples(evaluate_inputs):
     assert returns[2] == returns[1]
 
 
-def test_evaluate_video_records_each_planner_as_its_evaluation_plays(evaluate_inputs, gl):
-    """``video=true``: one MP4 per planner, cut at ``max_steps`` like the evaluated episodes, its path in the
-    results; the returns are those of the evaluation without video."""
+def test_evaluate_max_steps_cuts_the_episodes_and_video_records_each_planner(evaluate_inputs, gl):
+    """``max_steps`` cuts the evaluated episodes (cartpole's are 500 steps) and ``video=true``'s: one MP4 per
+    planner, its path in the results; the returns are those of the evaluation without video."""
     import imageio.v2 as imageio
 
     module, root = _load_evaluate_module(), evaluate_inputs
@@ -453,6 +453,7 @@ def test_evaluate_video_records_each_planner_as_its_evaluation_plays(evaluate_in
         results[video] = json.loads((out / "results.json").read_text())["results"]
     for row, plain in zip(results[True], results[False]):
         assert row["episode_returns"] == plain["episode_returns"]
+        assert row["mean_episode_length"] == plain["mean_episode_length"] == 8
         assert "video" not in plain
         frames = imageio.mimread(row["video"])
         assert Path(row["video"]).name == f"{row['planner']}.mp4"

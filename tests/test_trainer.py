@@ -859,6 +859,22 @@ def test_evaluation_progress_bar_counts_steps_and_early_ends():
     assert results["a"]["episode_length"] == 2.0
 
 
+def test_evaluation_max_steps_truncates_every_episode():
+    """``max_steps`` ends the episodes early (TorchRL's Evaluator ignores its own cap on envs that count their
+    steps, as every task env does): 2 of 4 steps, half the return, every episode."""
+    from torchrl_dreammpc.trainers import EvaluationHook, cap_episode_length
+
+    full, capped = (EvaluationHook({"a": _zero_actor()}, _short_episode_env, interval=0, episodes=3, seed=0,
+                                   verbose=False, max_steps=max_steps) for max_steps in (None, 2))
+    full_result, capped_result = full.evaluate(0)["a"], capped.evaluate(0)["a"]
+    full.shutdown(), capped.shutdown()
+    assert (full_result["episode_length"], full_result["return"]) == (4.0, 8.0)
+    assert (capped_result["episode_length"], capped_result["return"], capped_result["episodes"]) == (2.0, 4.0, 3.0)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match=f"max_steps must be a positive integer or None, got {bad!r}"):
+            cap_episode_length(_short_episode_env(), bad)
+
+
 def test_evaluation_progress_modes():
     import io
 

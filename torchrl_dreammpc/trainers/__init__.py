@@ -18,6 +18,7 @@ from torchrl_dreammpc.trainers.hooks import (
     EvaluationProgress,
     MultiLogger,
     WorldModelSnapshots,
+    cap_episode_length,
     read_eval_csv,
 )
 from torchrl_dreammpc.trainers.preemption import stop_on_signals
@@ -55,6 +56,7 @@ __all__ = [
     "TDMPC2OptimizationStepper",
     "TRAJ_KEY",
     "WorldModelSnapshots",
+    "cap_episode_length",
     "make_replay_buffer",
     "read_eval_csv",
     "read_fingerprint",

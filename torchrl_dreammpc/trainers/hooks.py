@@ -15,7 +15,7 @@ import torch
 from tensordict import TensorDictBase
 from torch import nn
 from torchrl.collectors import Collector, Evaluator
-from torchrl.envs import Transform, TransformedEnv
+from torchrl.envs import StepCounter, Transform, TransformedEnv
 from torchrl.envs.utils import ExplorationType
 from torchrl.record.loggers import CSVLogger, Logger, TensorboardLogger
 from torchrl.trainers import Trainer, TrainerHookBase
@@ -367,6 +367,23 @@ def _episode_length(env) -> int | None:
     return int(length) if isinstance(length, int) else None
 
 
+def cap_episode_length(env, max_steps: int | None):
+    """Ends every episode of ``env`` (truncated) after ``max_steps`` agent steps, on top of the task's own limit.
+
+    Why not :class:`~torchrl.collectors.Evaluator`'s ``max_steps``: TorchRL drops its own cap when the env already
+    counts steps, and every task env here does (the task's time limit), so the cap would be silently ignored.
+    """
+    if max_steps is None:
+        return env
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+        raise ValueError(f"max_steps must be a positive integer or None, got {max_steps!r}.")
+    counter = StepCounter(max_steps=max_steps, step_count_key="capped_step_count")
+    if isinstance(env, TransformedEnv):
+        env.append_transform(counter)
+        return env
+    return TransformedEnv(env, counter)
+
+
 class EvaluationHook(TrainerHookBase):
     """Periodic evaluation through :class:`torchrl.collectors.Evaluator`, with an ``eval.csv`` learning curve.
 
@@ -436,8 +453,8 @@ class EvaluationHook(TrainerHookBase):
         self.verbose = verbose
         self.at_start = bool(at_start)
         self.progress = EvaluationProgress(progress)
-        self.envs = {name: self._with_progress(create_env_fn()) for name in self.names}
         self.max_steps = max_steps
+        self.envs = {name: self._with_progress(cap_episode_length(create_env_fn(), max_steps)) for name in self.names}
         self.torch_seed = torch_seed
         self.evaluators = {
             name: Evaluator(
