@@ -38,7 +38,10 @@ from torchrl_dreammpc.trainers import DreamMPCTrainer  # noqa: E402
 from torchrl_dreammpc.trainers.builders import make_planner, make_world_model  # noqa: E402
 from torchrl_dreammpc.trainers.replay import EXPERT_KEY  # noqa: E402
 
-CONFIGS = [("tdmpc2", "dream_mpc"), ("bmpc", "dream_mpc"), ("tdmpc2", "mppi"), ("bmpc", "mppi")]
+#: (algorithm, acting planner, compiled update); compiled: the benchmark campaign's setting (``compile: true``),
+#: which with BMPC also compiles the reanalyze planner.
+CONFIGS = [("tdmpc2", "dream_mpc", False), ("bmpc", "dream_mpc", False), ("tdmpc2", "mppi", False),
+           ("bmpc", "mppi", False), ("tdmpc2", "dream_mpc", True), ("bmpc", "dream_mpc", True)]
 PLANNER_CFG = {
     "dream_mpc": {"name": "dream_mpc", "uncertainty_weight": None},  # the family's lambda: 0.01 / 0.1
     "mppi": {"name": "mppi"},  # TD-MPC2's and BMPC's 512 samples, 64 elites, 6 iterations, 24 prior samples
@@ -46,7 +49,7 @@ PLANNER_CFG = {
 SIZES = {1: dict(enc_dim=256, mlp_dim=384, latent_dim=128, num_enc_layers=2, num_q=2), 5: dict()}
 
 
-def measure(algorithm: str, planner: str, task: str, model_size: int, batch_size: int, steps: int,
+def measure(algorithm: str, planner: str, compile: bool, task: str, model_size: int, batch_size: int, steps: int,
             warmup: int) -> dict:
     torch.manual_seed(0)
     info = task_info(task)
@@ -68,7 +71,7 @@ def measure(algorithm: str, planner: str, task: str, model_size: int, batch_size
             create_env_fn=functools.partial(make_env, task, seed=1), world_model=wm, actor=actor, total_frames=total,
             batch_size=batch_size, seed=1, seed_frames=seed_frames, pretrain_updates=pretrain, eval_interval=0,
             log_dir=Path(tmp) / "run", log_interval=1000, checkpoint_dir=None, task=task, planner_name=planner,
-            verbose=False, algorithm=algorithm)
+            verbose=False, algorithm=algorithm, compile=compile)
         plan, update, reanalyze = Stopwatch(), Stopwatch(), Stopwatch()
         actor.forward = plan.wrap(actor.forward)
         trainer.optimization_stepper.step = update.wrap(trainer.optimization_stepper.step)
@@ -80,7 +83,7 @@ def measure(algorithm: str, planner: str, task: str, model_size: int, batch_size
     wall = window["stop"] - window["start"]
     n = steps
     return {
-        "algorithm": algorithm, "planner": planner, "params": wm.num_params,
+        "algorithm": algorithm, "planner": planner, "compile": compile, "params": wm.num_params,
         "wall_ms": 1000 * wall / n, "plan_ms": 1000 * plan.total / n, "update_ms": 1000 * update.total / n,
         "reanalyze_ms": 1000 * reanalyze.total / n, "reanalyzes": reanalyze.calls,
         "rest_ms": 1000 * (wall - plan.total - update.total - reanalyze.total) / n,
@@ -105,18 +108,21 @@ def main() -> None:
         for cfg in CONFIGS:
             result = measure(*cfg, args.task, args.model_size, args.batch_size, args.steps, args.warmup)
             runs[cfg].append(result)
-            print(f"round {r}: {cfg[0]:7s} + {cfg[1]:9s}: {result['wall_ms']:8.1f} ms/step (plan "
+            print(f"round {r}: {cfg[0]:7s} + {cfg[1]:9s}{' compiled' if cfg[2] else ''}: {result['wall_ms']:8.1f} "
+                  f"ms/step (plan "
                   f"{result['plan_ms']:.1f}, update {result['update_ms']:.1f}, reanalyze {result['reanalyze_ms']:.1f}"
                   f" over {result['reanalyzes']} reanalyzes, rest {result['rest_ms']:.1f})", flush=True)
     load_after = Path("/proc/loadavg").read_text().split()[:3]
     rows, summary = [], {}
-    base = statistics.median(x["wall_ms"] for x in runs[("tdmpc2", "dream_mpc")])
+    base = statistics.median(x["wall_ms"] for x in runs[CONFIGS[0]])
     for cfg in CONFIGS:
         med = {k: statistics.median(x[k] for x in runs[cfg]) for k in ("wall_ms", "plan_ms", "update_ms",
                                                                          "reanalyze_ms", "rest_ms")}
         low = min(x["wall_ms"] for x in runs[cfg])
-        summary["+".join(cfg)] = {"median": med, "min_wall_ms": low, "runs": runs[cfg]}
-        rows.append(f"| {cfg[0]} | {cfg[1]} | {med['wall_ms']:.0f} ({low:.0f}) | {med['plan_ms']:.1f} | "
+        summary["+".join(cfg[:2]) + ("+compiled" if cfg[2] else "")] = {"median": med, "min_wall_ms": low,
+                                                                          "runs": runs[cfg]}
+        rows.append(f"| {cfg[0]} | {cfg[1]} | {'yes' if cfg[2] else 'no'} | {med['wall_ms']:.0f} ({low:.0f}) | "
+                    f"{med['plan_ms']:.1f} | "
                     f"{med['update_ms']:.1f} | {med['reanalyze_ms']:.1f} | {med['rest_ms']:.1f} | "
                     f"{med['wall_ms'] / base:.1f}x |")
     machine = machine_info()
@@ -129,10 +135,11 @@ configurations ran interleaved, {args.rounds} rounds).
 Per training step of `DreamMPCTrainer` (UTD 1: one env step + one update), {args.task}, model_size={args.model_size},
 batch {args.batch_size}×H3, mean over {args.steps} steps after the seed phase; median over the rounds (min in
 brackets). BMPC reanalyzes every 10 updates (60 states, MPPI 512 samples × 6 iterations, 6 states per call on a
-CPU), so its column is one tenth of a reanalyze per step.
+CPU), so its column is one tenth of a reanalyze per step. "compiled": `compile=true` (the benchmark campaign's
+setting): `torch.compile`d update and, with BMPC, reanalyze planner; the acting planner stays eager in every row.
 
-| algorithm | acting planner | ms / step | plan | update | reanalyze | env + machinery | vs TD-MPC2 + Dream-MPC |
-| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |
+| algorithm | acting planner | compiled | ms / step | plan | update | reanalyze | env + machinery | vs TD-MPC2 + Dream-MPC |
+| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |
 {chr(10).join(rows)}
 
 The reanalyze is BMPC's price: ~60 MPPI plans every 10 steps, i.e. about 6 MPPI plans per env step. On a GPU (BMPC's

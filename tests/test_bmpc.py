@@ -395,6 +395,28 @@ def test_reanalyze_writes_the_new_expert_into_the_replay_storage():
         LazyReanalyze(MPPIPlanner(wm, **SMALL_MPPI))
 
 
+@pytest.mark.slow
+def test_a_compiled_update_compiles_the_reanalyze_planner_which_plans_the_same():
+    from torchrl_dreammpc.trainers.bmpc import make_bmpc_update
+
+    wm = bmpc_model()
+    batch = TensorDict({"observation": torch.randn(4, 3, 5), "index": torch.arange(12).view(4, 3, 1),
+                        "expert": {"loc": torch.full((4, 3, 2), float("nan")), "scale": torch.ones(4, 3, 2)}},
+                       [4, 3])
+    experts = {}
+    for compile in (False, True):
+        hook = make_bmpc_update(wm, compile=compile, reanalyze={"num_slices": 2, "planner": SMALL_MPPI})[2]
+        assert hook.planner.compile_mode is compile
+        torch.manual_seed(3)
+        experts[compile] = hook.reanalyze(batch.clone())["expert"]
+    assert not experts[True]["loc"][:2].isnan().any()
+    close(experts[True]["loc"][:2], experts[False]["loc"][:2], atol=1e-4)  # (the other slices: NaN, untouched)
+    close(experts[True]["scale"][:2], experts[False]["scale"][:2], atol=1e-4)
+    # the planner's own setting wins
+    hook = make_bmpc_update(wm, compile=True, reanalyze={"planner": {**SMALL_MPPI, "compile": False}})[2]
+    assert hook.planner.compile_mode is False
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the trainer: algorithm=bmpc end to end, resume, checkpoints
 # ---------------------------------------------------------------------------------------------------------

@@ -363,7 +363,8 @@ class DreamMPCTrainer(Trainer):
         utd_ratio (float): updates per collected step afterwards (TD-MPC2: 1).
         frames_per_batch (int): steps per collector batch and worker (1: act, then update, as TD-MPC2).
         lr (float), enc_lr_scale (float), grad_clip (float), tau (float), compile (bool or str): see
-            :class:`TDMPC2OptimizationStepper` (``"dreamer_v3"``: only ``lr``; ``compile`` must be ``False``).
+            :class:`TDMPC2OptimizationStepper` (``"dreamer_v3"``: only ``lr``; ``compile`` must be ``False``;
+            ``"bmpc"``: ``compile`` also compiles the reanalyze planner, :func:`make_bmpc_update`).
         algorithm (str): the update, one of :data:`ALGORITHMS`, built by :data:`UPDATE_BUILDERS` and recorded in the
             checkpoint fingerprint: ``"tdmpc2"`` (TD-MPC2's losses and stepper), ``"bmpc"`` (BMPC's, for a
             :class:`~torchrl_dreammpc.modules.BMPCWorldModel`, with the expert distribution in the replay buffer
