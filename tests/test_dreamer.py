@@ -360,6 +360,24 @@ def test_torchrl_stepper_is_one_dreamer_update():
         torch.testing.assert_close(a, b, msg=name)
 
 
+def test_resume_keeps_this_run_s_optimizer_settings_and_the_checkpoint_s_progress():
+    """TorchRL's stepper would restore the checkpoint's lr / agc / warm-up with the moments; ours keeps the
+    configured ones, and the optimizer's progress (its per-group ``step``, which drives the warm-up) is restored."""
+    batch = replay_batch(B=2, T=6)
+    _, stepper = make_dreamer_v3_update(tiny_model(seed=3), imagination_horizon=3)
+    for _ in range(2):
+        stepper.step(None, batch.clone())
+    state = stepper.state_dict()
+    _, resumed = make_dreamer_v3_update(tiny_model(seed=3), lr=1e-5, agc=0.1, imagination_horizon=3)
+    with pytest.warns(UserWarning, match=r"DreamerV3 optimizer group 0 lr 4e-05 -> 1e-05, DreamerV3 optimizer "
+                                         r"group 0 agc 0.3 -> 0.1$"):
+        resumed.load_state_dict(state)
+    group = resumed.optimizer.param_groups[0]
+    assert (group["lr"], group["agc"], group["warmup_steps"], group["step"]) == (1e-5, 0.1, 1000, 2)
+    first = next(iter(resumed.optimizer.state_dict()["state"].values()))
+    torch.testing.assert_close(first["momentum"], next(iter(state["optimizer"]["state"].values()))["momentum"])
+
+
 def test_update_schedule_matches_dreamer_update_ratio():
     """The trainer's schedule gives DreamerV3UpdateRatio's update counts (which adds one update on its first call)."""
     ours, theirs = _UpdateSchedule(0.25), DreamerV3UpdateRatio(0.25)

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import warnings
 
 import pytest
 import torch
@@ -159,6 +160,35 @@ def test_stepper_state_holds_optimizers_and_q_scale():
                             other.wm_optim.state_dict()["state"].values()):
         torch.testing.assert_close(mine["exp_avg"], theirs["exp_avg"])
     assert other.pi_optim.state_dict()["state"][0]["step"] == stepper.pi_optim.state_dict()["state"][0]["step"]
+
+
+def test_resume_keeps_this_run_s_learning_rates_and_the_checkpoint_s_moments(tmp_path):
+    """torch's Optimizer.load_state_dict would bring back the checkpoint's lr: a run resumed with a lower lr (as
+    NonFiniteUpdateError suggests) must train with it, and say that it changed."""
+    stepper = TDMPC2OptimizationStepper(TDMPC2Loss(tiny_world_model()), lr=3e-4)
+    for _ in range(2):
+        stepper.step(None, random_batch())
+    state = stepper.state_dict()
+    resumed = TDMPC2OptimizationStepper(TDMPC2Loss(tiny_world_model(seed=1)), lr=1e-4, enc_lr_scale=0.5)
+    with pytest.warns(UserWarning, match=r"this run's are used: world-model optimizer group 0 lr 9e-05 -> 5e-05, "
+                                         r"world-model optimizer group 1 lr 0.0003 -> 0.0001, policy optimizer "
+                                         r"group 0 lr 0.0003 -> 0.0001$"):
+        resumed.load_state_dict(state)
+    assert [g["lr"] for g in resumed.wm_optim.param_groups] == [5e-5, 1e-4]
+    assert resumed.pi_optim.param_groups[0]["lr"] == 1e-4 and resumed.pi_optim.param_groups[0]["eps"] == 1e-5
+    first = next(iter(resumed.wm_optim.state_dict()["state"].values()))
+    torch.testing.assert_close(first["exp_avg"], next(iter(state["wm_optim"]["state"].values()))["exp_avg"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same settings: nothing to say
+        TDMPC2OptimizationStepper(TDMPC2Loss(tiny_world_model()), lr=3e-4).load_state_dict(state)
+
+    # through the trainer's checkpoint
+    make_trainer(tmp_path, total_frames=100).train()
+    trainer = make_trainer(tmp_path, total_frames=150, lr=1e-4)
+    with pytest.warns(UserWarning, match="lr 0.0003 -> 0.0001"):
+        assert trainer.resume() is not None
+    trainer.train()
+    assert trainer.optimization_stepper.pi_optim.param_groups[0]["lr"] == 1e-4
 
 
 def test_non_finite_update_stops_before_the_optimizer_step():

@@ -14,12 +14,23 @@ from typing import Any
 from torchrl.trainers.algorithms import DreamerV3OptimizationStepper, DreamerV3Optimizer
 
 from torchrl_dreammpc.objectives.dreamer_v3 import DreamerV3TrainingLoss, SlowCriticUpdate
+from torchrl_dreammpc.trainers.stepper import load_optimizer_keeping_settings
 
 __all__ = ["make_dreamer_v3_update", "OPTIMIZER_DEFAULTS"]
 
 #: [DreamerV3] ``opt`` and ``slowvalue.rate``.
 OPTIMIZER_DEFAULTS: dict[str, Any] = dict(lr=4e-5, agc=0.3, eps=1e-20, beta1=0.9, beta2=0.999, warmup_steps=1000,
                                           slow_critic_rate=0.02)
+
+
+class _DreamerV3Stepper(DreamerV3OptimizationStepper):
+    """TorchRL's stepper, resumed with this run's optimizer settings (TorchRL's ``load_state_dict`` restores the
+    checkpoint's ``lr``, ``agc``, ... with the moments: :func:`load_optimizer_keeping_settings`)."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        load_optimizer_keeping_settings(self.optimizer, state_dict["optimizer"], name="DreamerV3 optimizer")
+        if self.target_updater is not None:
+            self.target_updater.load_state_dict(state_dict["target_updater"])
 
 
 def make_dreamer_v3_update(world_model, *, lr: float = 4e-5, agc: float = 0.3, eps: float = 1e-20,
@@ -43,8 +54,8 @@ def make_dreamer_v3_update(world_model, *, lr: float = 4e-5, agc: float = 0.3, e
     Examples:
         >>> from torchrl_dreammpc.modules import DreamerV3WorldModel
         >>> loss, stepper = make_dreamer_v3_update(DreamerV3WorldModel(5, 1, model_size="cpu"))
-        >>> type(stepper).__name__
-        'DreamerV3OptimizationStepper'
+        >>> isinstance(stepper, DreamerV3OptimizationStepper)
+        True
     """
     if compile:
         # DreamerV3OptimizationStepper compiles only after a warmup(sample) call, which the trainer's schedule does
@@ -55,7 +66,7 @@ def make_dreamer_v3_update(world_model, *, lr: float = 4e-5, agc: float = 0.3, e
     loss_module = DreamerV3TrainingLoss(world_model, **loss_kwargs)
     optimizer = DreamerV3Optimizer(loss_module.parameters(), lr=lr, agc=agc, eps=eps, beta1=beta1, beta2=beta2,
                                    warmup_steps=int(warmup_steps))
-    stepper = DreamerV3OptimizationStepper(
+    stepper = _DreamerV3Stepper(
         loss_module, optimizer, SlowCriticUpdate(loss_module.value_loss, tau=slow_critic_rate),
         compile_train_step=False, cudagraph=False)
     return loss_module, stepper

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, TYPE_CHECKING
 
 import torch
@@ -19,7 +20,58 @@ from torchrl.trainers import OptimizationStepper
 if TYPE_CHECKING:
     from torchrl.trainers import Trainer
 
-__all__ = ["TDMPC2OptimizationStepper", "BMPCOptimizationStepper", "NonFiniteUpdateError"]
+__all__ = ["TDMPC2OptimizationStepper", "BMPCOptimizationStepper", "NonFiniteUpdateError",
+           "load_optimizer_keeping_settings"]
+
+
+def load_optimizer_keeping_settings(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any], *,
+                                    name: str = "optimizer", counters: tuple[str, ...] = ("step",),
+                                    warn: bool = True) -> dict:
+    """Restores an optimizer's state (moments, step counts) from a checkpoint, keeping this run's settings.
+
+    Why: ``torch.optim.Optimizer.load_state_dict`` also restores each parameter group's hyperparameters (``lr``,
+    ``betas``, ``eps``; DreamerV3's ``agc``, ``warmup_steps``), so a run resumed with another ``lr`` (e.g. a lower
+    one after a divergence) would silently keep the checkpoint's. The group entries named in ``counters``
+    (progress, not settings: DreamerV3's per-group ``step``) do come from the checkpoint. Settings that differ
+    from the checkpoint's are reported in one :class:`UserWarning` (``warn=False``: only returned; see
+    :func:`warn_settings_changed`).
+
+    Returns:
+        ``{"<name> group <i> <key>": (checkpoint value, value used)}`` for every setting that differs.
+
+    Examples:
+        >>> w = torch.nn.Parameter(torch.zeros(2))
+        >>> saved = torch.optim.Adam([w], lr=3e-4).state_dict()
+        >>> resumed = torch.optim.Adam([w], lr=1e-4)
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")
+        ...     changed = load_optimizer_keeping_settings(resumed, saved)
+        >>> resumed.param_groups[0]["lr"], changed
+        (0.0001, {'optimizer group 0 lr': (0.0003, 0.0001)})
+    """
+    configured = [{key: value for key, value in group.items() if key != "params" and key not in counters}
+                  for group in optimizer.param_groups]
+    optimizer.load_state_dict(state_dict)
+    changed = {}
+    for i, (group, settings) in enumerate(zip(optimizer.param_groups, configured)):
+        for key, value in settings.items():
+            if key in group and group[key] != value:
+                changed[f"{name} group {i} {key}"] = (group[key], value)
+        group.update(settings)
+    if warn:
+        warn_settings_changed(changed)
+    return changed
+
+
+def warn_settings_changed(changed: dict) -> None:
+    """One :class:`UserWarning` listing what :func:`load_optimizer_keeping_settings` found changed (if anything)."""
+    def show(value):
+        return f"{value:.4g}" if isinstance(value, float) else repr(value)
+
+    if changed:
+        warnings.warn("Resumed with other optimizer settings than the checkpoint's; this run's are used: "
+                      + ", ".join(f"{key} {show(old)} -> {show(new)}" for key, (old, new) in changed.items()),
+                      stacklevel=3)
 
 
 class NonFiniteUpdateError(FloatingPointError):
@@ -255,8 +307,12 @@ class TDMPC2OptimizationStepper(OptimizationStepper):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.wm_optim.load_state_dict(state_dict["wm_optim"])
-        self.pi_optim.load_state_dict(state_dict["pi_optim"])
+        # the moments from the checkpoint, the learning rates (e.g. lowered for a resume) from this run
+        warn_settings_changed({
+            **load_optimizer_keeping_settings(self.wm_optim, state_dict["wm_optim"], name="world-model optimizer",
+                                              warn=False),
+            **load_optimizer_keeping_settings(self.pi_optim, state_dict["pi_optim"], name="policy optimizer",
+                                              warn=False)})
         self.policy_loss.scale.load_state_dict(state_dict["q_scale"])
         self.target_updater.load_state_dict(state_dict["target_updater"])
         self.num_updates = int(state_dict["num_updates"])
