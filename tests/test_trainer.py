@@ -688,6 +688,25 @@ def test_snapshots_every_interval_survive_rotation_and_resume(tmp_path):
         make_trainer(tmp_path, snapshot_interval=-5)
 
 
+def test_snapshots_when_batches_jump_over_the_interval(tmp_path):
+    """3 frames per batch: the step count passes 50 at 51 and 100 at 102; a resumed run goes on from its step."""
+    from types import SimpleNamespace
+
+    from torchrl_dreammpc.trainers import WorldModelSnapshots
+
+    def play(hook, steps):
+        hook._trainer = trainer = SimpleNamespace(collected_frames=steps[0])
+        hook.initial()
+        for step in steps[1:]:
+            trainer.collected_frames = step
+            hook()
+
+    play(WorldModelSnapshots(tiny_world_model(), tmp_path, 50), list(range(0, 130, 3)))
+    play(WorldModelSnapshots(tiny_world_model(), tmp_path, 50), list(range(129, 160, 3)))
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["step_00000000.pt", "step_00000051.pt",
+                                                             "step_00000102.pt", "step_00000150.pt"]
+
+
 def test_memmap_replay_trains_checkpoints_and_resumes(tmp_path):
     from torchrl.data import LazyMemmapStorage
 

@@ -651,7 +651,8 @@ class WorldModelSnapshots(TrainerHookBase):
 
     Args:
         directory (str or Path): where the snapshots go.
-        interval (int): steps between two snapshots (on multiples of it).
+        interval (int): steps between two snapshots: one each time the step count reaches or passes a multiple
+            of it, named after the step reached (with one frame per collector batch: the multiple itself).
     """
 
     def __init__(self, world_model: nn.Module, directory: str | Path, interval: int) -> None:
@@ -661,6 +662,7 @@ class WorldModelSnapshots(TrainerHookBase):
         self.directory = Path(directory)
         self.interval = interval
         self._trainer: Trainer | None = None
+        self._last_step: int | None = None  # the step count at the previous call
 
     @staticmethod
     def path_for(directory: str | Path, step: int) -> Path:
@@ -676,12 +678,21 @@ class WorldModelSnapshots(TrainerHookBase):
 
     def __call__(self) -> None:
         trainer = self._trainer
-        if trainer is not None and trainer.collected_frames % self.interval == 0:
-            self.save(trainer.collected_frames)
+        if trainer is None:
+            return
+        # A batch adds frames_per_batch x workers steps: the count may jump over the multiple (`%` would miss it).
+        step = trainer.collected_frames
+        last = self._last_step if self._last_step is not None else step - 1
+        if step // self.interval > last // self.interval:
+            self.save(step)
+        self._last_step = step
 
     def initial(self) -> None:
         trainer = self._trainer
-        if trainer is not None and trainer.collected_frames == 0:
+        if trainer is None:
+            return
+        self._last_step = trainer.collected_frames  # (a resumed run: the step it resumed at)
+        if trainer.collected_frames == 0:
             self.save(0)
 
     def register(self, trainer: Trainer, name: str = "snapshots") -> None:
