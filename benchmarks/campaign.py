@@ -333,6 +333,10 @@ def train_command(run: Run, until: int, threads: int) -> list[str]:
     resumes the same buffer: TD-MPC2's min(steps, 1M))."""
     args = {**run.train, "task": run.task, "steps": until, "run_dir": run.run_dir, "resume": True,
             "threads": threads, "buffer_size": run.train.get("buffer_size") or min(run.steps, 1_000_000)}
+    if args.get("algorithm") == "dreamer_v3":
+        # the campaign's TD-MPC2 model size names the run (run_id) but is not a DreamerV3 setting (train.py refuses
+        # it there: DreamerV3's size is dreamer.model_size, set by its preset)
+        args.pop("model_size", None)
     return [sys.executable, str(TRAIN), *(_override(key, value) for key, value in args.items())]
 
 

@@ -27,13 +27,16 @@ from pathlib import Path
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torchrl.checkpoint import CheckpointError as TorchRLCheckpointError
 
 from torchrl_dreammpc.checkpoints import CheckpointError
 from torchrl_dreammpc.planners import NonFiniteActionError
 from torchrl_dreammpc.trainers import ConfigMismatchError, NonFiniteUpdateError, read_eval_csv, stop_on_signals
-from torchrl_dreammpc.trainers.builders import ConfigError, build_trainer, validate_train_config
+from torchrl_dreammpc.trainers.builders import ConfigError, build_trainer, check_keys_apply, validate_train_config
+
+CONFIG_DIR = Path(__file__).resolve().parent / "config"
 
 
 def quote_model_size(argv: list[str]) -> list[str]:
@@ -44,6 +47,25 @@ def quote_model_size(argv: list[str]) -> list[str]:
         match = re.fullmatch(r"(model_size)=(\d+(?:,\d+)*)", arg)
         out.append(f"{match[1]}=" + ",".join(f"'{v}'" for v in match[2].split(",")) if match else arg)
     return out
+
+
+def keys_set(overrides: list[str]) -> dict[str, str]:
+    """The config keys the command line sets, and those its ``preset=`` sets: ``{key: where}`` (for
+    :func:`~torchrl_dreammpc.trainers.builders.check_keys_apply`; a group override such as ``model_size=1`` counts
+    as its key)."""
+    where = {}
+    for override in overrides:
+        key, _, value = override.partition("=")
+        key = key.lstrip("+~")
+        where.setdefault(key, "the command line")
+        if key == "preset" and value not in ("", "none"):
+            preset = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "preset" / f"{value}.yaml"))
+            for entry in preset.pop("defaults", []):  # e.g. {"override /model_size": "1"}
+                for group in (entry if isinstance(entry, dict) else {}):
+                    where.setdefault(group.split("/")[-1], f"preset={value}")
+            for name in preset:
+                where.setdefault(name, f"preset={value}")
+    return where
 
 
 def lock_run_dir(run_dir: Path):
@@ -68,6 +90,8 @@ def main(cfg: DictConfig) -> float | None:
     cfg = OmegaConf.to_container(cfg, resolve=True)
     # 1. Validate everything before any work (no env, model or file is created on a bad value).
     try:
+        if HydraConfig.initialized():  # (not when a test calls main() with a composed config)
+            check_keys_apply(cfg["algorithm"], keys_set(list(HydraConfig.get().overrides.task)))
         checked = validate_train_config(cfg)
     except ConfigError as err:
         raise SystemExit(f"train.py: invalid config: {err}")

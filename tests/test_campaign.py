@@ -100,7 +100,7 @@ def test_the_other_algorithms_runs_of_the_campaign_yaml_are_valid_train_configs(
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from torchrl_dreammpc.trainers.builders import validate_train_config
+    from torchrl_dreammpc.trainers.builders import check_keys_apply, validate_train_config
 
     loaded = campaign.load_campaign(campaign.DEFAULT_CONFIG)
     others = [run for run in loaded["runs"] if run.train["algorithm"] != "tdmpc2"]
@@ -115,7 +115,8 @@ def test_the_other_algorithms_runs_of_the_campaign_yaml_are_valid_train_configs(
         algorithm = run.train["algorithm"]
         overrides = campaign.train_command(run, 10000, 1)[2:]
         assert f"algorithm={algorithm}" in overrides
-        overrides = _load_train_module().quote_model_size(overrides)  # what train.py does to its argv
+        train = _load_train_module()
+        overrides = train.quote_model_size(overrides)  # what train.py does to its argv
         if run.suite == "humanoid_bench" and importlib.util.find_spec("humanoid_bench") is None:
             continue
         with initialize_config_dir(config_dir=str(campaign.ROOT / "recipes" / "config"), version_base="1.3"):
@@ -125,6 +126,7 @@ def test_the_other_algorithms_runs_of_the_campaign_yaml_are_valid_train_configs(
             assert cfg["algorithm_options"]["reanalyze"]["interval"] == 10
         else:  # preset=dreamer_cpu: the CPU model and replay ratio
             assert cfg["dreamer"]["model_size"] == "cpu" and cfg["dreamer"]["train_ratio"] == 128
+        check_keys_apply(algorithm, train.keys_set(overrides))  # no TD-MPC2 key on a DreamerV3 command
         validate_train_config(cfg)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.util
 import json
 import os
 import signal
@@ -503,6 +504,35 @@ def test_recipe_validation_names_dreamer_keys():
                               ("+dreamer.optimizer.momentum=0.5", "dreamer.optimizer")]:
         with pytest.raises(ConfigError, match=message):
             validate_train_config(config("preset=dreamer_cpu", "steps=100000", override))
+    with pytest.raises(ConfigError, match="cannot hold one sub-trajectory of dreamer.batch_length=32"):
+        validate_train_config(config("preset=dreamer_cpu", "steps=100000", "buffer_size=20"))
+
+
+def test_td_mpc2_settings_are_refused_with_dreamer_naming_its_own():
+    """lr, model_size, ... would be silently ignored by algorithm=dreamer_v3: train.py refuses them (set on the
+    command line or by a preset), naming DreamerV3's counterpart; they stay fine for the TD-MPC2 family."""
+    from torchrl_dreammpc.trainers.builders import ConfigError, check_keys_apply
+
+    spec = importlib.util.spec_from_file_location("train_recipe", ROOT / "recipes" / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    where = train.keys_set(["preset=quickstart", "lr=1e-4", "+model.mlp_dim=64", "dreamer.optimizer.lr=1e-5"])
+    assert where["lr"] == where["model.mlp_dim"] == "the command line"
+    assert where["model_size"] == where["batch_size"] == "preset=quickstart"  # (model_size: a group override)
+    with pytest.raises(ConfigError) as err:
+        check_keys_apply("dreamer_v3", where)
+    message = str(err.value)
+    for part in ["lr (set by the command line): use dreamer.optimizer.lr",
+                 "model.mlp_dim (set by the command line): use dreamer.model.*",
+                 "model_size (set by preset=quickstart): use dreamer.model_size",
+                 "pretrain_updates (set by preset=quickstart): use dreamer.pretrain_updates"]:
+        assert part in message, message
+    assert "dreamer.optimizer.lr (" not in message
+    check_keys_apply("tdmpc2", where), check_keys_apply("bmpc", where)
+    check_keys_apply("dreamer_v3", train.keys_set([*TRAIN_ARGS, "steps=400", "buffer_size=1000"]))
+    cli = _run("train.py", "algorithm=dreamer_v3", "model_size=1", "steps=400", "run_dir=/nonexistent/run")
+    assert cli.returncode == 1 and "model_size (set by the command line): use dreamer.model_size" in cli.stderr
+    assert cli.stderr.startswith("train.py: invalid config: algorithm=dreamer_v3 does not read")
 
 
 def test_trainer_refuses_a_model_of_another_algorithm(tmp_path):

@@ -260,6 +260,43 @@ def _validate_dreamer(cfg: Mapping) -> None:
         raise ConfigError(f"dreamer.model: {err}") from err
 
 
+#: train.yaml's keys of the TD-MPC2 family's update and model (tdmpc2, bmpc), which ``algorithm=dreamer_v3`` does
+#: not read, each with the DreamerV3 setting closest to it (``None``: none).
+DREAMER_V3_EQUIVALENTS: dict[str, str | None] = {
+    "batch_size": "dreamer.batch_size",
+    "horizon": "dreamer.batch_length (the replayed sequence length)",
+    "lr": "dreamer.optimizer.lr",
+    "enc_lr_scale": None,
+    "grad_clip": "dreamer.optimizer.agc (adaptive gradient clipping)",
+    "tau": "dreamer.optimizer.slow_critic_rate",
+    "utd_ratio": "dreamer.train_ratio (replayed steps per env step)",
+    "seed_steps": "dreamer.seed_steps",
+    "pretrain_updates": "dreamer.pretrain_updates",
+    "discount": "dreamer.horizon (discount = 1 - 1/horizon)",
+    "model_size": "dreamer.model_size",
+    "model": "dreamer.model.*",
+}
+
+
+def check_keys_apply(algorithm: str, set_keys: Mapping[str, str]) -> None:
+    """Refuses keys that were set (``{key: where}``, e.g. ``{"lr": "the command line"}``; dotted keys count by their
+    first part) but that ``algorithm`` does not read: with ``algorithm=dreamer_v3`` the TD-MPC2 family's keys,
+    which would otherwise be silently ignored. The message names each key and its DreamerV3 counterpart."""
+    if algorithm != "dreamer_v3":
+        return
+    ignored = {}
+    for key, where in set_keys.items():
+        top = key.split(".")[0]
+        if top in DREAMER_V3_EQUIVALENTS:
+            ignored.setdefault(top, (key, where))
+    if ignored:
+        lines = [f"{key} (set by {where}): " + (f"use {DREAMER_V3_EQUIVALENTS[top]}" if DREAMER_V3_EQUIVALENTS[top]
+                                                else "DreamerV3 has no such setting")
+                 for top, (key, where) in ignored.items()]
+        raise ConfigError("algorithm=dreamer_v3 does not read these TD-MPC2 settings: " + "; ".join(lines)
+                          + " (recipes/config/algorithm/dreamer_v3.yaml).")
+
+
 def update_arguments(cfg: Mapping, checked: Mapping[str, Any]) -> dict[str, Any]:
     """The :class:`DreamMPCTrainer` arguments of the update the config's ``algorithm`` describes.
 
@@ -347,8 +384,12 @@ def _check_scalars(cfg: Mapping) -> None:
         _positive_int(cfg, key, nullable=True)
     _positive_int(cfg, "pretrain_updates", minimum=0, nullable=True)
     buffer_size = _positive_int(cfg, "buffer_size", nullable=True)
-    if buffer_size is not None and buffer_size < cfg["horizon"]:
-        raise ConfigError(f"buffer_size={buffer_size} cannot hold one sub-trajectory of horizon={cfg['horizon']}.")
+    if cfg.get("algorithm") == "dreamer_v3":
+        length, name = _get(cfg, "dreamer.batch_length"), "dreamer.batch_length"
+    else:
+        length, name = cfg["horizon"], "horizon"
+    if buffer_size is not None and buffer_size < length:
+        raise ConfigError(f"buffer_size={buffer_size} cannot hold one sub-trajectory of {name}={length}.")
     for key in ("lr", "utd_ratio", "enc_lr_scale", "grad_clip"):
         _number(cfg, key)
     _number(cfg, "tau", high=1.0)
