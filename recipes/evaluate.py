@@ -298,6 +298,7 @@ def evaluate(cfg: dict) -> None:
             "ms_per_step": metrics["ms_per_step"],
             "episodes": int(metrics["episodes"]),
             "mean_episode_length": metrics["episode_length"],
+            **{key: value for key, value in metrics.items() if key.startswith("planner/")},  # diagnostics=true
             "episode_returns": metrics.get("episode_returns"),  # results.json only (paired comparisons)
             "episode_successes": metrics.get("episode_successes"),
         })

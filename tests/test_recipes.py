@@ -460,6 +460,22 @@ def test_evaluate_max_steps_cuts_the_episodes_and_video_records_each_planner(eva
         assert len(frames) == 9 and frames[0].shape == (32, 48, 3)  # the reset and 8 agent steps
 
 
+def test_evaluate_reports_the_diagnostics_of_planners_that_write_them(evaluate_inputs):
+    module, root = _load_evaluate_module(), evaluate_inputs
+    cfg = OmegaConf.load(CONFIG_DIR / "evaluate.yaml")
+    for key in ("defaults", "hydra"):
+        cfg.pop(key)
+    out = root / "diagnostics"
+    cfg.merge_with({"checkpoint": str(root / "run" / "world_model.pt"), "task": "cartpole-swingup",
+                    "planners": ["policy", "dream_mpc"], "episodes": 1, "max_steps": 5, "output_dir": str(out),
+                    "progress": False, "planner_args": {"dream_mpc": {"diagnostics": True}}})
+    module.main(cfg)
+    policy, dream_mpc = json.loads((out / "results.json").read_text())["results"]
+    assert not any(key.startswith("planner/") for key in policy)
+    assert {"planner/objective_before", "planner/objective_after", "planner/uncertainty"} <= set(dream_mpc)
+    assert "planner/objective_after" in (out / "results.csv").read_text().splitlines()[0]
+
+
 def test_evaluate_cli_exits_with_one_line(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"junk")
     result = run(EVALUATE, f"checkpoint={tmp_path / 'bad.pt'}", "task=cartpole-swingup", timeout=120)

@@ -924,6 +924,30 @@ def test_evaluation_max_steps_truncates_every_episode():
             cap_episode_length(_short_episode_env(), bad)
 
 
+def test_planner_diagnostics_are_logged_in_training_and_evaluation(tmp_path):
+    """planner.diagnostics=true: the acting planner's ("planner", ...) entries become planner/<name> scalars (the
+    mean over each log interval) and evaluation metrics; a planner without them logs none."""
+    import csv
+
+    wm = tiny_world_model()
+    actor = GradientMPCPlanner(wm, diagnostics=True)
+    trainer = make_trainer(tmp_path, world_model=wm, actor=actor, total_frames=100, log_interval=20,
+                           checkpoints=False, eval_interval=100, eval_episodes=1)
+    trainer.train()
+    scalars = tmp_path / "run" / "csv" / "scalars"
+    rows = list(csv.reader((scalars / "planner" / "objective_after.csv").open()))
+    steps = [int(float(row[0])) for row in rows]
+    assert steps and steps[0] > 50 and all(b - a >= 20 for a, b in zip(steps, steps[1:]))  # acting steps only
+    assert (scalars / "planner" / "uncertainty.csv").exists() and (scalars / "planner" / "candidate.csv").exists()
+    metrics = trainer.evaluation.history[-1][1]
+    assert {"planner/objective_before", "planner/objective_after"} <= set(metrics)
+    assert metrics["planner/objective_after"] >= metrics["planner/objective_before"] - 1e-4  # a chosen candidate
+    plain = make_trainer(tmp_path / "plain", world_model=wm, actor=GradientMPCPlanner(wm), total_frames=60,
+                         checkpoints=False)
+    plain.train()
+    assert not (tmp_path / "plain" / "run" / "csv" / "scalars" / "planner").exists()
+
+
 def test_evaluation_progress_modes():
     import io
 

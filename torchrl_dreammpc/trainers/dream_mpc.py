@@ -31,6 +31,7 @@ from torchrl_dreammpc.trainers.hooks import (
     EpisodeReturnLogger,
     EvaluationHook,
     MultiLogger,
+    PlannerDiagnosticsLogger,
     WorldModelSnapshots,
 )
 from torchrl_dreammpc.trainers.replay import (
@@ -663,6 +664,8 @@ class DreamMPCTrainer(Trainer):
             self.register_op("setup", functools.partial(collector.update_policy_weights_, actor))
             UpdateWeights(collector, update_weights_interval=1).register(self)
         EpisodeReturnLogger().register(self)
+        if getattr(actor, "diagnostics", False):  # planner.diagnostics=true: its entries logged as planner/<name>
+            PlannerDiagnosticsLogger(int(log_interval)).register(self)
         if snapshot_interval:
             # Registered before the evaluation hook: the snapshot of step N is the model evaluated at step N.
             WorldModelSnapshots(world_model, self.log_dir / "snapshots", int(snapshot_interval)).register(self)

@@ -219,8 +219,56 @@ class EpisodeReturnLogger(TrainerHookBase):
         trainer.register_module(name, self)
 
 
+class PlannerDiagnosticsLogger(TrainerHookBase):
+    """Logs the acting planner's diagnostics as ``planner/<name>``: the mean of each ``("planner", name)`` entry
+    (written with every action by a planner built with ``diagnostics=True``: Dream-MPC's objective before / after
+    its gradient step, the chosen candidate, the uncertainty; MPPI's) over the steps collected since the last log,
+    every ``interval`` steps. Batches without such entries, and those of the trainer's random-action seed phase
+    (``trainer.seed_frames``), are ignored.
+
+    Args:
+        interval (int): steps between two logs (the trainer's ``log_interval``).
+        key (NestedKey): where the planner writes its diagnostics. Default ``"planner"``.
+    """
+
+    def __init__(self, interval: int, key="planner") -> None:
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"interval must be a positive integer, got {interval!r}.")
+        self.interval, self.key = interval, key
+        self._sums: dict[str, float] = {}
+        self._counts: dict[str, int] = {}
+        self._last_log: int | None = None
+        self._trainer: Trainer | None = None
+
+    def __call__(self, batch: TensorDictBase) -> None:
+        trainer = self._trainer
+        entries = batch.get(self.key, None)
+        # Seed-phase steps are random actions: TorchRL's collector leaves the planner's preallocated entries in
+        # those batches, but the planner did not run.
+        if trainer is None or entries is None or trainer.collected_frames <= getattr(trainer, "seed_frames", 0):
+            return None
+        for name, value in entries.items(include_nested=True, leaves_only=True):
+            name = "/".join(name) if isinstance(name, tuple) else name
+            self._sums[name] = self._sums.get(name, 0.0) + float(value.float().sum())
+            self._counts[name] = self._counts.get(name, 0) + value.numel()
+        step = trainer.collected_frames
+        if self._last_log is None:
+            self._last_log = step - batch.numel()
+        if step - self._last_log >= self.interval:
+            if trainer.logger is not None:
+                for name, total in self._sums.items():
+                    trainer.logger.log_scalar(f"planner/{name}", total / self._counts[name], step=step)
+            self._sums, self._counts, self._last_log = {}, {}, step
+        return None
+
+    def register(self, trainer: Trainer, name: str = "planner_diagnostics_logger") -> None:
+        self._trainer = trainer
+        trainer.register_op("pre_steps_log", self)
+
+
 def _episode_metrics(traj_batch: TensorDictBase) -> dict[str, Any]:
-    """Per-episode returns (and Meta-World's success flags with their rate) of an evaluation batch.
+    """Per-episode returns (and Meta-World's success flags with their rate) of an evaluation batch, and the
+    planner's diagnostics averaged over its steps (``planner/<name>``, if the planner writes them).
 
     TorchRL's Evaluator reports the mean and std of the returns; paired comparisons of planners and bootstrap
     confidence intervals need every episode's value, so they are returned as lists (``episode_returns``,
@@ -241,6 +289,11 @@ def _episode_metrics(traj_batch: TensorDictBase) -> dict[str, Any]:
         flags = [bool(success[rows].any()) for rows in episodes]
         out["episode_successes"] = flags
         out["success"] = sum(flags) / max(len(flags), 1)
+    diagnostics = traj_batch.get("planner", None)
+    if diagnostics is not None:
+        for name, value in diagnostics.items(include_nested=True, leaves_only=True):
+            name = "/".join(name) if isinstance(name, tuple) else name
+            out[f"planner/{name}"] = float(value.float().mean())
     return out
 
 
@@ -542,6 +595,8 @@ class EvaluationHook(TrainerHookBase):
             }
             if "eval/success" in raw:
                 metrics["success"] = float(raw["eval/success"])
+            metrics.update({key[len("eval/"):]: float(value) for key, value in raw.items()
+                            if key.startswith("eval/planner/")})  # the planner's diagnostics, if it writes them
             results[name] = metrics
             self._record(name, step, metrics)
             # Lists (not logged as scalars): every episode's return / success, for paired comparisons.
