@@ -44,9 +44,9 @@ def make_bmpc_update(world_model: BMPCWorldModel, *, lr: float = 3e-4, enc_lr_sc
     Keyword Args:
         lr, enc_lr_scale, grad_clip, tau: see :class:`~torchrl_dreammpc.trainers.BMPCOptimizationStepper`.
         compile (bool or str): ``torch.compile`` the update (the stepper's ``compile``) and the reanalyze
-            planner's model evaluations (its ``compile``; the same plans, ~16% less time per reanalyze call on one
-            CPU thread, where the reanalyze is most of a BMPC step: docs/performance.md). ``reanalyze["planner"]``
-            may set the planner's own ``compile``.
+            planner's model evaluations (its ``compile``; the same plans in less time: on one loaded CPU thread,
+            where the reanalyze is ~90% of a BMPC step, 1503 vs 1624 ms per step, median of 3 interleaved rounds,
+            docs/performance.md). ``reanalyze["planner"]`` may set the planner's own ``compile``.
         loss_kwargs, policy_loss_kwargs (mapping, optional): :class:`BMPCLoss` / :class:`BMPCPolicyLoss` arguments.
         reanalyze (mapping, optional): ``interval`` (BMPC: 10), ``num_slices`` (20), ``states_per_call`` (see
             :class:`LazyReanalyze`; ``None``: ``"auto"``) and ``planner``: the
