@@ -926,7 +926,8 @@ def test_evaluation_max_steps_truncates_every_episode():
 
 def test_planner_diagnostics_are_logged_in_training_and_evaluation(tmp_path):
     """planner.diagnostics=true: the acting planner's ("planner", ...) entries become planner/<name> scalars (the
-    mean over each log interval) and evaluation metrics; a planner without them logs none."""
+    mean over each log interval) and evaluation metrics; a planner without them logs none. The throughput is
+    logged every log interval too."""
     import csv
 
     wm = tiny_world_model()
@@ -939,6 +940,8 @@ def test_planner_diagnostics_are_logged_in_training_and_evaluation(tmp_path):
     steps = [int(float(row[0])) for row in rows]
     assert steps and steps[0] > 50 and all(b - a >= 20 for a, b in zip(steps, steps[1:]))  # acting steps only
     assert (scalars / "planner" / "uncertainty.csv").exists() and (scalars / "planner" / "candidate.csv").exists()
+    throughput = [int(float(row[0])) for row in csv.reader((scalars / "time" / "steps_per_second.csv").open())]
+    assert len(throughput) >= 4 and {b - a for a, b in zip(throughput, throughput[1:])} == {20}  # every interval
     metrics = trainer.evaluation.history[-1][1]
     assert {"planner/objective_before", "planner/objective_after"} <= set(metrics)
     assert metrics["planner/objective_after"] >= metrics["planner/objective_before"] - 1e-4  # a chosen candidate

@@ -773,7 +773,7 @@ class DreamMPCTrainer(Trainer):
         for key in kwargs:
             del self._log_dict[key][:-1]
 
-    def _log_throughput(self, batch: TensorDictBase | None = None) -> dict[str, float] | None:
+    def _log_throughput(self, batch: TensorDictBase | None = None) -> None:
         now, frames = time.perf_counter(), self.collected_frames
         mark = self._throughput_mark
         if mark is None:
@@ -785,7 +785,10 @@ class DreamMPCTrainer(Trainer):
         self._throughput_mark = (now, frames)
         if self.verbose and not self.progress_bar:
             print(f"[train] step {frames}/{self.total_frames}  {sps:.1f} steps/s", flush=True)
-        return {"time/steps_per_second": sps}
+        # Straight to the logger: Trainer._log keeps a key only once *more* than log_interval frames have passed
+        # since it last kept it, which would drop every second of these (they come exactly log_interval apart).
+        if self.logger is not None:
+            self.logger.log_scalar("time/steps_per_second", sps, step=frames)
 
     def _on_shutdown(self) -> None:
         if self.log_dir is not None:
