@@ -513,6 +513,25 @@ def test_resume_refuses_another_task_or_model_size_before_loading(tmp_path):
         make_trainer(tmp_path, total_frames=100, planner_name="policy").resume()
 
 
+def test_resume_with_another_eval_interval_follows_the_new_one(tmp_path):
+    """The evaluation schedule restored from a checkpoint is re-derived from this run's eval_interval (the old
+    next_eval would evaluate once more on the old schedule; with eval_interval=0 it divided by zero)."""
+    wm = tiny_world_model()
+    common = dict(world_model=wm, actor=PolicyActor(wm), eval_episodes=1, eval_at_start=False)
+    make_trainer(tmp_path, total_frames=100, eval_interval=50, **common).train()
+    assert [step for step, _ in read_eval_csv(tmp_path / "run" / "eval.csv")] == [50, 100]
+    trainer = make_trainer(tmp_path, total_frames=150, eval_interval=40, **common)
+    trainer.resume()
+    trainer.train()
+    assert [step for step, _ in read_eval_csv(tmp_path / "run" / "eval.csv")] == [50, 100, 120, 150]
+    trainer = make_trainer(tmp_path, total_frames=200, eval_interval=0, eval_actors={"policy": PolicyActor(wm)},
+                           **common)
+    trainer.resume()
+    trainer.train()  # no evaluation any more
+    assert trainer.collected_frames == 200
+    assert [step for step, _ in read_eval_csv(tmp_path / "run" / "eval.csv")] == [50, 100, 120, 150]
+
+
 def test_resume_uses_last_complete_checkpoint_only(tmp_path):
     make_trainer(tmp_path, total_frames=100).train()
     directory = tmp_path / "run" / "checkpoints"

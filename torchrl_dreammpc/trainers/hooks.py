@@ -677,9 +677,11 @@ class EvaluationHook(TrainerHookBase):
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        next_eval = state_dict["next_eval"]
-        self.next_eval = math.inf if next_eval is None else int(next_eval)
         self.last_eval_step = int(state_dict["last_eval_step"])
+        # The schedule follows this run's interval (the checkpoint's next_eval is that of the interval it was
+        # written with): the next multiple after the last evaluation, as __call__ sets it; none with interval 0.
+        self.next_eval = ((max(self.last_eval_step, 0) // self.interval + 1) * self.interval if self.interval
+                          else math.inf)
 
     def register(self, trainer: Trainer, name: str = "evaluation") -> None:
         self._trainer = trainer
