@@ -112,6 +112,8 @@ def main(cfg: DictConfig) -> float | None:
             trainer.resume()
         except (ConfigMismatchError, CheckpointError, TorchRLCheckpointError) as err:
             raise SystemExit(f"train.py: {err}")
+    else:
+        trainer.start_afresh()  # (a directory without checkpoints: an earlier attempt's log rows are dropped)
     OmegaConf.save(OmegaConf.create(cfg), run_dir / "config.yaml")
     print(f"[train] {checked['task_info'].task}, {trainer.fingerprint['algorithm']}, planner {cfg['planner']['name']}, "
           f"model_size {trainer.fingerprint['model_size']}, "

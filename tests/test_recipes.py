@@ -5,6 +5,7 @@ import functools
 import importlib.util
 import inspect
 import json
+import shutil
 import os
 import re
 import signal
@@ -250,6 +251,19 @@ def test_sigkill_during_training_resumes_from_last_complete_checkpoint(tmp_path)
     assert not list((run_dir / "checkpoints").glob(".checkpoint-*"))
     steps = [step for step, _ in read_eval_csv(run_dir / "eval.csv")]
     assert steps == [250, 500]  # each evaluation once, even if one was written before the kill
+
+
+def test_resume_false_in_a_used_directory_without_checkpoints_starts_a_new_curve(tmp_path):
+    """resume=false where an earlier attempt left logs but no checkpoint: the new run's curve replaces the old one
+    (kept beside it), instead of being appended to it."""
+    run_dir = tmp_path / "run"
+    args = [*TINY, "steps=150", "eval_interval=150", "checkpoint_interval=1000", f"run_dir={run_dir}"]
+    assert run(TRAIN, *args).returncode == 0
+    shutil.rmtree(run_dir / "checkpoints")
+    result = run(TRAIN, *args, "resume=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [step for step, _ in read_eval_csv(run_dir / "eval.csv")] == [150]
+    assert [step for step, _ in read_eval_csv(run_dir / "eval.csv.before-restart")] == [150]
 
 
 def test_sigterm_during_training_checkpoints_the_step_and_the_same_command_continues(tmp_path):

@@ -851,7 +851,7 @@ class DreamMPCTrainer(Trainer):
             self._remove_stale_staging()
             path = self.latest_checkpoint()
             if path is None:
-                self._truncate_logs_after(-1, keep_copy=True)
+                self.start_afresh()
                 return None
         path = Path(path)
         self.check_fingerprint(path)
@@ -863,6 +863,13 @@ class DreamMPCTrainer(Trainer):
         if self.verbose:
             print(f"[train] resumed from {path} at step {step}", flush=True)
         return path
+
+    def start_afresh(self) -> None:
+        """Drops the log rows (``eval.csv``, CSV scalars, TensorBoard events) that an earlier attempt without a
+        checkpoint left in ``log_dir``, each trimmed CSV file first copied to ``<name>.before-restart``: a run
+        started from step 0 in a used directory (``resume=false``, or :meth:`resume` finding no checkpoint) would
+        otherwise append a second curve to the first."""
+        self._truncate_logs_after(-1, keep_copy=True)
 
     def _truncate_logs_after(self, step: int, keep_copy: bool = False) -> None:
         if isinstance(self.logger, MultiLogger):
