@@ -131,7 +131,7 @@ def load_model(cfg: dict, device: str):
     obs_spec, action_spec = env.observation_spec["observation"], env.action_spec
     env.close()
     kwargs = {}
-    if cfg.get("model_size") is not None:
+    if str(cfg.get("model_size")).isdigit():  # builds a TD-MPC2 checkpoint's model (checked for every kind below)
         kwargs["model_size"] = int(cfg["model_size"])
     try:
         try:
@@ -257,6 +257,9 @@ def evaluate(cfg: dict) -> None:
     planner_cfgs = {name: planner_config(name, cfg["planner_args"] or {}) for name in names}
 
     world_model, task, source = load_model(cfg, cfg["device"])
+    if cfg.get("model_size") is not None and str(cfg["model_size"]) != str(world_model.config.model_size):
+        raise UserError(f"model_size={cfg['model_size']!r} but {source} holds a model of size "
+                        f"{world_model.config.model_size!r}.")
     # A recurrent model (DreamerV3) carries its state in the env: its acting transforms are appended.
     create_env = with_transforms(functools.partial(make_env, task, seed=int(cfg["seed"])),
                                  world_model.acting_transforms())

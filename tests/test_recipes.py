@@ -409,6 +409,10 @@ def test_evaluate_reports_each_user_error_in_one_line(evaluate_inputs, monkeypat
          r"planner_args names \['dreammpc'\]"),
         (dict(checkpoint=str(model), task="cartpole-swingup", planners=["dream_mpc"],
               planner_args={"dream_mpc": {"lr": -1}}), "planner dream_mpc .*lr must be > 0.0, got -1"),
+        (dict(checkpoint=str(model), task="cartpole-swingup", model_size=5),
+         f"model_size=5 but model file {model} holds a model of size 1"),
+        (dict(checkpoint=str(model), task="cartpole-swingup", model_size="cpu"), "model_size='cpu' but model file"),
+        (dict(checkpoint=str(run), model_size=5), "model_size=5 but trainer checkpoint .* holds a model of size 1"),
         (dict(checkpoint=str(model), task="cartpole-swingup", exploration="sample"),
          r"exploration must be one of \['deterministic', 'random'\], got 'sample'"),
     ]
