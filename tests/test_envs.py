@@ -674,10 +674,12 @@ def test_base_env_termination_stops_the_repeat_and_wins_over_truncation():
     assert last["terminated"].item() and not last["truncated"].item()
 
 
-def test_base_env_success_is_sticky_within_an_episode():
-    env = _ScriptedEnv(action_repeat=2, episode_length=10, success_at=(3,))
+def test_base_env_success_is_the_last_simulator_step_s_flag():
+    """As TD-MPC2's Meta-World wrapper: the flag of the repeat's last simulator step (simulator steps 1-2 make agent
+    step 1, 3-4 step 2, ...), not latched."""
+    env = _ScriptedEnv(action_repeat=2, episode_length=10, success_at=(3, 6, 7))
     out = _steps(env, 4)
-    assert [td["success"].item() for td in out] == [False, True, True, True]
+    assert [td["success"].item() for td in out] == [False, False, True, False]
     assert env.reset()["success"].item() is False
 
 

@@ -817,13 +817,16 @@ def test_evaluation_same_initial_states_and_metaworld_success(tmp_path):
 
 
 def test_episode_metrics_count_episodes():
-    # three episodes in one evaluation batch (traj_format="cat"): success at some step of episodes 0 and 2
+    # three episodes in one evaluation batch (traj_format="cat"): success at some step of episodes 0 and 2, at the
+    # last step of episode 2 only (TD-MPC2 counts the last step)
     ids = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])
     success = torch.tensor([0, 1, 0, 0, 0, 0, 0, 1], dtype=torch.bool).unsqueeze(-1)
     reward = torch.tensor([1.0, 2.0, 3.0, 10.0, 20.0, 0.5, 0.5, 0.5]).unsqueeze(-1)
     batch = TensorDict({"next": {"success": success, "reward": reward}, "collector": {"traj_ids": ids}}, [8])
     assert _episode_metrics(batch) == {"episode_returns": [6.0, 30.0, 1.5],
-                                       "episode_successes": [True, False, True], "success": pytest.approx(2 / 3)}
+                                       "episode_successes": [False, False, True], "success": pytest.approx(1 / 3),
+                                       "episode_successes_any": [True, False, True],
+                                       "success_any": pytest.approx(2 / 3)}
     # DMC: no success entry
     assert _episode_metrics(batch.exclude(("next", "success"))) == {"episode_returns": [6.0, 30.0, 1.5]}
 

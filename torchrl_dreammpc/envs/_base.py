@@ -207,11 +207,13 @@ class SuiteEnv(EnvBase):
     repeat stops early if the simulator terminates). After ``info.episode_length`` agent steps the
     episode ends as ``truncated`` (a time limit is no terminal state), while an end signalled by the
     simulator (a robot that fell) is ``terminated``. When ``info.has_success`` is set, a boolean
-    ``"success"`` entry says whether success was reached at any simulator step of the episode so far.
+    ``"success"`` entry is the simulator's success flag at the agent step's last simulator step (TD-MPC2's
+    Meta-World wrapper returns that step's ``info["success"]``; an evaluation reads it at the episode's last step,
+    as TD-MPC2's does, or at any step).
 
     Why not TorchRL's ``DMControlEnv`` / ``GymWrapper`` + ``FrameSkipTransform``: the three suites need the same
     step semantics (repeat that stops on termination, time limit as ``truncated`` counted in agent steps,
-    ``success`` latched over the repeated simulator steps, [-1, 1] rescaling), which with the stock wrappers
+    ``success`` read from the repeat's last simulator step, [-1, 1] rescaling), which with the stock wrappers
     would be three different transform stacks with suite-specific info readers; one small adapter keeps the
     convention in one place. Everything above the base env (transforms, batching, collectors) is TorchRL's.
 
@@ -254,7 +256,6 @@ class SuiteEnv(EnvBase):
         self.sim = sim
         self._renderer = None
         self._elapsed = 0
-        self._success = False
         if (action_low is None) != (action_high is None):
             raise ValueError("action_low and action_high go together.")
         if action_low is not None:
@@ -367,7 +368,6 @@ class SuiteEnv(EnvBase):
     def _reset(self, tensordict: TensorDictBase | None = None, **kwargs) -> TensorDictBase:
         observation = self._sim_reset()
         self._elapsed = 0
-        self._success = False
         out = {"observation": self._observation(observation), **self._flags(False, False, False)}
         if self.info.has_success:
             out["success"] = torch.tensor([False], dtype=torch.bool, device=self.device)
@@ -384,7 +384,6 @@ class SuiteEnv(EnvBase):
         for _ in range(self.info.action_repeat):
             result = self._sim_step(action)
             reward += float(result.reward)
-            self._success = self._success or bool(result.success)
             terminated, truncated = bool(result.terminated), bool(result.truncated)
             if terminated or truncated:
                 break
@@ -398,7 +397,7 @@ class SuiteEnv(EnvBase):
             **self._flags(terminated or truncated, terminated, truncated),
         }
         if self.info.has_success:
-            out["success"] = torch.tensor([self._success], dtype=torch.bool, device=self.device)
+            out["success"] = torch.tensor([bool(result.success)], dtype=torch.bool, device=self.device)
         return TensorDict(out, batch_size=(), device=self.device)
 
     def _set_seed(self, seed: int | None) -> None:

@@ -4,8 +4,8 @@
 of them). As in TD-MPC2, the goal and object positions are drawn anew at every reset (Meta-World freezes them
 after construction; TD-MPC2 unfreezes them), actions are repeated twice with the rewards summed, and an episode
 is 100 agent steps (200 of Meta-World's steps, well under its own 500-step limit). The observation is
-Meta-World's 39-dim vector (hand, gripper, objects, previous frame, goal); ``"success"`` says whether
-Meta-World reported success at any step of the episode so far.
+Meta-World's 39-dim vector (hand, gripper, objects, previous frame, goal); ``"success"`` is Meta-World's
+``info["success"]`` after the agent step (its second simulator step), as TD-MPC2's wrapper returns it.
 
 TD-MPC2 also takes one zero-action step right after each reset and returns the observation from before it;
 this adapter does not, so an episode starts from the state the reset produced.

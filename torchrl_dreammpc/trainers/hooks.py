@@ -267,12 +267,14 @@ class PlannerDiagnosticsLogger(TrainerHookBase):
 
 
 def _episode_metrics(traj_batch: TensorDictBase) -> dict[str, Any]:
-    """Per-episode returns (and Meta-World's success flags with their rate) of an evaluation batch, and the
+    """Per-episode returns (and Meta-World's success flags with their rates) of an evaluation batch, and the
     planner's diagnostics averaged over its steps (``planner/<name>``, if the planner writes them).
 
     TorchRL's Evaluator reports the mean and std of the returns; paired comparisons of planners and bootstrap
     confidence intervals need every episode's value, so they are returned as lists (``episode_returns``,
-    ``episode_successes``) beside the ``success`` rate.
+    ``episode_successes``) beside the rates. An episode is a success (``episode_successes``, rate ``success``)
+    when the env's ``"success"`` flag is set at its last step, as in TD-MPC2's evaluation (``info["success"]``
+    after the final step); ``episode_successes_any`` / ``success_any``: set at any step.
     """
     reward = traj_batch.get(("next", "reward"))
     traj_ids = traj_batch.get(("collector", "traj_ids"), None)
@@ -286,9 +288,11 @@ def _episode_metrics(traj_batch: TensorDictBase) -> dict[str, Any]:
     success = traj_batch.get(("next", "success"), None)
     if success is not None:
         success = success.reshape(traj_batch.numel(), -1).any(-1)
-        flags = [bool(success[rows].any()) for rows in episodes]
-        out["episode_successes"] = flags
-        out["success"] = sum(flags) / max(len(flags), 1)
+        final = [bool(success[rows[-1]]) for rows in episodes]  # (rows: the episode's steps, in order)
+        anywhere = [bool(success[rows].any()) for rows in episodes]
+        out["episode_successes"], out["episode_successes_any"] = final, anywhere
+        out["success"] = sum(final) / max(len(final), 1)
+        out["success_any"] = sum(anywhere) / max(len(anywhere), 1)
     diagnostics = traj_batch.get("planner", None)
     if diagnostics is not None:
         for name, value in diagnostics.items(include_nested=True, leaves_only=True):
@@ -593,14 +597,15 @@ class EvaluationHook(TrainerHookBase):
                 "ms_per_step": 1000.0 / fps if fps > 0 else float("nan"),
                 "wall_s": wall,
             }
-            if "eval/success" in raw:
-                metrics["success"] = float(raw["eval/success"])
+            for key in ("success", "success_any"):
+                if f"eval/{key}" in raw:
+                    metrics[key] = float(raw[f"eval/{key}"])
             metrics.update({key[len("eval/"):]: float(value) for key, value in raw.items()
                             if key.startswith("eval/planner/")})  # the planner's diagnostics, if it writes them
             results[name] = metrics
             self._record(name, step, metrics)
             # Lists (not logged as scalars): every episode's return / success, for paired comparisons.
-            for key in ("episode_returns", "episode_successes"):
+            for key in ("episode_returns", "episode_successes", "episode_successes_any"):
                 if f"eval/{key}" in raw:
                     metrics[key] = list(raw[f"eval/{key}"])
             if on_result is not None:
