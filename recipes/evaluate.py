@@ -47,7 +47,7 @@ from torchrl_dreammpc.trainers import (
     find_trainer_checkpoint,
     load_world_model_from_trainer_checkpoint,
 )
-from torchrl_dreammpc.trainers.builders import PLANNERS, ConfigError, check_device, make_actor
+from torchrl_dreammpc.trainers.builders import PLANNERS, ConfigError, check_device, make_actor, resolve_device
 
 CONFIG_DIR = Path(__file__).resolve().parent / "config"
 
@@ -257,7 +257,7 @@ def evaluate(cfg: dict) -> None:
     names = list(cfg["planners"])
     planner_cfgs = {name: planner_config(name, cfg["planner_args"] or {}) for name in names}
 
-    world_model, task, source = load_model(cfg, cfg["device"])
+    world_model, task, source = load_model(cfg, resolve_device(cfg["device"]))
     if cfg.get("model_size") is not None and str(cfg["model_size"]) != str(world_model.config.model_size):
         raise UserError(f"model_size={cfg['model_size']!r} but {source} holds a model of size "
                         f"{world_model.config.model_size!r}.")

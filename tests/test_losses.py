@@ -424,3 +424,28 @@ def test_compiled_update_runs_and_matches_eager():
     assert torch.allclose(eager_val, comp_val, rtol=1e-4, atol=1e-5)
     comp_val.backward()
     assert all(p.grad is not None for p in wm.q_ensemble.parameters())
+
+
+def test_losses_follow_the_model_s_device_and_moves():
+    """(No GPU in CI: the "meta" device and a dtype move stand in for CUDA.) The policy loss's running scale is
+    built on the model's device (the trainer builds the losses after moving the model), and moving a TD-MPC2 loss
+    keeps its target views on the model's own tensors, which a target updater built afterwards must update."""
+    from torchrl_dreammpc.modules import BMPCWorldModel
+    from torchrl_dreammpc.objectives import BMPCPolicyLoss
+
+    for loss in (TDMPC2PolicyLoss(tiny_model().to("meta")), BMPCPolicyLoss(BMPCWorldModel(OBS, ACT, **TINY).to("meta"))):
+        assert {buffer.device.type for buffer in loss.scale.buffers()} == {"meta"}
+    wm = tiny_model()
+    loss = TDMPC2Loss(wm).to(torch.float64)
+    updater = SoftUpdate(loss, tau=0.5)
+    targets = list(wm.target_q_ensemble.buffers())
+    assert targets[0].dtype == torch.float64
+    views = list(loss.target_qvalue_params.values(True, True))
+    assert {view.data_ptr() for view in views} == {target.data_ptr() for target in targets}
+    with torch.no_grad():
+        for param in wm.q_ensemble.parameters():
+            param.add_(1.0)
+    before = [target.clone() for target in targets]
+    updater.step()
+    assert all(not torch.equal(a, b) for a, b in zip(before, targets))  # the model's targets moved
+

@@ -486,7 +486,8 @@ def test_evaluate_reports_the_diagnostics_of_planners_that_write_them(evaluate_i
     out = root / "diagnostics"
     cfg.merge_with({"checkpoint": str(root / "run" / "world_model.pt"), "task": "cartpole-swingup",
                     "planners": ["policy", "dream_mpc"], "episodes": 1, "max_steps": 5, "output_dir": str(out),
-                    "progress": False, "planner_args": {"dream_mpc": {"diagnostics": True}}})
+                    "progress": False, "planner_args": {"dream_mpc": {"diagnostics": True}},
+                    "device": "auto"})  # (resolved: cuda where there is one, cpu here)
     module.main(cfg)
     policy, dream_mpc = json.loads((out / "results.json").read_text())["results"]
     assert not any(key.startswith("planner/") for key in policy)

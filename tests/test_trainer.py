@@ -191,6 +191,15 @@ def test_resume_keeps_this_run_s_learning_rates_and_the_checkpoint_s_moments(tmp
     assert trainer.optimization_stepper.pi_optim.param_groups[0]["lr"] == 1e-4
 
 
+def test_stepper_refuses_a_model_moved_after_it_was_built():
+    wm = tiny_world_model()
+    stepper = TDMPC2OptimizationStepper(TDMPC2Loss(wm))
+    assert stepper.device == torch.device("cpu") and stepper.compile_mode is None
+    wm.to("meta")  # (no GPU here: a stand-in for a move to CUDA)
+    with pytest.raises(RuntimeError, match="The world model is on meta, but this stepper was built for it on cpu"):
+        stepper.step(None, random_batch())
+
+
 def test_non_finite_update_stops_before_the_optimizer_step():
     wm = tiny_world_model()
     stepper = TDMPC2OptimizationStepper(TDMPC2Loss(wm))

@@ -253,7 +253,10 @@ class ActingPath(TensorDictModuleBase):
         if source == device:
             return self.sequence(tensordict)
         outputs = self.sequence(tensordict.select(*self.in_keys, strict=False).to(device))
-        return tensordict.update(outputs.select(*self.out_keys, strict=False).to(source))
+        keys = list(self.out_keys)
+        if getattr(self.planner, "diagnostics", False):  # ("planner", ...) entries are no declared output
+            keys.append(self.planner.diagnostics_key)
+        return tensordict.update(outputs.select(*keys, strict=False).to(source))
 
 
 def _mode_straight_through(logits: torch.Tensor, unimix: float) -> torch.Tensor:

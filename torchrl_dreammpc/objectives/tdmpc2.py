@@ -180,6 +180,16 @@ class TDMPC2Loss(LossModule):
             TensorDict.from_module(world_model.target_q_ensemble), no_convert=True)
         self._has_update_associated["qvalue"] = False  # set to True once a target updater is attached
 
+    def _apply(self, fn, *args, **kwargs):
+        # Moving the loss (``loss.to(device)``) would give the views their own copies of the model's target
+        # tensors: a target updater built afterwards would then update copies that ``forward`` (which reads the
+        # model) never sees. The views are pointed at the model's moved tensors again.
+        out = super()._apply(fn, *args, **kwargs)
+        associated = dict(self._has_update_associated)
+        self._register_targets(self.world_model)
+        self._has_update_associated.update(associated)
+        return out
+
     def _forward_value_estimator_keys(self, **kwargs) -> None:
         pass  # no value estimator: the TD target is computed in forward
 
@@ -276,7 +286,9 @@ class PolicyPriorLoss(LossModule):
         self.world_model = world_model
         self.entropy_coef = check_float("entropy_coef", entropy_coef, low=0.0)
         self.rho = check_float("rho", rho, low=0.0, high=1.0, low_open=True)
-        self.scale = RunningScale(check_float("scale_tau", scale_tau, low=0.0, high=1.0, low_open=True))
+        scale = RunningScale(check_float("scale_tau", scale_tau, low=0.0, high=1.0, low_open=True))
+        # on the model's device (the loss is usually built after the model was moved, e.g. to CUDA)
+        self.scale = scale.to(next(world_model.parameters()).device)
 
     def _forward_value_estimator_keys(self, **kwargs) -> None:
         pass

@@ -141,7 +141,8 @@ class LatentPlannerBase(TensorDictModuleBase, abc.ABC):
         action_key (NestedKey): output key. Default ``"action"``.
         is_init_key (NestedKey): episode-start flags. Default ``"is_init"``.
         diagnostics (bool): also write ``("planner", ...)`` entries (see the subclass). Default ``False``.
-        generator (torch.Generator, optional): the RNG of the planning noise (on the model's device).
+        generator (torch.Generator, optional): the RNG of the planning noise (on any device: the noise is drawn
+            there, then moved to the model's).
         check_finite (bool or None): refuse to return a NaN/inf action, or to plan from a NaN/inf observation,
             with a :class:`NonFiniteActionError` naming the cause (the observation, a non-finite world-model
             weight, or the planning itself). Checked once per step, after planning: the observation, the action
@@ -311,7 +312,8 @@ class LatentPlannerBase(TensorDictModuleBase, abc.ABC):
         if self.generator is None:
             return torch.randn(batch, D, device=device, dtype=dtype)
         n = (D + 1) // 2
-        u = torch.rand(batch, 2 * n, device=device, dtype=dtype, generator=self.generator)
+        # drawn where the generator lives (a CPU generator with a CUDA model: the same numbers, then copied over)
+        u = torch.rand(batch, 2 * n, device=self.generator.device, dtype=dtype, generator=self.generator).to(device)
         radius = (-2.0 * torch.log1p(-u[:, :n])).sqrt()  # 1 - u lies in (0, 1]: no log(0)
         angle = (2.0 * math.pi) * u[:, n:]
         return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)[:, :D]

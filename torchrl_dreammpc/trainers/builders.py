@@ -449,6 +449,13 @@ def _check_eval_planners(cfg: Mapping, planner: str, tiny) -> None:
         _check_planner(f"eval_planners.{label}", planner_cfg, tiny)
 
 
+def resolve_device(device) -> str:
+    """``"auto"`` (or nothing) → ``"cuda"`` where CUDA is available, else ``"cpu"``; any other value as given."""
+    if device in (None, "auto"):
+        return "cuda" if device == "auto" and torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
 def check_device(device) -> None:
     """Refuses a device string torch cannot parse, or a CUDA device this machine does not have (ConfigError)."""
     if device == "auto":
@@ -515,9 +522,7 @@ def build_trainer(cfg: Mapping, *, checked: Mapping[str, Any] | None = None):
 
     checked = checked or validate_train_config(cfg)
     info = checked["task_info"]
-    device = cfg.get("device") or "cpu"
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(cfg.get("device"))
     seed = int(cfg["seed"])
     torch.manual_seed(seed)  # model initialization
     create_env = functools.partial(make_env, info.task, seed=seed)

@@ -139,7 +139,8 @@ class TDMPC2OptimizationStepper(OptimizationStepper):
         tau (float): soft target update rate (TD-MPC2: 0.01).
         compile (bool or str): ``torch.compile`` the two loss computations (forward and, through AOTAutograd,
             backward); a string picks the compile mode (``True`` means ``"max-autotune-no-cudagraphs"``, the
-            fastest mode measured on CPU, see docs/performance.md). The optimizer steps, clipping and the
+            fastest mode measured on CPU, see docs/performance.md, on a CPU model and ``"default"`` on another
+            device). The optimizer steps, clipping and the
             target update stay eager. Batch validation (widths, NaN/inf) then runs eagerly before the compiled
             call, so bad input still raises the same error. Default ``False`` (eager). Compile time: see
             docs/performance.md, *Compile time*.
@@ -197,7 +198,14 @@ class TDMPC2OptimizationStepper(OptimizationStepper):
         self._wm_params = [p for group in self.wm_optim.param_groups for p in group["params"]]
         self._pi_params = [p for group in self.pi_optim.param_groups for p in group["params"]]
         self.num_updates = 0
-        self.compile_mode = ("max-autotune-no-cudagraphs" if compile is True else compile) or None
+        # The optimizers' state and the target updater hold this device's tensors: a model moved afterwards is
+        # refused at the next step (build the stepper after moving the model).
+        self.device = next(self.world_model.parameters()).device
+        # compile=True: the mode measured fastest on CPUs (docs/performance.md); on a GPU inductor's default
+        # (max-autotune would first spend minutes benchmarking kernels)
+        if compile is True:
+            compile = "max-autotune-no-cudagraphs" if self.device.type == "cpu" else "default"
+        self.compile_mode = compile or None
         if self.compile_mode is not None:
             self._world_model_losses = torch.compile(self._world_model_losses, mode=self.compile_mode)
             self._policy_losses = torch.compile(self._policy_losses, mode=self.compile_mode)
@@ -226,6 +234,11 @@ class TDMPC2OptimizationStepper(OptimizationStepper):
         if trainer is not None and trainer.loss_module is not self.loss_module:
             raise ValueError("The trainer and the stepper must share the same loss module.")
         wm = self.world_model
+        device = next(wm.parameters()).device
+        if device != self.device:
+            raise RuntimeError(f"The world model is on {device}, but this stepper was built for it on {self.device}: "
+                               "its optimizers and target updater hold tensors of that device. Move the model first, "
+                               "then build the losses and the stepper.")
         if self.compile_mode is not None and self.loss_module.validate:
             self.loss_module.check_batch(sub_batch)
         wm.train()
