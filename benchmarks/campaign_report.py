@@ -13,8 +13,9 @@ Files:
 - ``benchmark/runs.json``: per run: steps trained, wall time, machine, commands, pending swaps;
 - ``benchmark/<run>.png``: the curves (policy and Dream-MPC every snapshot, MPPI where evaluated, the
   published TD-MPC2 and DreamerV3 seeds / BMPC-paper curves);
-- ``benchmark/aggregate.{png,json}``: rliable IQM and mean of normalized scores with 95 % stratified-bootstrap
-  confidence intervals per planner at the final step, and probabilities of improvement.
+- ``benchmark/aggregate.json`` and ``aggregate[-<algorithm>].png``: per training algorithm, the mean and IQM
+  (rliable) of normalized scores across tasks with 95 % bootstrap CIs over evaluation episodes per planner at the
+  final step, and Dream-MPC's paired comparisons with the other planners (see :func:`aggregate`).
 The section between ``<!-- conclusion -->`` markers of benchmark.md is written by hand and kept.
 """
 from __future__ import annotations
@@ -24,7 +25,6 @@ import datetime as dt
 import json
 import math
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +37,13 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = ROOT.parent / "shared" / "reference" / "published-results"
 SWAP_COLUMNS = ["task", "suite", "step", "planner", "return_mean", "return_std", "success_rate", "episodes",
-                "plan_ms_per_step", "return_sem", "run"]
+                "plan_ms_per_step", "return_sem", "run", "algorithm", "success_any_rate"]
 PLANNER_STYLE = {"policy": ("tab:blue", "policy prior"), "policy_sample": ("tab:cyan", "policy prior, sampled"),
                  "dream_mpc": ("tab:red", "Dream-MPC"),
                  "mppi": ("tab:green", "MPPI"), "dream_mpc_no_grad": ("tab:purple", "Dream-MPC, no gradient step"),
                  "dream_mpc_no_uncertainty": ("tab:orange", "Dream-MPC, λ = 0")}
 CONCLUSION_BEGIN, CONCLUSION_END = "<!-- conclusion -->", "<!-- /conclusion -->"
+ALGORITHM_NAMES = {"tdmpc2": "TD-MPC2 (the benchmark set)", "dreamer_v3": "DreamerV3", "bmpc": "BMPC"}
 BOOTSTRAP_REPS = 5000
 
 
@@ -94,9 +95,11 @@ def _run_rows(run, swaps) -> tuple[list[dict], dict]:
                 "success_rate": result.get("success_rate"), "episodes": n,
                 "plan_ms_per_step": result["plan_ms_per_step"],
                 "return_sem": result["return_std"] / math.sqrt(n) if n > 1 else float("nan"), "run": run.id,
+                "algorithm": run.train.get("algorithm", "tdmpc2"), "success_any_rate": result.get("success_any_rate"),
             })
             episodes.setdefault(str(step), {})[swap.name] = {
-                "returns": result.get("episode_returns"), "successes": result.get("episode_successes")}
+                "returns": result.get("episode_returns"), "successes": result.get("episode_successes"),
+                "successes_any": result.get("episode_successes_any")}
     return rows, episodes
 
 
@@ -130,12 +133,13 @@ def collect(campaign: dict[str, Any]) -> tuple[list[dict], dict, dict]:
     old_rows, old_episodes, old_runs = _read_committed(campaign["report"])
     rows, episodes, runs = [], {}, {}
     for run in campaign["runs"]:
-        if run.run_dir.exists():
-            run_rows, run_episodes = _run_rows(run, campaign["swaps"])
+        run_rows, run_episodes = _run_rows(run, campaign["swaps"]) if run.run_dir.exists() else ([], {})
+        committed = [row for row in old_rows if row["run"] == run.id]
+        if run.run_dir.exists() and (run_rows or not committed):
             record = _run_record(run, campaign, run_rows)
-        else:  # lived on an earlier machine: keep what was committed
-            run_rows = [row for row in old_rows if row["run"] == run.id]
-            run_episodes = old_episodes.get(run.id, {})
+        else:  # the run lived on an earlier machine (its directory here is gone, or new and still without
+            # results): keep what was committed until the directory has results of its own
+            run_rows, run_episodes = committed, old_episodes.get(run.id, {})
             record = old_runs.get(run.id)
             if record is None:
                 continue
@@ -182,11 +186,16 @@ def published_points(task: str, suite: str, max_step: int) -> dict[str, dict[int
 # ----------------------------------------------------------------------------------------------------------------
 # figures and statistics
 # ----------------------------------------------------------------------------------------------------------------
+def _success_sem(p: float, n: int) -> float:
+    """The binomial standard error of a success rate, sqrt(p (1 - p) / n) (0 at p = 0 or 1: read it with n)."""
+    return math.sqrt(p * (1 - p) / n)
+
+
 def _metric(row: dict, suite: str) -> tuple[float, float]:
     """(value, standard error) plotted for a swap row: success rate on Meta-World, return otherwise."""
     if suite == "metaworld":
         p, n = float(row["success_rate"]), int(row["episodes"])
-        return p, math.sqrt(p * (1 - p) / n)
+        return p, _success_sem(p, n)
     return float(row["return_mean"]), float(row["return_sem"])
 
 
@@ -236,83 +245,125 @@ def normalized_scores(record: dict, values: dict) -> np.ndarray | None:
     return np.minimum(scores, 1.0)
 
 
-def aggregate(episodes: dict, runs: dict, planners: list[str]) -> dict[str, Any] | None:
-    """rliable IQM / mean with 95 % stratified-bootstrap CIs per planner at each run's final step, and the
-    probability that Dream-MPC improves on the policy prior, on MPPI and on the prior's samples.
+#: Dream-MPC against: its prior's mean and samples, MPPI, and the ablations (each where both were evaluated).
+COMPARISONS = [("dream_mpc", "policy"), ("dream_mpc", "policy_sample"), ("dream_mpc", "mppi"),
+               ("dream_mpc", "dream_mpc_no_grad"), ("dream_mpc", "dream_mpc_no_uncertainty")]
 
-    The bootstrap resamples evaluation episodes within each task (the "runs" axis of rliable's score matrices
-    holds episodes: with one training seed per task there is nothing else to resample), so the intervals cover
-    evaluation noise, not seed-to-seed variation. Only runs that have every planner at their final step count.
+
+def _algorithm(record: dict) -> str:
+    return (record.get("train") or {}).get("algorithm", "tdmpc2")
+
+
+def _percentile_ci(samples: np.ndarray) -> list[float]:
+    return [float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))]
+
+
+def aggregate(episodes: dict, runs: dict, planners: list[str], algorithm: str = "tdmpc2",
+              reps: int = BOOTSTRAP_REPS, seed: int = 0) -> dict[str, Any] | None:
+    """The final-step aggregate over the finished runs of one training ``algorithm`` (a task trained by two
+    algorithms is two experiments, not two tasks of one).
+
+    - **Per planner**: each task's score is its mean normalized score over the evaluation episodes; across
+      tasks, rliable's ``aggregate_mean`` and ``aggregate_iqm`` of the ``[1, tasks]`` matrix of task scores (with
+      one training seed per task, a task score stands where rliable has a run's: the IQM trims tasks, and equals
+      the mean below 4 of them). 95 % CIs: percentile bootstrap over evaluation episodes, resampled within each
+      task (stratified); evaluation noise only, not seed-to-seed variation.
+    - **Paired comparisons** (:data:`COMPARISONS`): on the episodes both planners played (the first ``n`` of each:
+      the same initial states), per task the mean difference of normalized scores and ``P(x > y)`` over episode
+      pairs (a tie counts half), averaged across tasks; the bootstrap draws the same episode indices for both.
+
+    Why not rliable's bootstrap and ``probability_of_improvement``: they resample runs (one per task here:
+    degenerate) independently for the two planners (the pairing by initial state is lost), and its stratified
+    bootstrap draws from numpy's global RNG whatever ``random_state`` says; ``seed`` makes these CIs reproducible.
+    Runs without every planner at their final step are listed in ``excluded`` with the reason.
     """
-    from rliable import library as rly
     from rliable import metrics
 
-    included, per_planner = [], {p: [] for p in planners}
+    included, excluded, task_scores = [], {}, {p: [] for p in planners}
     for run_id, record in runs.items():
+        if _algorithm(record) != algorithm:
+            continue
+        if record["trained_step"] < record["steps"]:
+            excluded[run_id] = f"in progress, {record['trained_step']} / {record['steps']} steps"
+            continue
         final = episodes.get(run_id, {}).get(str(record["steps"]), {})
         scores = {p: normalized_scores(record, final[p]) if p in final else None for p in planners}
-        if any(s is None for s in scores.values()):
+        missing = [p for p, s in scores.items() if s is None]
+        if missing:
+            excluded[run_id] = f"no {', '.join(missing)} at step {record['steps']}"
             continue
         included.append(run_id)
         for p in planners:
-            per_planner[p].append(scores[p])
+            task_scores[p].append(scores[p])
     if not included:
         return None
-    # rliable wants a [runs, tasks] matrix per planner: the first n episodes of each task (paired initial states).
-    matrices = {}
-    for p, columns in per_planner.items():
-        n = min(len(c) for c in columns)
-        matrices[p] = np.stack([c[:n] for c in columns], axis=1)
-    rng = np.random.RandomState(0)
-    warnings.filterwarnings("ignore", message="random_state is deprecated", category=FutureWarning)  # arch, via rliable
-    point, interval = rly.get_interval_estimates(
-        matrices, lambda s: np.array([metrics.aggregate_iqm(s), metrics.aggregate_mean(s)]), reps=BOOTSTRAP_REPS,
-        random_state=rng)
-    result = {"runs": included, "reps": BOOTSTRAP_REPS, "planners": {}}
+    rng = np.random.default_rng(seed)
+
+    def resampled_means(values: np.ndarray) -> np.ndarray:  # [reps] means of bootstrap resamples of one task
+        return values[rng.integers(0, len(values), size=(reps, len(values)))].mean(axis=1)
+
+    result: dict[str, Any] = {"algorithm": algorithm, "runs": included, "excluded": excluded, "reps": reps,
+                              "seed": seed, "planners": {}, "comparisons": {}}
     for p in planners:
+        point = np.array([[s.mean() for s in task_scores[p]]])  # [1, tasks]
+        boot = np.stack([resampled_means(s) for s in task_scores[p]], axis=1)  # [reps, tasks]
         result["planners"][p] = {
-            "episodes_per_task": int(matrices[p].shape[0]),
-            "iqm": float(point[p][0]), "iqm_ci": [float(interval[p][0][0]), float(interval[p][1][0])],
-            "mean": float(point[p][1]), "mean_ci": [float(interval[p][0][1]), float(interval[p][1][1])],
+            "episodes_per_task": [int(len(s)) for s in task_scores[p]],
+            "task_scores": [float(v) for v in point[0]],
+            "mean": float(metrics.aggregate_mean(point)),
+            "mean_ci": _percentile_ci(boot.mean(axis=1)),
+            "iqm": float(metrics.aggregate_iqm(point)),
+            "iqm_ci": _percentile_ci(np.array([metrics.aggregate_iqm(row[None]) for row in boot])),
         }
-    pairs = {f"{x} > {y}": (matrices[x], matrices[y])
-             for x, y in (("dream_mpc", "policy"), ("dream_mpc", "mppi"), ("dream_mpc", "policy_sample"))
-             if x in matrices and y in matrices}
-    if pairs:
-        point, interval = rly.get_interval_estimates(pairs, metrics.probability_of_improvement, reps=BOOTSTRAP_REPS,
-                                                     random_state=rng)
-        result["probability_of_improvement"] = {
-            key: {"value": float(point[key]), "ci": [float(interval[key][0][0]), float(interval[key][1][0])]}
-            for key in pairs}
+    for x, y in COMPARISONS:
+        if x not in task_scores or y not in task_scores:
+            continue
+        diffs, wins, boot_diff, boot_win, ns = [], [], [], [], []
+        for sx, sy in zip(task_scores[x], task_scores[y]):
+            n = min(len(sx), len(sy))
+            d = sx[:n] - sy[:n]
+            w = (d > 0) + 0.5 * (d == 0)
+            idx = rng.integers(0, n, size=(reps, n))  # the same episodes for both planners
+            diffs.append(d.mean()), wins.append(w.mean()), ns.append(n)
+            boot_diff.append(d[idx].mean(axis=1)), boot_win.append(w[idx].mean(axis=1))
+        result["comparisons"][f"{x} vs {y}"] = {
+            "episodes_per_task": ns,
+            "mean_difference": float(np.mean(diffs)),
+            "mean_difference_ci": _percentile_ci(np.mean(boot_diff, axis=0)),
+            "p_better": float(np.mean(wins)),
+            "p_better_ci": _percentile_ci(np.mean(boot_win, axis=0)),
+        }
     return result
 
 
 def plot_aggregate(result: dict, path: Path) -> None:
     planners = list(result["planners"])
-    poi = result.get("probability_of_improvement", {})
-    fig, axes = plt.subplots(1, 3 if poi else 2, figsize=(11 if poi else 7.5, 0.5 + 0.45 * len(planners)))
-    for ax, key, title in zip(axes, ("iqm", "mean"), ("IQM", "Mean")):
+    comparisons = result.get("comparisons", {})
+    panels = [("mean", "Mean normalized score"), ("iqm", "IQM across tasks")]
+    fig, axes = plt.subplots(1, 4 if comparisons else 2,
+                             figsize=(15 if comparisons else 7.5, 0.6 + 0.45 * max(len(planners), len(comparisons))))
+    for ax, (key, title) in zip(axes, panels):
         for i, p in enumerate(planners):
             value, (lo, hi) = result["planners"][p][key], result["planners"][p][f"{key}_ci"]
             color = PLANNER_STYLE.get(p, ("k", p))[0]
             ax.errorbar([value], [i], xerr=[[value - lo], [hi - value]], fmt="o", color=color, capsize=4)
         ax.set_yticks(range(len(planners)), [PLANNER_STYLE.get(p, ("k", p))[1] for p in planners] if ax is axes[0]
                       else [""] * len(planners))
-        ax.set_title(f"{title} normalized score")
+        ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3, axis="x")
-    if poi:
-        ax = axes[2]
-        for i, (key, entry) in enumerate(poi.items()):
-            value, (lo, hi) = entry["value"], entry["ci"]
-            ax.errorbar([value], [i], xerr=[[value - lo], [hi - value]], fmt="o", color="k", capsize=4)
-        ax.axvline(0.5, color="grey", ls="--", lw=1)
-        ax.set_yticks(range(len(poi)), [k.replace("dream_mpc", "Dream-MPC").replace("policy", "policy prior")
-                                        .replace("mppi", "MPPI").replace(" > ", " > ") for k in poi])
-        ax.yaxis.tick_right()
-        ax.set_title("P(improvement)")
-        ax.grid(alpha=0.3, axis="x")
-    fig.suptitle(f"{len(result['runs'])} task(s) at the final step; 95 % stratified-bootstrap CIs over episodes",
-                 fontsize=9)
+    if comparisons:
+        labels = [PLANNER_STYLE.get(k.split(" vs ")[1], ("", k))[1] for k in comparisons]
+        for ax, key, title, null in ((axes[2], "mean_difference", "Dream-MPC − other (paired)", 0.0),
+                                     (axes[3], "p_better", "P(Dream-MPC better)", 0.5)):
+            for i, entry in enumerate(comparisons.values()):
+                value, (lo, hi) = entry[key], entry[f"{key}_ci"]
+                ax.errorbar([value], [i], xerr=[[value - lo], [hi - value]], fmt="o", color="k", capsize=4)
+            ax.axvline(null, color="grey", ls="--", lw=1)
+            ax.set_yticks(range(len(comparisons)), labels if ax is axes[2] else [""] * len(comparisons))
+            ax.set_title(title, fontsize=9)
+            ax.grid(alpha=0.3, axis="x")
+    fig.suptitle(f"{result['algorithm']}: {len(result['runs'])} task(s) at the final step; 95 % bootstrap CIs over "
+                 "evaluation episodes (within each task)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -327,7 +378,10 @@ def _fmt_cell(row: dict | None, suite: str) -> str:
     mean, sem = float(row["return_mean"]), float(row["return_sem"])
     cell = f"{mean:.1f} ± {sem:.1f}"
     if suite == "metaworld" and row.get("success_rate") not in (None, ""):
-        cell = f"{float(row['success_rate']):.2f} ({cell})"
+        p = float(row["success_rate"])
+        any_step = row.get("success_any_rate")
+        any_text = f", any {float(any_step):.2f}" if any_step not in (None, "") else ""
+        cell = f"{p:.2f} ± {_success_sem(p, int(row['episodes'])):.2f}{any_text} ({cell})"
     return cell + f" <sub>n={row['episodes']}</sub>"
 
 
@@ -351,7 +405,8 @@ def _swap_table(record: dict, rows: list[dict], planners: list[str]) -> str:
         values = [float(r["plan_ms_per_step"]) for r in rows if r["planner"] == p]
         ms.append(f"{np.median(values):.1f}")
     lines.append("| ms per step (median) | " + " | ".join(ms) + (" | |" if prior else " |"))
-    what = ("success rate (return ± s.e.)" if suite == "metaworld" else "return ± standard error")
+    what = ("success rate at the episode's last step, as TD-MPC2 counts it, ± binomial s.e., and at any step "
+            "(return ± s.e.)" if suite == "metaworld" else "return ± standard error")
     note = (" *prior*: the policy prior on the states of its own evaluation episode (benchmarks/policy_prior_state.py): "
             "the fraction of action dimensions whose squashed mean is beyond ±0.99, and the mean log-std (TD-MPC2's and "
             "BMPC's range [-10, 2] and [-3, 1]; DreamerV3's std lies in [0.1, 1])."
@@ -392,25 +447,45 @@ def _run_section(run_id: str, record: dict, rows: list[dict], planners: list[str
     return "\n".join(lines)
 
 
-def _aggregate_section(result: dict | None, data_dir: Path, report: Path, total: int) -> str:
+def _aggregate_section(result: dict | None, algorithm: str, data_dir: Path, report: Path) -> str:
     if result is None:
-        return ("No run has every planner at its final step yet: the aggregate (rliable IQM and mean with 95 % "
-                "stratified-bootstrap CIs, probability of improvement) appears here once one does.\n")
-    rel = os.path.relpath(data_dir / "aggregate.png", report.parent)
-    lines = [f"Runs included ({len(result['runs'])} of {total}): " + ", ".join(result["runs"]) + ".", "",
-             f"![aggregate]({rel})", "",
-             "| planner | IQM [95 % CI] | mean [95 % CI] | episodes per task |", "|---|---:|---:|---:|"]
+        return (f"No {algorithm} run has every planner at its final step yet: the aggregate (mean and IQM of "
+                "normalized scores with 95 % bootstrap CIs, paired comparisons) appears here once one does.\n")
+    rel = os.path.relpath(data_dir / _aggregate_png(algorithm), report.parent)
+    lines = [f"Runs included ({len(result['runs'])}): " + ", ".join(result["runs"]) + "."]
+    if result["excluded"]:
+        lines[0] += " Not yet: " + "; ".join(f"{run} ({why})" for run, why in result["excluded"].items()) + "."
+    lines += ["", f"![aggregate {algorithm}]({rel})", "",
+              "| planner | mean [95 % CI] | IQM across tasks [95 % CI] | task scores | episodes per task |",
+              "|---|---:|---:|---|---|"]
     for p, entry in result["planners"].items():
-        lines.append(f"| {PLANNER_STYLE.get(p, ('', p))[1]} | {entry['iqm']:.3f} [{entry['iqm_ci'][0]:.3f}, "
-                     f"{entry['iqm_ci'][1]:.3f}] | {entry['mean']:.3f} [{entry['mean_ci'][0]:.3f}, "
-                     f"{entry['mean_ci'][1]:.3f}] | {entry['episodes_per_task']} |")
-    for key, entry in result.get("probability_of_improvement", {}).items():
-        lines.append(f"\nP({key}) = {entry['value']:.3f} [{entry['ci'][0]:.3f}, {entry['ci'][1]:.3f}]")
-    lines += ["", "Normalized score per episode: DMControl return / 1000, Meta-World success (0/1), HumanoidBench "
-              "return / the task's success threshold, capped at 1. The bootstrap resamples evaluation episodes "
-              "within each task: with one training seed per task the intervals show evaluation noise only, not "
-              "seed-to-seed variation."]
+        lines.append(f"| {PLANNER_STYLE.get(p, ('', p))[1]} | {entry['mean']:.3f} [{entry['mean_ci'][0]:.3f}, "
+                     f"{entry['mean_ci'][1]:.3f}] | {entry['iqm']:.3f} [{entry['iqm_ci'][0]:.3f}, "
+                     f"{entry['iqm_ci'][1]:.3f}] | {', '.join(f'{v:.3f}' for v in entry['task_scores'])} | "
+                     f"{', '.join(map(str, entry['episodes_per_task']))} |")
+    if result["comparisons"]:
+        lines += ["", "| Dream-MPC against | mean difference [95 % CI] | P(Dream-MPC better) [95 % CI] | "
+                  "paired episodes per task |", "|---|---:|---:|---|"]
+        for key, entry in result["comparisons"].items():
+            other = PLANNER_STYLE.get(key.split(" vs ")[1], ("", key))[1]
+            lines.append(f"| {other} | {entry['mean_difference']:+.3f} [{entry['mean_difference_ci'][0]:+.3f}, "
+                         f"{entry['mean_difference_ci'][1]:+.3f}] | {entry['p_better']:.3f} "
+                         f"[{entry['p_better_ci'][0]:.3f}, {entry['p_better_ci'][1]:.3f}] | "
+                         f"{', '.join(map(str, entry['episodes_per_task']))} |")
+    lines += ["", "Normalized score per episode: DMControl return / 1000, Meta-World success at the last step (0/1), "
+              "HumanoidBench return / the task's success threshold, capped at 1. A task's score is its mean over "
+              "the evaluation episodes; mean and IQM (rliable) are taken across tasks (the IQM equals the mean "
+              "below 4 tasks). Paired comparisons use the episodes both planners played (the same initial "
+              "states; MPPI played the first 10): per task the mean difference and the fraction of episode pairs "
+              "Dream-MPC won (ties half), averaged across tasks. The CIs resample evaluation episodes within each "
+              f"task ({result['reps']} reps, seed {result['seed']}; the same episodes for both planners of a "
+              "comparison): one training seed per task, so they show evaluation noise only, not seed-to-seed "
+              "variation."]
     return "\n".join(lines) + "\n"
+
+
+def _aggregate_png(algorithm: str) -> str:
+    return "aggregate.png" if algorithm == "tdmpc2" else f"aggregate-{algorithm}.png"
 
 
 def _kept_conclusion(report: Path) -> str:
@@ -442,10 +517,16 @@ def write_report(campaign: dict[str, Any]) -> Path:
         run_rows = [r for r in rows if r["run"] == run_id]
         if run_rows:
             plot_run(run_id, record, run_rows, data_dir / f"{run_id}.png")
-    result = aggregate(episodes, runs, planners)
-    if result is not None:
-        _atomic_write(data_dir / "aggregate.json", json.dumps(result, indent=1))
-        plot_aggregate(result, data_dir / "aggregate.png")
+    algorithms = list(dict.fromkeys(run.train.get("algorithm", "tdmpc2") for run in campaign["runs"]))
+    results = {algorithm: aggregate(episodes, runs, planners, algorithm) for algorithm in algorithms}
+    _atomic_write(data_dir / "aggregate.json", json.dumps(results, indent=1))
+    for algorithm, result in results.items():
+        if result is not None:
+            plot_aggregate(result, data_dir / _aggregate_png(algorithm))
+    aggregate_sections = []
+    for algorithm, result in results.items():
+        aggregate_sections += [f"### Runs trained with {ALGORITHM_NAMES.get(algorithm, algorithm)}", "",
+                               _aggregate_section(result, algorithm, data_dir, report)]
 
     config = os.path.relpath(campaign["path"], ROOT)
     lines = [
@@ -469,7 +550,7 @@ def write_report(campaign: dict[str, Any]) -> Path:
         "",
         "## Aggregate at the final step",
         "",
-        _aggregate_section(result, data_dir, report, len(campaign["runs"])),
+        *aggregate_sections,
         "## Runs",
         "",
         "| run | steps trained | planner swaps | wall time (h) |",

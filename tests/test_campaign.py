@@ -221,6 +221,53 @@ def test_report_keeps_committed_rows_of_runs_whose_directory_is_gone(tmp_path):
     # a finished run without a directory is not trained again
     campaign.continue_run(loaded, first, rerun=False)
     assert not first.run_dir.exists()
+    # a new directory of that run (--rerun) without results yet: the committed rows stay until it has its own
+    first.run_dir.mkdir(parents=True)
+    campaign_report.write_report(loaded)
+    assert len(list(csv.DictReader((data / "planner_swap.csv").open()))) == 1
+
+
+def test_aggregate_is_per_algorithm_across_tasks_with_paired_comparisons():
+    """Task scores (episode means) aggregated across tasks, one algorithm at a time; paired differences and
+    P(better) on the episodes both planners played; runs not finished or missing a planner are listed."""
+    def record(task, suite, algorithm="tdmpc2", trained=100):
+        return {"task": task, "suite": suite, "steps": 100, "trained_step": trained, "score_scale": None,
+                "train": {"algorithm": algorithm}}
+
+    runs = {"a": record("cartpole-swingup", "dmc"), "b": record("mw-reach", "metaworld"),
+            "c": record("cartpole-swingup", "dmc", "dreamer_v3"), "d": record("walker-walk", "dmc", trained=50),
+            "e": record("walker-run", "dmc")}
+    ret = [100.0, 300.0, 500.0, 700.0]  # dmc: normalized 0.1 .. 0.7
+    episodes = {
+        "a": {"100": {"policy": {"returns": ret}, "dream_mpc": {"returns": [200.0, 300.0, 400.0, 900.0]},
+                      "mppi": {"returns": [900.0, 900.0]}}},
+        "b": {"100": {"policy": {"returns": [0.0] * 4, "successes": [True, False, False, False]},
+                      "dream_mpc": {"returns": [0.0] * 4, "successes": [True, True, False, False]},
+                      "mppi": {"returns": [0.0] * 2, "successes": [True, True]}}},
+        "c": {"100": {p: {"returns": [1000.0] * 4} for p in ("policy", "dream_mpc", "mppi")}},
+        "e": {"100": {"policy": {"returns": ret}}},  # no dream_mpc, no mppi
+    }
+    planners = ["policy", "dream_mpc", "mppi"]
+    result = campaign_report.aggregate(episodes, runs, planners, "tdmpc2", reps=200)
+    assert result["runs"] == ["a", "b"]
+    assert result["excluded"] == {"d": "in progress, 50 / 100 steps", "e": "no dream_mpc, mppi at step 100"}
+    policy, dream = result["planners"]["policy"], result["planners"]["dream_mpc"]
+    assert policy["task_scores"] == pytest.approx([0.4, 0.25]) and dream["task_scores"] == pytest.approx([0.45, 0.5])
+    assert policy["mean"] == pytest.approx(0.325) and policy["iqm"] == pytest.approx(0.325)  # 2 tasks: no trim
+    assert policy["mean_ci"][0] <= 0.325 <= policy["mean_ci"][1]
+    vs_policy = result["comparisons"]["dream_mpc vs policy"]
+    # a: differences +0.1, 0, -0.1, +0.2 (wins 1, 0.5, 0, 1); b: 0, +1, 0, 0 (wins 0.5, 1, 0.5, 0.5)
+    assert vs_policy["mean_difference"] == pytest.approx((0.05 + 0.25) / 2)
+    assert vs_policy["p_better"] == pytest.approx((2.5 / 4 + 2.5 / 4) / 2)
+    vs_mppi = result["comparisons"]["dream_mpc vs mppi"]  # on MPPI's 2 episodes: a -0.7, -0.6; b 0, 0 (ties)
+    assert vs_mppi["episodes_per_task"] == [2, 2]
+    assert vs_mppi["mean_difference"] == pytest.approx(-0.65 / 2)
+    assert vs_mppi["p_better"] == pytest.approx((0 + 0.5) / 2)
+    assert "dream_mpc vs policy_sample" not in result["comparisons"]
+    assert campaign_report.aggregate(episodes, runs, planners, "tdmpc2", reps=200) == result  # seeded
+    dreamer = campaign_report.aggregate(episodes, runs, planners, "dreamer_v3", reps=200)
+    assert dreamer["runs"] == ["c"] and dreamer["planners"]["policy"]["mean"] == 1.0
+    assert campaign_report.aggregate(episodes, runs, planners, "bmpc") is None
 
 
 @pytest.mark.slow
@@ -283,10 +330,11 @@ def test_tiny_campaign_killed_in_the_middle_completes_on_the_next_call(tmp_path)
     returns = episodes[first.id]["200"]["policy"]["returns"]
     policy_200 = next(r for r in rows if r["run"] == first.id and r["step"] == "200" and r["planner"] == "policy")
     assert len(returns) == 2 and sum(returns) / 2 == pytest.approx(float(policy_200["return_mean"]), rel=1e-5)
-    aggregate = json.loads((data / "aggregate.json").read_text())
+    aggregate = json.loads((data / "aggregate.json").read_text())["tdmpc2"]
     assert aggregate["runs"] == [first.id, second.id]
     for entry in aggregate["planners"].values():
         assert 0.0 <= entry["iqm_ci"][0] <= entry["iqm"] <= entry["iqm_ci"][1] <= 1.0
+    assert set(aggregate["comparisons"]) == set()  # (no Dream-MPC swap in this tiny campaign)
     for name in (f"{first.id}.png", f"{second.id}.png", "aggregate.png"):
         assert (data / name).stat().st_size > 1000
     report = loaded["report"].read_text()
