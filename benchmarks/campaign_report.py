@@ -385,17 +385,35 @@ def _fmt_cell(row: dict | None, suite: str) -> str:
     return cell + f" <sub>n={row['episodes']}</sub>"
 
 
-def _swap_table(record: dict, rows: list[dict], planners: list[str]) -> str:
+def paired_difference(x: dict | None, y: dict | None, suite: str) -> tuple[float, float, int] | None:
+    """Mean and standard error of the per-episode difference x − y (returns; last-step successes on Meta-World)
+    over the episodes both played (the first n: the same initial states), and n; ``None`` without both."""
+    key = "successes" if suite == "metaworld" else "returns"
+    if not x or not y or x.get(key) is None or y.get(key) is None:
+        return None
+    n = min(len(x[key]), len(y[key]))
+    d = np.asarray(x[key][:n], dtype=float) - np.asarray(y[key][:n], dtype=float)
+    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan"), n
+
+
+def _swap_table(record: dict, rows: list[dict], planners: list[str], episodes: dict | None = None) -> str:
     suite = record["suite"]
     by_key = {(int(r["step"]), r["planner"]): r for r in rows}
     steps = sorted({int(r["step"]) for r in rows})
     present = [p for p in planners if any(r["planner"] == p for r in rows)]
     head = "| step | " + " | ".join(PLANNER_STYLE.get(p, ("", p))[1] for p in present) + " |"
+    paired = bool(episodes) and "dream_mpc" in present and "policy" in present
+    head += " Dream-MPC − prior, paired |" if paired else ""
     prior = record.get("policy_prior") or {}
     head += " prior: saturated, log σ |" if prior else ""
-    lines = [head, "|---:|" + "---:|" * (len(present) + bool(prior))]
+    lines = [head, "|---:|" + "---:|" * (len(present) + paired + bool(prior))]
     for step in steps:
         cells = [_fmt_cell(by_key.get((step, p)), suite) for p in present]
+        if paired:
+            at = episodes.get(str(step), {})
+            diff = paired_difference(at.get("dream_mpc"), at.get("policy"), suite)
+            digits = 2 if suite == "metaworld" else 1
+            cells.append(f"{diff[0]:+.{digits}f} ± {diff[1]:.{digits}f}" if diff else "")
         if prior:
             state = prior.get(str(step))
             cells.append(f"{state['saturated']:.2f}, {state['mean_log_std']:+.2f}" if state else "")
@@ -404,7 +422,7 @@ def _swap_table(record: dict, rows: list[dict], planners: list[str]) -> str:
     for p in present:
         values = [float(r["plan_ms_per_step"]) for r in rows if r["planner"] == p]
         ms.append(f"{np.median(values):.1f}")
-    lines.append("| ms per step (median) | " + " | ".join(ms) + (" | |" if prior else " |"))
+    lines.append("| ms per step (median) | " + " | ".join(ms) + " |" + " |" * (paired + bool(prior)))
     what = ("success rate at the episode's last step, as TD-MPC2 counts it, ± binomial s.e., and at any step "
             "(return ± s.e.)" if suite == "metaworld" else "return ± standard error")
     note = (" *prior*: the policy prior on the states of its own evaluation episode (benchmarks/policy_prior_state.py): "
@@ -414,11 +432,13 @@ def _swap_table(record: dict, rows: list[dict], planners: list[str]) -> str:
     return (f"Cells: {what} over n episodes, DETERMINISTIC mode (*policy prior, sampled*: RANDOM mode, the prior's "
             f"samples, which Dream-MPC draws its candidates from), the same initial states for every planner. ms per "
             f"step: the planner's own time, median over snapshots, measured while other jobs shared the 2 cores "
-            f"(docs/performance.md has the quiet-machine timings).{note}\n\n" + "\n".join(lines))
+            f"(docs/performance.md has the quiet-machine timings)."
+            + (" *Dream-MPC − prior, paired*: the mean per-episode difference on the same initial states ± its "
+               "standard error." if paired else "") + f"{note}\n\n" + "\n".join(lines))
 
 
 def _run_section(run_id: str, record: dict, rows: list[dict], planners: list[str], data_dir: Path,
-                 report: Path) -> str:
+                 report: Path, episodes: dict | None = None) -> str:
     png = data_dir / f"{run_id}.png"
     rel = os.path.relpath(png, report.parent)
     hours = record["wall_s"] / 3600
@@ -433,7 +453,7 @@ def _run_section(run_id: str, record: dict, rows: list[dict], planners: list[str
     if record.get("swaps_pending"):
         lines += [f"{record['swaps_pending']} planner swap(s) not evaluated yet.", ""]
     if rows:
-        lines += [f"![{run_id}]({rel})", "", _swap_table(record, rows, planners), ""]
+        lines += [f"![{run_id}]({rel})", "", _swap_table(record, rows, planners, episodes), ""]
     pub = published_points(record["task"], record["suite"], record["steps"])
     notes = []
     for name, points in pub.items():
@@ -566,6 +586,6 @@ def write_report(campaign: dict[str, Any]) -> Path:
     lines.append("")
     for run_id, record in runs.items():
         lines.append(_run_section(run_id, record, [r for r in rows if r["run"] == run_id], planners, data_dir,
-                                  report))
+                                  report, episodes.get(run_id)))
     _atomic_write(report, "\n".join(lines).rstrip() + "\n")
     return report

@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -268,6 +269,12 @@ def test_aggregate_is_per_algorithm_across_tasks_with_paired_comparisons():
     dreamer = campaign_report.aggregate(episodes, runs, planners, "dreamer_v3", reps=200)
     assert dreamer["runs"] == ["c"] and dreamer["planners"]["policy"]["mean"] == 1.0
     assert campaign_report.aggregate(episodes, runs, planners, "bmpc") is None
+    # the per-snapshot paired column of the run tables: returns (DMC), last-step successes (Meta-World)
+    a, b = episodes["a"]["100"], episodes["b"]["100"]
+    assert campaign_report.paired_difference(a["dream_mpc"], a["policy"], "dmc") == pytest.approx(
+        (50.0, np.std([100, 0, -100, 200], ddof=1) / 2, 4))
+    assert campaign_report.paired_difference(b["dream_mpc"], b["mppi"], "metaworld")[::2] == (0.0, 2)
+    assert campaign_report.paired_difference(a["dream_mpc"], None, "dmc") is None
 
 
 @pytest.mark.slow
