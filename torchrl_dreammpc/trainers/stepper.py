@@ -24,6 +24,10 @@ __all__ = ["TDMPC2OptimizationStepper", "BMPCOptimizationStepper", "NonFiniteUpd
            "load_optimizer_keeping_settings"]
 
 
+#: torch.compile modes that replay CUDA graphs (their outputs are reused memory on a GPU).
+_CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
 def load_optimizer_keeping_settings(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any], *,
                                     name: str = "optimizer", counters: tuple[str, ...] = ("step",),
                                     warn: bool = True) -> dict:
@@ -269,6 +273,9 @@ class TDMPC2OptimizationStepper(OptimizationStepper):
         if pi_out is not None:
             metrics.update(pi_out.detach())
             metrics.set("pi_grad_norm", pi_grad_norm.detach())
+        if self.compile_mode in _CUDA_GRAPH_MODES:
+            # CUDA-graph outputs are overwritten by the next replay; the trainer reads these after later steps
+            metrics = metrics.clone()
         return metrics
 
     def _trains_policy(self, trainer: Trainer | None) -> bool:
