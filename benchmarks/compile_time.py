@@ -7,7 +7,7 @@ directory (*cold*: what the first run on a machine pays), then in a second fresh
 - ``update``: one :class:`~torchrl_dreammpc.trainers.TDMPC2OptimizationStepper` step with ``compile=True``
   (``max-autotune-no-cudagraphs``, what ``recipes/train.py compile=true`` uses), 1M model, batch 256, horizon 3;
 - ``dream_mpc``: one :class:`~torchrl_dreammpc.planners.GradientMPCPlanner` step with ``compile=True``, 1M
-  model, one env (``+planner.compile=true``); every new batch size compiles again.
+  model, one env (``planner.compile=true`` for train.py); every new batch size compiles again.
 
     python benchmarks/compile_time.py            # writes docs/results/compile_time.json and its performance.md section
 """

@@ -5,7 +5,7 @@ candidates. ``uncertainty_grad=True`` also ascends its gradient, which needs eve
 the differentiated pass. This script reports what that costs per control step (ms, median of repeated calls) and
 how far one gradient step moves the objective J of the executed candidate (on models with perturbed weights) (``objective_after -
 objective_before`` from the planner's diagnostics), on the same untrained TD-MPC2 models and inputs. Returns on a
-trained model are compared with ``recipes/evaluate.py planner_args='{dream_mpc: {uncertainty_grad: true}}'``.
+trained model are compared with ``recipes/evaluate.py +planner_args.dream_mpc.uncertainty_grad=true``.
 
     python benchmarks/uncertainty_grad.py
 

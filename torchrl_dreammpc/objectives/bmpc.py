@@ -48,8 +48,9 @@ class BMPCLoss(TDMPC2Loss):
     """BMPC world-model + state-value loss.
 
     Reads the same ``[B, H]`` sub-trajectories as :class:`~torchrl_dreammpc.objectives.TDMPC2Loss` (``observation``,
-    ``action``, ``("next", "observation")``, ``("next", "reward")``; termination flags are not read: BMPC has no
-    termination model). With ``z_t = encode(o_t)`` for the H+1 observations (no gradient):
+    ``action``, ``("next", "observation")``, ``("next", "reward")``, and ``("next", "terminated")``, which is checked
+    like TDMPC2Loss's but not used: BMPC has no termination model). With ``z_t = encode(o_t)`` for the H+1
+    observations (no gradient):
 
     - consistency: MSE between the latent rollout ``ẑ_{t+1} = next(ẑ_t, a_t)`` from ``ẑ_0 = z_0`` and ``z_{t+1}``;
     - reward: soft cross-entropy of ``r̂(ẑ_t, a_t)`` against the stored reward;
@@ -76,7 +77,8 @@ class BMPCLoss(TDMPC2Loss):
         >>> wm = BMPCWorldModel(5, 1, model_size=1)
         >>> B, H = 4, 3
         >>> td = TensorDict({"observation": torch.randn(B, H, 5), "action": torch.rand(B, H, 1) * 2 - 1,
-        ...     "next": {"observation": torch.randn(B, H, 5), "reward": torch.randn(B, H, 1)}}, [B, H])
+        ...     "next": {"observation": torch.randn(B, H, 5), "reward": torch.randn(B, H, 1),
+        ...              "terminated": torch.zeros(B, H, 1, dtype=torch.bool)}}, [B, H])
         >>> sorted(k for k in BMPCLoss(wm)(td).keys() if k.startswith("loss_"))
         ['loss_consistency', 'loss_reward', 'loss_value']
     """

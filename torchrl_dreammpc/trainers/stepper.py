@@ -369,7 +369,8 @@ class BMPCOptimizationStepper(TDMPC2OptimizationStepper):
         >>> B, H = 8, 3
         >>> batch = TensorDict({"observation": torch.randn(B, H, 5), "action": torch.rand(B, H, 1) * 2 - 1,
         ...     "expert": {"loc": torch.zeros(B, H, 1), "scale": torch.ones(B, H, 1)},
-        ...     "next": {"observation": torch.randn(B, H, 5), "reward": torch.randn(B, H, 1)}}, [B, H])
+        ...     "next": {"observation": torch.randn(B, H, 5), "reward": torch.randn(B, H, 1),
+        ...              "terminated": torch.zeros(B, H, 1, dtype=torch.bool)}}, [B, H])
         >>> "loss_pi" in stepper.step(None, batch).keys(), "loss_pi" in stepper.step(None, batch, pretrain=True).keys()
         (True, False)
     """

@@ -1,0 +1,25 @@
+"""Every docstring example of the package runs and prints what it shows (the examples are documentation: one
+that raises, or shows another result, misleads its reader)."""
+from __future__ import annotations
+
+import doctest
+import importlib
+import io
+import pkgutil
+
+import pytest
+
+import torchrl_dreammpc
+
+MODULES = sorted(info.name for info in pkgutil.walk_packages(torchrl_dreammpc.__path__, "torchrl_dreammpc."))
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples_run(name, one_thread):
+    module = importlib.import_module(name)
+    out = io.StringIO()
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    tests = [test for test in doctest.DocTestFinder().find(module, name) if test.examples]
+    for test in tests:
+        runner.run(test, out=out.write)
+    assert runner.failures == 0, out.getvalue()[-4000:]
