@@ -242,6 +242,10 @@ def test_planners_act_through_it_in_a_batched_collector(name):
     assert starts[:, 0].all() and starts[:, 5].all()  # episodes of 5 steps in every env
     assert (batch["belief"][starts] == 0).all() and (batch["belief"][:, 1:5] != 0).any()
     assert torch.equal(batch["previous_action"][:, 1:5], batch["action"][:, :4])
+    # what DreamMPCTrainer reads to log planner diagnostics (planner.diagnostics=true) sees through the path
+    assert wm.acting_module(planner).diagnostics is False
+    if name != "policy":
+        assert wm.acting_module(type(planner)(wm, diagnostics=True)).diagnostics is True
 
 
 @pytest.mark.parametrize("name", ["dream_mpc", "mppi", "policy"])

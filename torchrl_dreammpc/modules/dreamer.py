@@ -247,6 +247,11 @@ class ActingPath(TensorDictModuleBase):
         self.__dict__["_model"] = model  # not a submodule: the sequence holds its parts already
         self.in_keys, self.out_keys = list(sequence.in_keys), list(sequence.out_keys)
 
+    @property
+    def diagnostics(self) -> bool:
+        """Whether the planner writes ``("planner", ...)`` diagnostics (what the trainer's logger looks for)."""
+        return bool(getattr(self.planner, "diagnostics", False))
+
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         device = next(self._model.parameters()).device
         source = tensordict.get("observation").device
@@ -254,7 +259,7 @@ class ActingPath(TensorDictModuleBase):
             return self.sequence(tensordict)
         outputs = self.sequence(tensordict.select(*self.in_keys, strict=False).to(device))
         keys = list(self.out_keys)
-        if getattr(self.planner, "diagnostics", False):  # ("planner", ...) entries are no declared output
+        if self.diagnostics:  # ("planner", ...) entries are no declared output
             keys.append(self.planner.diagnostics_key)
         return tensordict.update(outputs.select(*keys, strict=False).to(source))
 
