@@ -350,6 +350,18 @@ def test_torchrl_stepper_is_one_dreamer_update():
     loss_a, stepper = make_dreamer_v3_update(wm_a, warmup_steps=0, imagination_horizon=3)
     loss_b, _ = make_dreamer_v3_update(wm_b, warmup_steps=0, imagination_horizon=3)
     optimizer = DreamerV3Optimizer(loss_b.parameters(), warmup_steps=0)
+    with torch.no_grad():  # slow critics away from the critics: the EMA's shift (2 % of the gap) is then visible
+        for loss in (loss_a, loss_b):
+            for member in loss.value_loss.members:
+                for key, slow in member.target_value_model_params.items(True, True):
+                    if "bins" not in str(key):  # (the two-hot bins are constants, not weights)
+                        slow.add_(0.1)
+
+    def slow_weights(loss):
+        return [t for m in loss.value_loss.members for k, t in m.target_value_model_params.items(True, True)
+                if "bins" not in str(k)]
+
+    slow_before = [t.clone() for t in slow_weights(loss_a)]
     for step in range(2):
         torch.manual_seed(step)
         stepper.step(None, batch.clone())
@@ -363,6 +375,7 @@ def test_torchrl_stepper_is_one_dreamer_update():
                 member.target_value_model_params.lerp_(member.value_model_params.data, 0.02)
     for (name, a), b in zip(loss_a.state_dict().items(), loss_b.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
+    assert all((a - b).abs().max() > 1e-3 for a, b in zip(slow_weights(loss_a), slow_before))  # the EMA moved them
 
 
 def test_resume_keeps_this_run_s_optimizer_settings_and_the_checkpoint_s_progress():
