@@ -83,7 +83,7 @@ def test_v_model_answers_the_seam():
     v = wm.state_value(zs, reduce="all")
     close(u, v.mean(0) * v.std(0))
     # a TD-MPC2 model keeps Q(z_H, π(z_H)) through the same seam
-    q_model = TDMPC2WorldModel(5, 2, model_size=1, num_q=2, **TINY).eval()
+    q_model = _q_model_with_weights()
     eps = torch.randn(4, 2)
     close(q_model.trajectory_values(zs, actions, eps)[0], q_model.value(zs[-1], q_model.policy(zs[-1], eps=eps)[0]))
 
@@ -552,13 +552,28 @@ def test_planner_defaults_follow_the_model_family():
     assert make_planner({"name": "mppi", "uncertainty_weight": None}, bmpc_model()).uncertainty_weight == 0.0
 
 
-def test_trajectory_values_default_is_the_state_action_one():
+def _q_model_with_weights() -> TDMPC2WorldModel:
+    """A TD-MPC2 model whose Q heads are not zero at their output (as initialized: every Q would be ~0)."""
     q_model = TDMPC2WorldModel(5, 2, model_size=1, num_q=2, **TINY).eval()
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for param in q_model.q_ensemble.parameters():
+            param.add_(0.3 * torch.randn(param.shape, generator=g))
+    return q_model
+
+
+def test_trajectory_values_default_is_the_state_action_one():
+    """The base class's default (a Q model) against a hand computation: Q̄(z_H, π(z_H)) and, with the uncertainty,
+    mean·std over the heads of Q(z_t, a_t) for t < H and of Q(z_H, π(z_H))."""
+    q_model = _q_model_with_weights()
     zs = q_model.encode(torch.randn(3, 4, 5))
     actions, eps = torch.rand(2, 4, 2) * 2 - 1, torch.randn(4, 2)
+    a_H = q_model.policy(zs[-1], eps=eps)[0]
+    q = torch.stack([q_model.value(z, a, reduce="all") for z, a in zip(zs, [*actions, a_H])], dim=1)  # [K, H+1, ...]
     for unc in (False, True):
-        a = WorldModelBase.trajectory_values(q_model, zs, actions, eps, unc)
-        b = state_action_trajectory_values(q_model.planning_ops(), list(zs), actions, eps, unc)
-        close(a[0], b[0])
-        if unc:
-            close(a[1], b[1])
+        for got in (WorldModelBase.trajectory_values(q_model, zs, actions, eps, unc),
+                    state_action_trajectory_values(q_model.planning_ops(), list(zs), actions, eps, unc)):
+            close(got[0], q[:, -1].mean(0))  # (2 heads: their average)
+            if unc:
+                close(got[1], q.mean(0) * q.std(0))
+    assert q[:, -1].std(0).mean() > 1e-3  # the heads disagree: the check is not 0 == 0

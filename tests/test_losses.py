@@ -90,8 +90,9 @@ def test_output_keys_and_coefficients():
 
 
 def test_loss_matches_explicit_per_head_per_step_computation():
-    """The vectorized loss equals TD-MPC2's loop formulation (loops over time and heads)."""
-    wm = tiny_model(num_q=3).eval()
+    """The vectorized loss equals TD-MPC2's loop formulation (loops over time and heads), on a model with weights
+    in every head (zero-initialized reward / Q heads would make those two terms constants)."""
+    wm = perturb(tiny_model(num_q=3, dropout=0.0)).eval()
     loss = TDMPC2Loss(wm)
     td = random_batch(B=8, H=3, seed=1)
     torch.manual_seed(5)

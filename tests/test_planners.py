@@ -329,21 +329,27 @@ def test_mppi_warm_start_and_reset():
     lambda wm, g: PolicyActor(wm, generator=g),
 ], ids=["dream-mpc", "dream-mpc-ugrad-noise", "mppi", "policy"])
 def test_batched_equals_single_env_calls(make):
-    wm = tiny_model()
+    # Weights in the heads (J must differ between candidates and envs, or every env picks candidate 0), and float64:
+    # in float32 a batched product sums in another order, which MPPI's weights amplify to ~1e-3.
+    wm = perturbed_model().double()
     B = 8
-    obs = [torch.randn(B, 5), torch.randn(B, 5)]
+    obs = [torch.randn(B, 5, dtype=torch.float64), torch.randn(B, 5, dtype=torch.float64)]
     is_init = [[True] * B, [False, True, False, False, True, False, False, False]]
     batched = make(wm, gen(7))
+    chosen = []
     g = gen(7)  # one generator shared by the single-env planners, called env after env
     singles = [make(wm, g) for _ in range(B)]
     with set_exploration_type(RANDOM):
         for step in range(2):
             out = batched(obs_td(obs[step], is_init[step]))
             outs = [singles[b](obs_td(obs[step][b], is_init[step][b])) for b in range(B)]
-            torch.testing.assert_close(out["action"], torch.stack([o["action"] for o in outs]), atol=1e-5, rtol=0)
+            torch.testing.assert_close(out["action"], torch.stack([o["action"] for o in outs]), atol=1e-9, rtol=0)
             if "planner" in out.keys():
                 torch.testing.assert_close(out["planner", "candidate"], torch.stack([o["planner", "candidate"] for o in outs]))
+                chosen.append(out["planner", "candidate"])
     assert out["action"].shape == (B, 2) and outs[0]["action"].shape == (2,)
+    if chosen:  # the envs chose different candidates: the per-env ranking was exercised
+        assert len(torch.cat(chosen).unique()) > 1
 
 
 def test_unbatched_and_multi_dim_batches():
@@ -399,7 +405,7 @@ def test_reset_env_mask_forgets_only_those_envs():
 
 # ---------------------------------------------------------------------------------------------- bounds, modes
 def test_action_bounds_from_spec_and_low_high():
-    wm = tiny_model()
+    wm = perturbed_model()  # (a gradient to step along: lr=10 then takes the plan far out of the box, unclamped)
     spec = Bounded(torch.tensor([-0.2, -0.5]), torch.tensor([0.1, 0.5]), shape=(2,))
     obs = torch.randn(16, 5) * 3
     for planner in (GradientMPCPlanner(wm, action_spec=spec, lr=10.0), MPPIPlanner(wm, action_spec=spec, num_samples=32, num_elites=4),
@@ -430,12 +436,25 @@ def test_exploration_modes():
             modes[mode] = (p(obs.clone())["action"], p.last_plan)
     assert torch.equal(modes[EVAL][1], modes[RANDOM][1])
     assert (modes[EVAL][0] - modes[RANDOM][0]).abs().max() > 0.05
-    # MPPI in eval mode with "best" or "mean" selection does not depend on the selection noise.
-    for sel in ("best", "mean"):
-        with set_exploration_type(EVAL):
-            a = [MPPIPlanner(wm, num_samples=32, num_elites=4, eval_selection=sel, generator=gen(9))(obs.clone())["action"]
-                 for _ in range(2)]
-        assert torch.equal(a[0], a[1])
+    # MPPI in eval mode with "best" or "mean" selection does not depend on the selection noise (the number behind
+    # the categorical draw over the elites, noise[:, -A - 1]); with "sample" it does. Two calls whose noise differs
+    # in that number only, on a model whose elites differ.
+    scored = perturbed_model()
+    for sel, depends in (("best", False), ("mean", False), ("sample", True)):
+        actions = []
+        for u in (-3.0, 3.0):
+            planner = MPPIPlanner(scored, num_samples=32, num_elites=4, eval_selection=sel, generator=gen(9))
+            draw = planner.draw_noise
+
+            def draw_with_selection(batch, device, dtype, draw=draw, u=u):
+                noise = draw(batch, device, dtype)
+                noise[:, -scored.action_dim - 1] = u
+                return noise
+
+            planner.draw_noise = draw_with_selection
+            with set_exploration_type(EVAL):
+                actions.append(planner(obs.clone())["action"])
+        assert torch.equal(actions[0], actions[1]) != depends, sel
 
 
 def test_diagnostics_gradient_step_improves_J():
