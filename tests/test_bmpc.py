@@ -221,7 +221,7 @@ def test_dream_mpc_gradient_step_improves_the_v_objective():
                                  diagnostics=True, generator=torch.Generator().manual_seed(0))
     with set_exploration_type(EVAL):
         out = planner(TensorDict({"observation": torch.randn(16, 5)}, [16]))
-    assert (out["planner", "objective_after"] >= out["planner", "objective_before"] - 1e-5).all()
+    assert (out["planner", "objective_after"] > out["planner", "objective_before"] + 0.05).all()  # (0.1-0.7 seen)
     assert (out["planner", "uncertainty"] != 0).all()  # the penalty is measured on the two V heads (mean·std)
 
 

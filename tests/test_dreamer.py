@@ -149,9 +149,14 @@ def test_fused_imagine_equals_the_generic_objective():
     actions = torch.rand(3, 10, 1) * 2 - 1
     eps = torch.randn(10, 1)
     weights = (wm.discount ** torch.arange(4.0)).view(-1, 1, 1)
-    # force a predicted episode end in some rows, so that the termination masking is exercised
+    # force a predicted episode end in some rows (not all), so that the termination masking is exercised
     with torch.no_grad():
-        wm.continue_head.model[-1].bias.fill_(-0.2)
+        wm.continue_head.model[-1].bias.fill_(-1.0)
+        z, ended = z0.repeat_interleave(5, 0), []
+        for a in actions:
+            z = wm.next(z, a)
+            ended.append(wm.continuation(z) < 0.5)
+        assert 0 < torch.cat(ended).float().mean() < 1
     for uncertainty in (False, True):
         for terminal_eps in (None, eps):
             ret, unc = _imagine(wm, z0, actions, terminal_eps, weights, uncertainty)

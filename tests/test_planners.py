@@ -352,6 +352,19 @@ def test_batched_equals_single_env_calls(make):
         assert len(torch.cat(chosen).unique()) > 1
 
 
+@pytest.mark.parametrize("make", [GradientMPCPlanner, lambda wm: MPPIPlanner(wm, num_samples=16, num_elites=2,
+                                                                               num_pi_trajs=2), PolicyActor])
+def test_planners_act_with_the_model_in_train_then_eval_mode(make):
+    """In train() mode the planning ops are the model itself: holding them must not register the model as a second
+    submodule of the planner (a later eval()-mode step then failed with a TypeError)."""
+    wm = tiny_model()
+    planner = make(wm)
+    for train in (True, False, True):
+        wm.train(train)
+        assert planner(obs_td(torch.randn(3, 5)))["action"].shape == (3, 2)
+    assert [name for name, _ in planner.named_children()] == ["world_model"]
+
+
 def test_unbatched_and_multi_dim_batches():
     wm = tiny_model()
     planner = GradientMPCPlanner(wm, diagnostics=True)

@@ -138,13 +138,21 @@ def test_q_ensemble_is_one_batched_op_equal_to_per_head_mlps():
     # the member subset path matches too
     sub = ens(x, members=torch.tensor([3, 1]))
     assert torch.allclose(sub, out[[3, 1]], atol=1e-6)
-    # and the whole ensemble forward launches one matmul per layer, not one per head
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as fc:
+    # and the whole ensemble forward launches one matmul per layer, not one per head (matmul calls counted)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountMatmuls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls += func.overloadpacket.__name__ in ("mm", "addmm", "bmm", "baddbmm")
+            return func(*args, **(kwargs or {}))
+
+    with CountMatmuls() as counter:
         ens(x)
-    counts = fc.get_flop_counts()["Global"]
-    n_mm = sum(1 for k in counts if "mm" in str(k))
-    assert n_mm <= 2  # addmm for the shared first layer, baddbmm for the others
+    assert counter.calls == 3  # 3 layers, 4 heads: addmm for the shared first layer, baddbmm for the others
 
 
 def test_target_q_is_buffers_and_dropout_only_in_training():
@@ -158,6 +166,11 @@ def test_target_q_is_buffers_and_dropout_only_in_training():
     wm.eval()
     assert torch.equal(wm.q_logits(z, a), wm.q_logits(z, a))
     wm.train()
+    with torch.no_grad():  # (zero-initialized output layer: every logit 0, with or without dropout)
+        for param in wm.q_ensemble.parameters():
+            param.add_(0.1)
+    zz, aa = wm.encode(torch.randn(64, 5)), torch.zeros(64, 2)
+    assert not torch.equal(wm.q_logits(zz, aa), wm.q_logits(zz, aa))  # Q dropout (TD-MPC2's 0.01) in training
     assert wm.target_qvalue.training is False
     assert torch.equal(wm.q_logits(z, a, target=True), wm.q_logits(z, a, target=True))
 
@@ -171,9 +184,9 @@ def test_model_sizes(size):
     else:
         wm = TDMPC2WorldModel(24, 6, model_size=size)
     n = wm.num_params / 1e6
-    # TD-MPC2 names sizes by their approximate parameter count (single-task, no task embedding)
-    assert 0.6 * size < n < 1.4 * size, (size, n)
-    assert wm.config.num_q == MODEL_SIZES[size].get("num_q", 5)
+    # TD-MPC2 names sizes by their approximate parameter count (single-task, no task embedding: 0.95-1.22x here)
+    assert 0.9 * size < n < 1.3 * size, (size, n)
+    assert wm.config.num_q == {1: 2, 5: 5, 19: 5, 48: 5, 317: 8}[size]  # TD-MPC2's table, not ours again
 
 
 def test_bad_model_size_and_overrides():

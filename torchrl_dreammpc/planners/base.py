@@ -219,7 +219,10 @@ class LatentPlannerBase(TensorDictModuleBase, abc.ABC):
         self.check_finite = None if check_finite is None else _check_bool("check_finite", check_finite)
         self.compile_mode = _check_compile("compile", compile)  # (not ``self.compile``: that is nn.Module's method)
         self._compiled: dict = {}
-        self._step_ops = None  # the model's planning ops, fetched once per forward call
+        # The model's planning ops, fetched once per forward call. Kept out of nn.Module's registry: in train()
+        # mode the ops are the model itself, which assigning as an attribute would register as a submodule (and a
+        # later non-module assignment would then be refused).
+        self.__dict__["_step_ops"] = None
         low_t, high_t = self._resolve_bounds(action_spec, low, high)
         # Buffers so that ``planner.to(device)`` moves them; non-persistent: they are configuration.
         self.register_buffer("action_low", low_t, persistent=False)
@@ -533,14 +536,14 @@ class LatentPlannerBase(TensorDictModuleBase, abc.ABC):
             if inference:
                 flat = flat.clone()
                 warm = warm.clone() if warm is not None else None
-            self._step_ops = ops = self.world_model.planning_ops()
+            self.__dict__["_step_ops"] = ops = self.world_model.planning_ops()
             self._objective = None
             try:
                 with torch.no_grad():
                     z0 = flat.detach() if reads_latent else ops.encode(flat)
                 action, diag = self.plan(z0, warm, explore)
             finally:
-                self._step_ops = None
+                self.__dict__["_step_ops"] = None
             self._has_prev = torch.ones(B, dtype=torch.bool, device=device)
         action = action.reshape(*batch_shape, self.action_dim).to(obs.device)
         if self._checks_finite(obs):
