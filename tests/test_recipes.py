@@ -308,8 +308,8 @@ def test_train_checkpoint_resume_evaluate_end_to_end(tmp_path):
 
     # evaluate the trainer checkpoint with three planners on the same seeds
     out = tmp_path / "eval"
-    evaluated = run(EVALUATE, f"checkpoint={run_dir}", "planners=[policy,mppi,dream_mpc]", "episodes=1",
-                    "threads=1", f"output_dir={out}", "+planner_args.mppi.num_samples=32",
+    evaluated = run(EVALUATE, f"checkpoint={run_dir}", "planners=[policy,mppi,dream_mpc]", "episodes=2",
+                    "max_steps=100", "threads=1", f"output_dir={out}", "+planner_args.mppi.num_samples=32",
                     "+planner_args.mppi.num_elites=4", "+planner_args.mppi.iterations=1",
                     "+planner_args.mppi.num_pi_trajs=4")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
@@ -317,25 +317,29 @@ def test_train_checkpoint_resume_evaluate_end_to_end(tmp_path):
     assert results["task"] == "cartpole-swingup" and "checkpoint-000000000400" in results["source"]
     assert [row["planner"] for row in results["results"]] == ["policy", "mppi", "dream_mpc"]
     for row in results["results"]:
-        assert row["episodes"] == 1 and row["plan_ms_per_step"] > 0
-        # every episode's return is kept (paired comparisons) and agrees with TorchRL's mean
-        assert row["episode_returns"] == [pytest.approx(row["return_mean"], rel=1e-5, abs=1e-4)]
+        assert row["episodes"] == 2 and row["plan_ms_per_step"] > 0 and row["mean_episode_length"] == 100
+        # every episode's return is kept (paired comparisons) and agrees with TorchRL's mean and std
+        returns = torch.tensor(row["episode_returns"])
+        assert len(returns) == 2 and returns[0] != returns[1]
+        assert returns.mean().item() == pytest.approx(row["return_mean"], rel=1e-5, abs=1e-4)
+        assert returns.std().item() == pytest.approx(row["return_std"], rel=1e-4, abs=1e-4)
     assert (out / "results.csv").read_text().splitlines()[0].startswith("planner,return_mean,return_std")
     # progress: not a terminal here, so one line per episode; each planner's row printed as soon as it is done
     lines = evaluated.stdout.splitlines()
     first = {key: next(i for i, line in enumerate(lines) if line.startswith(key))
-             for key in ("[eval] policy: episode 1/1, return", "policy ", "[eval] mppi: episode 1/1", "mppi ",
-                         "[eval] dream_mpc: episode 1/1", "dream_mpc ")}
+             for key in ("[eval] policy: episode 2/2, return", "policy ", "[eval] mppi: episode 2/2", "mppi ",
+                         "[eval] dream_mpc: episode 2/2", "dream_mpc ")}
     assert list(first.values()) == sorted(first.values()), evaluated.stdout
     # ... and the world-model file the run wrote at its end
     from_file = run(EVALUATE, f"checkpoint={run_dir / 'world_model.pt'}", "task=cartpole-swingup",
-                    "planners=[policy]", "episodes=1", "threads=1", f"output_dir={tmp_path / 'eval2'}")
+                    "planners=[policy]", "episodes=2", "max_steps=100", "threads=1",
+                    f"output_dir={tmp_path / 'eval2'}")
     assert from_file.returncode == 0, from_file.stderr[-3000:]
     again = json.loads((tmp_path / "eval2" / "results.json").read_text())["results"][0]
     assert again["planner"] == "policy"
     # The same weights (the last checkpoint and world_model.pt are the same model), the deterministic prior and the
     # same initial states (seed): exactly the same return. A different episode start would change it.
-    assert again["return_mean"] == results["results"][0]["return_mean"]
+    assert again["episode_returns"] == results["results"][0]["episode_returns"]
 
 
 # ---------------------------------------------------------------------------------------------------- evaluate.py
