@@ -333,8 +333,8 @@ class DreamMPCTrainer(Trainer):
       leaves a half-written checkpoint where :meth:`resume` looks). A checkpoint holds the model, both
       optimizers, the running Q scale, the replay buffer, the step counters, the collector's frame and
       trajectory counters, the global RNG state (:class:`~torchrl.checkpoint.GlobalRNGState`), the evaluation
-      and logging state, and (in its manifest) the run fingerprint: task, model size, observation and action
-      widths, planner, world-model config.
+      and logging state, and (in its manifest) the run fingerprint: task, algorithm, model size, observation and
+      action widths, planner, horizon, batch size, buffer capacity, world-model config.
 
     Steps are agent steps (one ``env.step``; the simulator runs ``action_repeat`` steps in each).
 

@@ -445,14 +445,15 @@ class EvaluationHook(TrainerHookBase):
     """Periodic evaluation through :class:`torchrl.collectors.Evaluator`, with an ``eval.csv`` learning curve.
 
     At step 0 (``at_start``, as TD-MPC2), every ``interval`` collected frames, and at the last one, each named
-    actor plays ``episodes`` full episodes in its own evaluation env, in TorchRL's
+    actor plays ``episodes`` episodes (to their end, or ``max_steps`` agent steps) in its own evaluation env, in TorchRL's
     ``ExplorationType.DETERMINISTIC`` mode (``exploration_type``). Before each evaluation the env is reseeded with
     ``seed``, so every evaluation (and every actor) starts from the same initial states.
 
     The first actor is the training planner: its mean return is appended as a ``step,return`` row to
     ``csv_path`` (``eval.csv``, the file the learning curve is plotted from). Other actors go to
-    ``eval_<name>.csv``. Every metric is also logged (``eval/return``, ``eval/return_std``, ``eval/ms_per_step``,
-    ``eval/success`` on Meta-World; ``eval/<name>/...`` for the other actors) and printed.
+    ``eval_<name>.csv``. Every metric is also logged (``eval/return``, ``eval/return_std``, ``eval/episode_length``,
+    ``eval/ms_per_step``, ``eval/success`` and ``eval/success_any`` on Meta-World, ``eval/planner/<name>`` for a
+    planner with diagnostics; ``eval/<name>/...`` for the other actors) and printed.
 
     The actors run in this process on the very modules being trained (no weight copy). The evaluator toggles
     ``actor.eval()`` / ``actor.train()`` around its rollouts; this hook restores the previous mode of every
