@@ -160,6 +160,9 @@ def test_every_planner_argument_is_in_its_yaml_with_the_constructor_default(name
     ("enc_lr_scale=inf", "enc_lr_scale must be a finite number > 0, got inf"),
     ("utd_ratio=nan", "utd_ratio must be a finite number > 0, got nan"),
     ("seed_steps=0", r"seed_steps must be an integer >= 1 \(or null\), got 0"),
+    ("replay_whole_episodes=true seed_steps=400", "replay_whole_episodes=true writes an episode when it ends: "
+                                                  "seed_steps=400 must cover one episode of cartpole-swingup"),
+    ("replay_whole_episodes=yes", "replay_whole_episodes must be true or false, got 'yes'"),
     ("threads=0", r"threads must be an integer >= 1 \(or null\), got 0"),
     ("resume=maybe", "resume must be true or false, got 'maybe'"),
     ("compile=fast", "compile must be true, false or a torch.compile mode"),

@@ -311,6 +311,51 @@ def test_slice_sampler_never_crosses_an_episode_end():
         _check_slices(hook.sample(), H)
 
 
+def test_whole_episode_replay_writes_each_episode_when_it_ends(tmp_path):
+    """TD-MPC2 adds an episode to its buffer when it ends; with whole_episodes=True so do we (two workers'
+    episodes interleaved step by step): an unfinished episode is never sampled, its rows wait and are
+    checkpointed, and after a resume they are written at the next write."""
+    H = 3
+    keys = ("observation", "action", ("next", "observation"), ("next", "reward"), ("next", "done"),
+            ("next", "terminated"), ("next", "truncated"), ("collector", "traj_ids"))
+    rb = make_replay_buffer(capacity=100, horizon=H, batch_size=8)
+    hook = SliceReplayBufferTrainer(rb, H, keys=keys, whole_episodes=True)
+    a, b = _episodes([6, 6]), _episodes([4, 9], start_id=10)  # episodes 0, 1 (worker a), 10, 11 (worker b)
+    with pytest.raises(RuntimeError, match="no complete episode yet"):
+        hook.sample()
+    written = []
+    for t in range(9):
+        hook.extend(torch.stack([a[t:t + 1], b[t:t + 1]]))
+        written.append(sorted(set(rb[:]["collector", "traj_ids"].tolist())) if len(rb) else [])
+    # episode 10 ends at t=3, episode 0 at t=5; episodes 1 and 11 are unfinished at t=8
+    assert written[2] == [] and written[3] == [10] and written[5] == [0, 10] and written[8] == [0, 10]
+    assert len(rb) == 10 and sorted(hook.pending) == [1, 11]
+    for _ in range(20):
+        assert set(hook.sample()["collector", "traj_ids"].unique().tolist()) <= {0, 10}
+    # the waiting rows are a checkpoint component; a resumed hook writes them at its first write
+    state = hook.pending_state().state_dict()
+    assert state["rows"].shape == (3 + 5,)  # 3 rows of episode 1, 5 of episode 11
+    resumed = SliceReplayBufferTrainer(rb, H, keys=keys, whole_episodes=True)
+    resumed.pending_state().load_state_dict(state)
+    resumed.extend(_episodes([2], start_id=20).reshape(-1)[:1])  # a new episode starts after the resume
+    assert len(rb) == 18 and sorted(resumed.pending) == [20]
+
+    # in a trainer: 500-step episodes, a checkpoint 50 steps into the second one, then a resume
+    wm = tiny_world_model()
+    first = make_trainer(tmp_path, world_model=wm, actor=PolicyActor(wm), total_frames=550, seed_frames=500,
+                         pretrain_updates=2, replay_whole_episodes=True)
+    first.train()
+    assert len(first.replay_buffer) == 500 and sum(len(r) for rows in first.replay_hook.pending.values()
+                                                    for r in rows) == 50
+    second = make_trainer(tmp_path, world_model=tiny_world_model(), total_frames=600, seed_frames=500,
+                          pretrain_updates=2, replay_whole_episodes=True)
+    second.resume()
+    assert len(second.replay_buffer) == 500 and len(second.replay_hook._stale) == 50
+    second.train()
+    assert len(second.replay_buffer) == 550  # the 50 rows that waited, written as they were
+    # (checkpoints every 50 steps: the first ones came before any episode had ended, from an empty buffer)
+
+
 def test_replay_refuses_batches_without_a_stored_key():
     rb = make_replay_buffer(capacity=100, horizon=3, batch_size=4)
     hook = SliceReplayBufferTrainer(rb, 3)

@@ -364,6 +364,10 @@ def validate_train_config(cfg: Mapping) -> dict[str, Any]:
             f"(seed_steps; TD-MPC2's max(1000, 5 * episode_length) = {max(1000, 5 * info.episode_length)} for "
             f"{info.task}): the planner would never act."
         )
+    if cfg.get("replay_whole_episodes") and seed_steps < info.episode_length and not info.episodic:
+        raise ConfigError(f"replay_whole_episodes=true writes an episode when it ends: seed_steps={seed_steps} must "
+                          f"cover one episode of {info.task} ({info.episode_length} steps), or the first update "
+                          "would find the replay buffer empty.")
     _check_collector(cfg)
     if algorithm != "dreamer_v3":  # dreamer_v3 keeps its loss arguments in its `dreamer` node (checked above)
         _check_losses(cfg, tiny, algorithm)
@@ -394,7 +398,7 @@ def _check_scalars(cfg: Mapping) -> None:
         _number(cfg, key)
     _number(cfg, "tau", high=1.0)
     _number(cfg, "discount", high=1.0, nullable=True)
-    for key in ("resume", "eval_at_start", "replay_memmap", "progress_bar"):
+    for key in ("resume", "eval_at_start", "replay_memmap", "replay_whole_episodes", "progress_bar"):
         if _get(cfg, key, False) is not False:  # optional keys: absent means false
             _boolean(cfg, key)
     try:
@@ -573,6 +577,7 @@ def build_trainer(cfg: Mapping, *, checked: Mapping[str, Any] | None = None):
         collector_backend=collector["backend"],
         ray_init_config=dict(collector.get("ray_init_config") or {}),
         replay_memmap=bool(cfg.get("replay_memmap", False)),
+        replay_whole_episodes=bool(cfg.get("replay_whole_episodes", False)),
         device=device,
         task=info.task,
         planner_name=cfg["planner"]["name"],

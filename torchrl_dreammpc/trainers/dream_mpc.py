@@ -403,6 +403,10 @@ class DreamMPCTrainer(Trainer):
         ray_init_config (dict, optional): ``ray.init`` arguments of the Ray backend.
         replay_memmap (bool): keep the replay buffer on disk (memmap), in ``<log_dir>/replay`` (scratch space,
             emptied when a trainer is built: the checkpoints hold the buffer). Default ``False``.
+        replay_whole_episodes (bool): write each episode to the replay buffer when it ends, as TD-MPC2 does
+            (:class:`SliceReplayBufferTrainer` ``whole_episodes``); ``seed_frames`` must then cover an episode.
+            Default ``False``: each step is written as it is collected, and the episode being collected gets
+            1/(N+1) of the sampled slices (docs/architecture.md, *Known differences*).
         device (torch.device, optional): where samples are moved for the update. Defaults to the model's device.
         task (str, optional), planner_name (str, optional): recorded in the checkpoint fingerprint.
         progress_bar (bool): tqdm progress bar. Default ``False`` (one line per evaluation is printed).
@@ -464,6 +468,7 @@ class DreamMPCTrainer(Trainer):
         collector_backend: Literal["local", "ray"] = "local",
         ray_init_config: Mapping[str, Any] | None = None,
         replay_memmap: bool = False,
+        replay_whole_episodes: bool = False,
         device: torch.device | str | None = None,
         task: str | None = None,
         planner_name: str | None = None,
@@ -649,7 +654,7 @@ class DreamMPCTrainer(Trainer):
         self.replay_hook = SliceReplayBufferTrainer(
             replay_buffer, horizon, device=device,
             keys=REPLAY_KEYS + tuple(update.replay_keys) + ((STEP_KEY,) if fragmented else ()),
-            preprocess=update.replay_preprocess,
+            preprocess=update.replay_preprocess, whole_episodes=replay_whole_episodes,
         )
         self.replay_hook.register(self)
         self.algorithm_hooks = list(update.hooks)  # the algorithm's own (BMPC: the lazy reanalyze)

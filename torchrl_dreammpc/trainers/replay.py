@@ -5,7 +5,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from tensordict import TensorDictBase
+from tensordict import TensorDict, TensorDictBase
 from tensordict.utils import NestedKey
 from torchrl.data import LazyMemmapStorage, LazyTensorStorage, SliceSampler, TensorDictReplayBuffer
 from torchrl.trainers import ReplayBufferTrainer, Trainer
@@ -153,6 +153,12 @@ class SliceReplayBufferTrainer(ReplayBufferTrainer):
     ``preprocess`` (optional) edits the selected rows before they are written, e.g. :func:`mark_missing_experts`
     for BMPC (which writes the expert entries an actor did not).
 
+    ``whole_episodes=True`` writes an episode when it ends (its ``("next", "done")`` row), as TD-MPC2's trainer
+    adds episodes to its buffer: :class:`~torchrl.data.SliceSampler` draws a trajectory uniformly, so an episode
+    written step by step while it is collected would get 1/(N+1) of the slices whatever its length. The rows of
+    unfinished episodes wait in :attr:`pending` (checkpointed with this hook); after a resume (the env starts a new
+    episode) the rows that waited are written as they are at the next write.
+
     It registers :meth:`extend` as a ``batch_process`` op, :meth:`sample` as a ``process_optim_batch`` op, and
     itself as the ``replay_buffer`` module (checkpointed with the Trainer); no ``post_loss`` priority update
     (uniform sampling, as in TD-MPC2).
@@ -166,6 +172,8 @@ class SliceReplayBufferTrainer(ReplayBufferTrainer):
             device).
         keys (sequence of NestedKey): entries stored. Defaults to :data:`REPLAY_KEYS`.
         preprocess (callable, optional): ``rows -> rows`` applied to the selected rows before they are written.
+        whole_episodes (bool): write each episode when it ends (TD-MPC2) rather than each step as it comes.
+            Default ``False``.
     """
 
     def __init__(
@@ -176,11 +184,15 @@ class SliceReplayBufferTrainer(ReplayBufferTrainer):
         device: torch.device | str | None = None,
         keys: Sequence[NestedKey] = REPLAY_KEYS,
         preprocess: Callable[[TensorDictBase], TensorDictBase] | None = None,
+        whole_episodes: bool = False,
     ) -> None:
         super().__init__(replay_buffer, batch_size=None, device=device, flatten_tensordicts=False)
         self.horizon = horizon
         self.keys = tuple(keys)
         self.preprocess = preprocess
+        self.whole_episodes = bool(whole_episodes)
+        self.pending: dict[int, list[TensorDictBase]] = {}  # trajectory id -> rows of its unfinished episode
+        self._stale: TensorDictBase | None = None  # rows that waited when the checkpoint was written
 
     def extend(self, batch: TensorDictBase) -> TensorDictBase:
         mask = batch.get(("collector", "mask"), None)
@@ -199,15 +211,66 @@ class SliceReplayBufferTrainer(ReplayBufferTrainer):
                     f"The collected batch lacks {missing}, which the replay buffer stores for the loss and the slice "
                     f"sampler (it has {sorted(map(str, present))}). Collect with an env that writes them "
                     "(torchrl_dreammpc.envs.make_env does).")
-            self.replay_buffer.extend(rows)
+            if self.whole_episodes:
+                self._extend_whole_episodes(rows)
+            else:
+                self.replay_buffer.extend(rows)
         return batch
 
+    def _extend_whole_episodes(self, rows: TensorDictBase) -> None:
+        storage = self.replay_buffer.storage
+        if not getattr(storage, "initialized", True):
+            # A checkpoint may come before the first episode ends, and TorchRL cannot save a storage that no row
+            # has shaped yet: shape it from this row now, as its first write would (nothing is stored).
+            storage._init(rows[0])
+        if self._stale is not None:  # their episode ended with the process that collected it
+            self.replay_buffer.extend(self._stale)
+            self._stale = None
+        ids = rows.get(TRAJ_KEY).reshape(-1)
+        done = rows.get(("next", "done")).reshape(rows.shape[0], -1).any(-1)
+        for traj in ids.unique(sorted=False).tolist():
+            mine = ids == traj
+            self.pending.setdefault(traj, []).append(rows[mine])
+            if bool(done[mine].any()):
+                self.replay_buffer.extend(torch.cat(self.pending.pop(traj)))
+
     def sample(self, batch: TensorDictBase | None = None) -> TensorDictBase:
+        if self.whole_episodes and len(self.replay_buffer) == 0:
+            raise RuntimeError("The replay buffer holds no complete episode yet (whole_episodes=True: an episode is "
+                               "written when it ends): the seed phase must cover at least one whole episode.")
         sample = self.replay_buffer.sample()
         sample = sample.reshape(-1, self.horizon)
         return sample.to(self.device) if self.device is not None else sample
+
+    def pending_state(self) -> "_PendingRows":
+        """The checkpoint component of the rows waiting for their episode's end (:attr:`pending`)."""
+        return _PendingRows(self)
 
     def register(self, trainer: Trainer, name: str = "replay_buffer") -> None:
         trainer.register_op("batch_process", self.extend)
         trainer.register_op("process_optim_batch", self.sample)
         trainer.register_module(name, self)
+        if self.whole_episodes:
+            trainer.register_module(f"{name}_pending", self.pending_state())
+
+
+class _PendingRows:
+    """The unfinished episodes' rows of a :class:`SliceReplayBufferTrainer` as a checkpoint component (the buffer
+    itself is saved by TorchRL's dump/load, which knows nothing of them)."""
+
+    def __init__(self, hook: SliceReplayBufferTrainer) -> None:
+        self.hook = hook
+
+    def state_dict(self) -> dict:
+        parts = [row for rows in self.hook.pending.values() for row in rows]
+        if self.hook._stale is not None:
+            parts.insert(0, self.hook._stale)
+        return {"rows": torch.cat(parts) if parts else None}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        rows = state_dict.get("rows")
+        if rows is not None and not isinstance(rows, TensorDictBase):  # (a checkpoint gives plain nested dicts)
+            rows = TensorDict(rows, batch_size=[len(rows["collector"]["traj_ids"])]) if rows else None
+        self.hook.pending = {}
+        self.hook._stale = rows
+
