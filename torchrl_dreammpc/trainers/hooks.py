@@ -219,6 +219,12 @@ class EpisodeReturnLogger(TrainerHookBase):
         trainer.register_module(name, self)
 
 
+def _diagnostics(entries: TensorDictBase):
+    """``(name, tensor)`` for every leaf of a planner's ``("planner", ...)`` entries (nested names joined by ``/``)."""
+    for name, value in entries.items(include_nested=True, leaves_only=True):
+        yield ("/".join(name) if isinstance(name, tuple) else name), value
+
+
 class PlannerDiagnosticsLogger(TrainerHookBase):
     """Logs the acting planner's diagnostics as ``planner/<name>``: the mean of each ``("planner", name)`` entry
     (written with every action by a planner built with ``diagnostics=True``: Dream-MPC's objective before / after
@@ -247,8 +253,7 @@ class PlannerDiagnosticsLogger(TrainerHookBase):
         # those batches, but the planner did not run.
         if trainer is None or entries is None or trainer.collected_frames <= getattr(trainer, "seed_frames", 0):
             return None
-        for name, value in entries.items(include_nested=True, leaves_only=True):
-            name = "/".join(name) if isinstance(name, tuple) else name
+        for name, value in _diagnostics(entries):
             self._sums[name] = self._sums.get(name, 0.0) + float(value.float().sum())
             self._counts[name] = self._counts.get(name, 0) + value.numel()
         step = trainer.collected_frames
@@ -295,8 +300,7 @@ def _episode_metrics(traj_batch: TensorDictBase) -> dict[str, Any]:
         out["success_any"] = sum(anywhere) / max(len(anywhere), 1)
     diagnostics = traj_batch.get("planner", None)
     if diagnostics is not None:
-        for name, value in diagnostics.items(include_nested=True, leaves_only=True):
-            name = "/".join(name) if isinstance(name, tuple) else name
+        for name, value in _diagnostics(diagnostics):
             out[f"planner/{name}"] = float(value.float().mean())
     return out
 
