@@ -296,6 +296,28 @@ def test_policy_loss_uses_standard_normal_where_there_is_no_expert():
             BMPCPolicyLoss(wm, **kwargs)
 
 
+def test_value_target_uses_the_loss_s_discount():
+    """``BMPCLoss(discount=...)`` is the γ of the target r̂(z, a) + γ V̄_target(next(z, a)) (it was stored and
+    ignored: the target used the model's discount)."""
+    wm = bmpc_model().eval()
+    td = batch()
+
+    def target(discount):
+        torch.manual_seed(3)  # the same a ~ π(z) for every discount
+        return BMPCLoss(wm, discount=discount)(td)["value_target"]
+
+    observations = torch.cat([td["observation"][:, :1], td["next", "observation"]], 1).transpose(0, 1)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        z = wm.encode(observations)[:-1]  # the latents of the H observations the targets are for
+        reward = wm.reward(z, wm.policy(z)[0]).mean()
+    v_bar = (target(0.5) - target(0.25)) / 0.25  # the target is linear in γ: r̂ + γ V̄
+    assert abs(v_bar) > 1e-3
+    close(target(0.5) - 0.5 * v_bar, reward)
+    torch.manual_seed(3)
+    close(BMPCLoss(wm)(td)["value_target"], reward + wm.discount * v_bar)  # default: the model's γ
+
+
 def test_losses_decrease_on_a_fixed_batch():
     from torchrl_dreammpc.objectives.bmpc import normal_kl
 

@@ -30,6 +30,7 @@ TINY_TRAIN = {
     "checkpoint_interval": 50, "keep_checkpoints": 2, "eval_interval": 200, "snapshot_interval": 100,
     "seed_steps": 60, "pretrain_updates": 10, "batch_size": 16, "eval_episodes": 1, "log_interval": 50,
     "model.enc_dim": 16, "model.mlp_dim": 16, "model.latent_dim": 16,
+    "replay_whole_episodes": False,  # the seed phase is shorter than an episode (as benchmarks/campaign.yaml says)
 }
 
 

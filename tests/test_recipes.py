@@ -29,8 +29,10 @@ TRAIN = ROOT / "recipes" / "train.py"
 EVALUATE = ROOT / "recipes" / "evaluate.py"
 CONFIG_DIR = ROOT / "recipes" / "config"
 
-# A tiny model and a short run: 100 random steps, 20 pre-training updates, batch of 16 sub-trajectories.
+# A tiny model and a short run: 100 random steps, 20 pre-training updates, batch of 16 sub-trajectories; each step
+# written to the replay buffer as it comes (the seed phase is shorter than an episode).
 TINY = ["model_size=1", "model.enc_dim=32", "model.mlp_dim=32", "model.latent_dim=16", "seed_steps=100",
+        "replay_whole_episodes=false",
         "pretrain_updates=20", "batch_size=16", "eval_episodes=1", "checkpoint_interval=100", "log_interval=100",
         "eval_at_start=false", "threads=1"]
 
@@ -162,6 +164,8 @@ def test_every_planner_argument_is_in_its_yaml_with_the_constructor_default(name
     ("seed_steps=0", r"seed_steps must be an integer >= 1 \(or null\), got 0"),
     ("replay_whole_episodes=true seed_steps=400", "replay_whole_episodes=true writes an episode when it ends: "
                                                   "seed_steps=400 must cover one episode of cartpole-swingup"),
+    ("seed_steps=400", r"replay_whole_episodes=true \(the default with algorithm=tdmpc2, as TD-MPC2\) writes an "
+                       "episode when it ends: seed_steps=400 .* or set replay_whole_episodes=false"),
     ("replay_whole_episodes=yes", "replay_whole_episodes must be true or false, got 'yes'"),
     ("threads=0", r"threads must be an integer >= 1 \(or null\), got 0"),
     ("resume=maybe", "resume must be true or false, got 'maybe'"),
@@ -180,6 +184,24 @@ def test_validation_covers_every_value(override, message):
     cfg["run_dir"] = "unused"
     with pytest.raises(ConfigError, match=message):
         validate_train_config(cfg)
+
+
+@pytest.mark.parametrize("algorithm, overrides, expected", [
+    ("tdmpc2", [], True), ("bmpc", [], True), ("dreamer_v3", [], False),  # each algorithm's own replay
+    ("tdmpc2", ["replay_whole_episodes=false"], False), ("dreamer_v3", ["replay_whole_episodes=true"], True),
+])
+def test_replay_whole_episodes_defaults_to_the_algorithms_replay(tmp_path, algorithm, overrides, expected):
+    from torchrl_dreammpc.trainers.builders import resolve_replay_whole_episodes
+
+    cfg = compose_train(f"algorithm={algorithm}", *overrides)
+    assert resolve_replay_whole_episodes(cfg) is expected
+    if algorithm == "tdmpc2":  # and the trainer is built with it
+        tiny = ["model_size='1'" if arg == "model_size=1" else arg for arg in TINY if "replay_whole" not in arg]
+        cfg = compose_train(*tiny, "seed_steps=500", "steps=600", *overrides, f"run_dir={tmp_path / 'run'}")
+        trainer, _ = build_trainer(OmegaConf.to_container(OmegaConf.create(cfg), resolve=True))
+        assert trainer.replay_hook.whole_episodes is expected
+        trainer.evaluation.shutdown()
+        trainer.collector.shutdown()
 
 
 def test_eval_planners_become_eval_actors_with_their_csv(tmp_path):

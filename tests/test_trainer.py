@@ -6,6 +6,7 @@ import functools
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import warnings
@@ -588,6 +589,18 @@ def test_resume_with_another_eval_interval_follows_the_new_one(tmp_path):
     trainer.train()  # no evaluation any more
     assert trainer.collected_frames == 200
     assert [step for step, _ in read_eval_csv(tmp_path / "run" / "eval.csv")] == [50, 100, 120, 150]
+
+
+def test_progress_bar_of_a_resumed_run_starts_at_its_step(tmp_path, capsys):
+    wm = tiny_world_model()
+    make_trainer(tmp_path, world_model=wm, actor=PolicyActor(wm), total_frames=100).train()
+    trainer = make_trainer(tmp_path, world_model=wm, actor=PolicyActor(wm), total_frames=150, progress_bar=True)
+    trainer.resume()
+    trainer.train()
+    assert trainer._pbar.n == 150 and trainer._pbar.total == 150
+    # TorchRL's bar opens at 0/150 and is replaced at setup by one at 100/150: no count between (0 then 1, 2...)
+    bar_counts = [int(n) for n in re.findall(r"(\d+)/150", capsys.readouterr().err)]
+    assert 100 in bar_counts and all(n == 0 or n >= 100 for n in bar_counts), bar_counts
 
 
 def test_resume_uses_last_complete_checkpoint_only(tmp_path):

@@ -105,7 +105,10 @@ class BMPCLoss(TDMPC2Loss):
             true_zs = wm.encode(torch.cat([obs0.unsqueeze(0), next_obs]))  # [H+1, B, L]
             next_z = true_zs[1:]
             z = true_zs[:-1]
-            td_target = wm.value(z, wm.policy(z)[0], reduce="avg", target=True)  # [H, B, 1]
+            # BMPC's target r̂(z, a) + γ V̄_target(next(z, a)), a ~ π(z) (wm.value with this loss's discount)
+            pi_action = wm.policy(z)[0]
+            next_value = wm.state_value(wm.next(z, pi_action), reduce="avg", target=True)
+            td_target = wm.reward(z, pi_action) + self.discount * next_value  # [H, B, 1]
 
         zs, w, consistency, reward_ce = latent_rollout_losses(wm, obs0, action, next_z, reward, self.rho)
         value_ce = ensemble_value_ce(wm, wm.v_logits(zs[:-1]), td_target, w)  # V logits [K, H, B, bins]

@@ -142,6 +142,16 @@ def resolve_seed_steps(cfg: Mapping, episode_length: int) -> int:
     return seed_steps(episode_length) if value is None else int(value)
 
 
+def resolve_replay_whole_episodes(cfg: Mapping) -> bool:
+    """``cfg.replay_whole_episodes`` if set, else the algorithm's own replay: whole episodes (written when they
+    end) with ``tdmpc2`` and ``bmpc``, as TD-MPC2 and BMPC add an episode to their buffer at its end; each step as
+    it comes with ``dreamer_v3``, as DreamerV3 adds every step to its replay."""
+    value = cfg.get("replay_whole_episodes")
+    if value is None:
+        return cfg.get("algorithm", "tdmpc2") != "dreamer_v3"
+    return bool(value)
+
+
 def _positive_int(cfg: Mapping, key: str, minimum: int = 1, nullable: bool = False) -> int | None:
     value = _get(cfg, key)
     if value is None and nullable:
@@ -364,10 +374,12 @@ def validate_train_config(cfg: Mapping) -> dict[str, Any]:
             f"(seed_steps; TD-MPC2's max(1000, 5 * episode_length) = {max(1000, 5 * info.episode_length)} for "
             f"{info.task}): the planner would never act."
         )
-    if cfg.get("replay_whole_episodes") and seed_steps < info.episode_length and not info.episodic:
-        raise ConfigError(f"replay_whole_episodes=true writes an episode when it ends: seed_steps={seed_steps} must "
-                          f"cover one episode of {info.task} ({info.episode_length} steps), or the first update "
-                          "would find the replay buffer empty.")
+    if resolve_replay_whole_episodes(cfg) and seed_steps < info.episode_length and not info.episodic:
+        why = "" if cfg.get("replay_whole_episodes") else f" (the default with algorithm={algorithm}, as TD-MPC2)"
+        raise ConfigError(f"replay_whole_episodes=true{why} writes an episode when it ends: seed_steps={seed_steps} "
+                          f"must cover one episode of {info.task} ({info.episode_length} steps), or the first update "
+                          "would find the replay buffer empty; raise seed_steps, or set replay_whole_episodes=false "
+                          "to write each step as it comes.")
     _check_collector(cfg)
     if algorithm != "dreamer_v3":  # dreamer_v3 keeps its loss arguments in its `dreamer` node (checked above)
         _check_losses(cfg, tiny, algorithm)
@@ -400,6 +412,8 @@ def _check_scalars(cfg: Mapping) -> None:
     _number(cfg, "discount", high=1.0, nullable=True)
     for key in ("resume", "eval_at_start", "replay_memmap", "replay_whole_episodes", "progress_bar"):
         if _get(cfg, key, False) is not False:  # optional keys: absent means false
+            if key == "replay_whole_episodes" and _get(cfg, key) is None:
+                continue  # null: the algorithm's (resolve_replay_whole_episodes)
             _boolean(cfg, key)
     try:
         check_compile("compile", cfg.get("compile", False))
@@ -577,7 +591,7 @@ def build_trainer(cfg: Mapping, *, checked: Mapping[str, Any] | None = None):
         collector_backend=collector["backend"],
         ray_init_config=dict(collector.get("ray_init_config") or {}),
         replay_memmap=bool(cfg.get("replay_memmap", False)),
-        replay_whole_episodes=bool(cfg.get("replay_whole_episodes", False)),
+        replay_whole_episodes=resolve_replay_whole_episodes(cfg),
         device=device,
         task=info.task,
         planner_name=cfg["planner"]["name"],

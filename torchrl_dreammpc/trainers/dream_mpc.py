@@ -689,6 +689,7 @@ class DreamMPCTrainer(Trainer):
             )
             self.evaluation.register(self)
         self.register_op("post_steps_log", self._log_throughput)
+        self.register_op("setup", self._progress_bar_from_resumed_step)
         self.register_op("shutdown", self._on_shutdown)
         self._throughput_mark: tuple[float, int] | None = None
 
@@ -794,6 +795,14 @@ class DreamMPCTrainer(Trainer):
         # since it last kept it, which would drop every second of these (they come exactly log_interval apart).
         if self.logger is not None:
             self.logger.log_scalar("time/steps_per_second", sps, step=frames)
+
+    def _progress_bar_from_resumed_step(self) -> None:
+        # TorchRL's Trainer.train opens its bar at 0 of total_frames; a resumed run's bar starts at the step it
+        # resumed from (as TorchRL's own Ray-backend loop does with `initial=collected_frames`).
+        pbar = getattr(self, "_pbar", None)
+        if pbar is not None and self.collected_frames and pbar.n == 0:
+            pbar.close()
+            self._pbar = type(pbar)(total=self.total_frames, initial=self.collected_frames)
 
     def _on_shutdown(self) -> None:
         if self.log_dir is not None:
