@@ -347,6 +347,58 @@ def test_critic_ensemble_each_member_learns_the_lambda_returns():
     assert wm.state_values(z).std(0).mean() > 0  # the members differ
 
 
+def test_replay_critic_ensemble_passes_one_critic_s_gradient_to_the_features():
+    """With K identical critics, the replay features get the gradient one DreamerV3 critic gives them (not K
+    times it), and each critic gets the full gradient of its own replay loss."""
+    torch.manual_seed(0)
+    wm = tiny_model(perturb=0.1)
+    critic_loss = DreamerV3CriticEnsembleLoss(wm.critic_modules(), wm.critic_mean_module())
+    with torch.no_grad():  # every critic and its slow copy equal to the first
+        for member in wm.critics[1:]:
+            for mine, first in zip(member.parameters(), wm.critics[0].parameters()):
+                mine.copy_(first)
+        first = critic_loss.members[0].target_value_model_params
+        for member in critic_loss.members[1:]:
+            for key, slow in member.target_value_model_params.items(True, True):
+                slow.copy_(first.get(key))
+    B, T = 4, 6
+    features = {"state": torch.rand(B, T, 16, requires_grad=True), "belief": torch.randn(B, T, 32, requires_grad=True)}
+    replay = TensorDict({**features, "bootstrap": torch.randn(B, T),
+                         "next": {"reward": torch.randn(B, T, 1), "done": torch.zeros(B, T, 1, dtype=torch.bool),
+                                  "terminated": torch.zeros(B, T, 1, dtype=torch.bool)}}, [B, T])
+
+    def gradients(loss_fn):
+        for tensor in [*features.values(), *critic_loss.parameters()]:
+            tensor.grad = None
+        loss_fn(replay)["loss_replay_value"].backward()
+        return ([features[k].grad.clone() for k in features],
+                [p.grad.clone() for p in wm.critics[0].parameters()])
+
+    ensemble_features, ensemble_critic = gradients(critic_loss.replay_value_loss)
+    one_features, one_critic = gradients(critic_loss.members[0].replay_value_loss)
+    assert all(g.abs().sum() > 0 for g in one_features)
+    for ensemble, one in zip(ensemble_features + ensemble_critic, one_features + one_critic):
+        torch.testing.assert_close(ensemble, one)
+
+
+def test_a_non_finite_update_stops_before_the_optimizer_step():
+    from torchrl_dreammpc.trainers.stepper import NonFiniteUpdateError
+
+    wm = tiny_model()
+    _, stepper = make_dreamer_v3_update(wm, warmup_steps=0, imagination_horizon=4)
+    batch = replay_batch()
+    stepper.step(None, batch.clone())  # one finite update
+    before = {name: p.detach().clone() for name, p in wm.named_parameters()}
+    slow_before = [u.target_value_model_params.clone() for u in stepper.loss_module.value_loss.members]
+    batch["next", "reward"][1, 2] = float("nan")
+    with pytest.raises(NonFiniteUpdateError, match=r"Non-finite DreamerV3 loss \(update 2\): loss_model_reward = nan"):
+        stepper.step(None, batch)
+    assert all(torch.equal(p, before[name]) for name, p in wm.named_parameters())  # no step taken
+    assert all((slow == member.target_value_model_params).all()
+               for slow, member in zip(slow_before, stepper.loss_module.value_loss.members))
+    assert all(p.grad is None for p in wm.parameters())
+
+
 def test_torchrl_stepper_is_one_dreamer_update():
     """DreamerV3OptimizationStepper.step == sum the loss_* entries, backward, one DreamerV3Optimizer step over every
     weight, then the slow critics' EMA (DreamerV3's update order)."""
@@ -523,7 +575,11 @@ def test_recipe_validation_names_dreamer_keys():
                               ("dreamer.model.deter=30", "divisible by blocks"),
                               ("compile=true", "compile=true"),
                               ("+dreamer.loss.imagination_length=3", "imagination_length"),
-                              ("+dreamer.optimizer.momentum=0.5", "dreamer.optimizer")]:
+                              ("+dreamer.optimizer.momentum=0.5", "dreamer.optimizer"),
+                              ("dreamer.batch_length=501", r"dreamer.batch_length=501 is longer than an episode "
+                                                           r"of cartpole-swingup \(500 steps\)"),
+                              ("task=humanoid_h1hand-stand-v0", "humanoid_h1hand-stand-v0: its episodes can end "
+                                                               "early .* would never be replayed")]:
         with pytest.raises(ConfigError, match=message):
             validate_train_config(config("preset=dreamer_cpu", "steps=100000", override))
     with pytest.raises(ConfigError, match="cannot hold one sub-trajectory of dreamer.batch_length=32"):

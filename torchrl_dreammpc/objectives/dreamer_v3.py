@@ -39,7 +39,8 @@ class DreamerV3CriticEnsembleLoss(LossModule):
 
     Every member sees the same λ-return targets (computed by the actor loss from the ensemble's mean value) and has
     its own slow critic; the members differ by their initialization, as TD-MPC2's Q heads do. The losses are summed,
-    so each critic receives exactly the gradient a single DreamerV3 critic would. To
+    so each critic receives exactly the gradient a single DreamerV3 critic would; the replay features (which carry
+    the replay critic's gradient into the representation) pass the members' mean gradient, as one critic would. To
     :class:`~torchrl.objectives.DreamerV3Loss` it is one value loss: ``forward`` (imagined value loss),
     ``replay_value_loss`` (replay critic), ``tensor_keys`` and ``value_model`` (the mean critic).
 
@@ -93,9 +94,30 @@ class DreamerV3CriticEnsembleLoss(LossModule):
         ), fake_data
 
     def replay_value_loss(self, tensordict, *, horizon: float = 333.0, lmbda: float = 0.95) -> TensorDict:
+        # The replay features keep their gradient (DreamerV3's repval_grad): the representation learns from the
+        # replay critic. K members would give it K times one critic's gradient (repval 0.3 acting as 0.3 K), so
+        # each member sees the features with their gradient scaled by 1/K: the representation gets the members'
+        # mean, each critic still its own full gradient.
+        if len(self.members) > 1:
+            tensordict = tensordict.copy()
+            for key in self.members[0].value_model.in_keys:
+                tensordict.set(key, _ScaleGradient.apply(tensordict.get(key), 1.0 / len(self.members)))
         losses = [member.replay_value_loss(tensordict, horizon=horizon, lmbda=lmbda)["loss_replay_value"]
                   for member in self.members]
         return TensorDict(loss_replay_value=torch.stack(losses).sum())
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """The identity, whose backward multiplies the gradient by ``scale``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.scale, None
 
 
 class SlowCriticUpdate:

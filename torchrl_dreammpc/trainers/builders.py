@@ -223,6 +223,23 @@ def _check_planner(label: str, planner_cfg, tiny) -> str:
     return name
 
 
+def _check_dreamer_sequences_fit(cfg: Mapping, info) -> None:
+    """The Dreamer replay samples ``dreamer.batch_length``-step sequences within one episode (TorchRL's
+    ``SliceSampler``, strict length; DreamerV3 samples windows across episode boundaries, with resets): episodes
+    shorter than that are never replayed, and none at all would leave the replay buffer without a sequence."""
+    length = int(cfg["dreamer"]["batch_length"])
+    if info.episodic:
+        raise ConfigError(
+            f"algorithm=dreamer_v3 on {info.task}: its episodes can end early (a terminal state, e.g. a fall), and "
+            f"the Dreamer replay samples dreamer.batch_length={length}-step sequences within one episode, so the "
+            "shorter episodes, the terminations among them, would never be replayed. DreamerV3 replays windows "
+            "across episode ends; that replay is not implemented here yet (docs/architecture.md, \"Known "
+            "differences from DreamerV3\"). Use a task whose episodes run to their time limit.")
+    if length > info.episode_length:
+        raise ConfigError(f"dreamer.batch_length={length} is longer than an episode of {info.task} "
+                          f"({info.episode_length} steps): the replay samples sequences within one episode.")
+
+
 def _validate_dreamer(cfg: Mapping) -> None:
     """The ``dreamer`` node of ``algorithm=dreamer_v3`` (the model is checked by building its config)."""
     from torchrl_dreammpc.modules.dreamer import DREAMER_V3_SIZES, DreamerV3Config
@@ -366,6 +383,8 @@ def validate_train_config(cfg: Mapping) -> dict[str, Any]:
     except ValueError as err:  # UnknownTaskError / TaskNotAvailableError name the task
         raise ConfigError(f"task={cfg['task']!r}: {err}") from err
     tiny = _check_model(cfg, info, algorithm)
+    if algorithm == "dreamer_v3":
+        _check_dreamer_sequences_fit(cfg, info)
     _check_scalars(cfg)
     seed_steps = resolve_seed_steps(cfg, info.episode_length)
     if cfg["steps"] <= seed_steps:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torchrl.trainers.algorithms import DreamerV3OptimizationStepper, DreamerV3Optimizer
 
 from torchrl_dreammpc.objectives.dreamer_v3 import DreamerV3TrainingLoss, SlowCriticUpdate
-from torchrl_dreammpc.trainers.stepper import load_optimizer_keeping_settings
+from torchrl_dreammpc.trainers.stepper import check_update_finite, load_optimizer_keeping_settings
 
 __all__ = ["make_dreamer_v3_update", "OPTIMIZER_DEFAULTS"]
 
@@ -24,8 +25,29 @@ OPTIMIZER_DEFAULTS: dict[str, Any] = dict(lr=4e-5, agc=0.3, eps=1e-20, beta1=0.9
 
 
 class _DreamerV3Stepper(DreamerV3OptimizationStepper):
-    """TorchRL's stepper, resumed with this run's optimizer settings (TorchRL's ``load_state_dict`` restores the
-    checkpoint's ``lr``, ``agc``, ... with the moments: :func:`load_optimizer_keeping_settings`)."""
+    """TorchRL's stepper, with two changes:
+
+    - a NaN/inf loss term or gradient stops training before the optimizer step writes it into the weights
+      (:class:`~torchrl_dreammpc.trainers.stepper.NonFiniteUpdateError`, as with TD-MPC2 and BMPC; TorchRL's
+      stepper steps whatever the gradients hold);
+    - resumed with this run's optimizer settings (TorchRL's ``load_state_dict`` restores the checkpoint's ``lr``,
+      ``agc``, ... with the moments: :func:`load_optimizer_keeping_settings`).
+    """
+
+    _trainer = None
+
+    def step(self, trainer, sub_batch):
+        self._trainer = trainer  # named in the error message (collected step, last checkpoint)
+        return super().step(trainer, sub_batch)
+
+    def _forward_backward(self, sample):
+        losses = super()._forward_backward(sample)  # backward done, optimizer step not yet taken
+        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        check_update_finite(losses, grad_norm, self.optimizer, trainer=self._trainer,
+                            update=int(self.optimizer.param_groups[0]["step"]) + 1,  # checkpointed with the optimizer
+                            part="DreamerV3", hint="e.g. with a lower dreamer.lr")
+        return losses
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         load_optimizer_keeping_settings(self.optimizer, state_dict["optimizer"], name="DreamerV3 optimizer")

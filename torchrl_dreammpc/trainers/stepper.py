@@ -20,7 +20,7 @@ from torchrl.trainers import OptimizationStepper
 if TYPE_CHECKING:
     from torchrl.trainers import Trainer
 
-__all__ = ["TDMPC2OptimizationStepper", "BMPCOptimizationStepper", "NonFiniteUpdateError",
+__all__ = ["TDMPC2OptimizationStepper", "BMPCOptimizationStepper", "NonFiniteUpdateError", "check_update_finite",
            "load_optimizer_keeping_settings"]
 
 
@@ -92,6 +92,49 @@ class NonFiniteUpdateError(FloatingPointError):
     def __init__(self, message: str, *, update: int, terms: dict[str, float], checkpoint=None) -> None:
         super().__init__(message)
         self.update, self.terms, self.checkpoint = update, terms, checkpoint
+
+
+def check_update_finite(out: TensorDictBase, grad_norm: torch.Tensor, optimizer: torch.optim.Optimizer, *,
+                        update: int, trainer=None, part: str = "world-model",
+                        skipped: str = "no weight was changed by this update", on_failure=None,
+                        hint: str = "e.g. with a lower lr or grad_clip") -> None:
+    """Raises :class:`NonFiniteUpdateError` (after dropping ``optimizer``'s gradients) if a ``loss_*`` term of
+    ``out`` or ``grad_norm`` is NaN/inf; call it between the backward pass and the optimizer step. One sum over a
+    handful of scalars, one host read; the names are looked up on failure. ``on_failure`` runs before the raise.
+
+    Examples:
+        >>> from tensordict import TensorDict
+        >>> layer = torch.nn.Linear(2, 1)
+        >>> optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+        >>> out = TensorDict(loss_a=torch.tensor(1.0), loss_b=torch.tensor(float("nan")))
+        >>> try:
+        ...     check_update_finite(out, torch.tensor(3.0), optimizer, update=7)
+        ... except NonFiniteUpdateError as err:
+        ...     print(err.terms)
+        {'loss_b': nan}
+    """
+    names = [key for key in out.keys() if isinstance(key, str) and key.startswith("loss_")]
+    values = torch.stack([out.get(key).detach().reshape(()).float() for key in names]
+                         + [grad_norm.detach().reshape(()).float()])
+    if math.isfinite(values.sum().item()):  # NaN and inf propagate through the sum
+        return
+    optimizer.zero_grad(set_to_none=True)
+    if on_failure is not None:
+        on_failure()
+    bad = {name: float(value) for name, value in zip([*names, "grad_norm"], values.tolist())
+           if not math.isfinite(value)}
+    where = f"update {update}"
+    checkpoint = None
+    if trainer is not None:
+        where += f", collected step {trainer.collected_frames}"
+        latest = getattr(trainer, "latest_checkpoint", None)
+        checkpoint = latest() if callable(latest) else None
+    message = (f"Non-finite {part} loss ({where}): " + ", ".join(f"{name} = {value}" for name, value in bad.items())
+               + f". The optimizer step was not taken ({skipped}) and training stops.")
+    if trainer is not None:
+        message += (f" Last checkpoint: {checkpoint} (resume from it, {hint})."
+                    if checkpoint is not None else " No checkpoint was written before it.")
+    raise NonFiniteUpdateError(message, update=update, terms=bad, checkpoint=checkpoint)
 
 
 class TDMPC2OptimizationStepper(OptimizationStepper):
@@ -288,32 +331,10 @@ class TDMPC2OptimizationStepper(OptimizationStepper):
 
     def _check_finite(self, trainer, part: str, out: TensorDictBase, grad_norm: torch.Tensor,
                       optimizer: torch.optim.Optimizer) -> None:
-        """Raises :class:`NonFiniteUpdateError` (after dropping the gradients) if a ``loss_*`` term of ``out`` or
-        the gradient norm is NaN/inf. One sum over a handful of scalars; the names are looked up on failure."""
-        names = [key for key in out.keys() if isinstance(key, str) and key.startswith("loss_")]
-        values = torch.stack([out.get(key).detach().reshape(()) for key in names] + [grad_norm.detach().reshape(())])
-        if math.isfinite(values.sum().item()):  # NaN and inf propagate through the sum: one host read
-            return
-        optimizer.zero_grad(set_to_none=True)
-        self.world_model.eval()
-        bad = {name: float(value) for name, value in zip([*names, "grad_norm"], values.tolist())
-               if not math.isfinite(value)}
-        update = self.num_updates + 1
-        where = f"update {update}"
-        checkpoint = None
-        if trainer is not None:
-            where += f", collected step {trainer.collected_frames}"
-            latest = getattr(trainer, "latest_checkpoint", None)
-            checkpoint = latest() if callable(latest) else None
         skipped = ("no weight was changed by this update" if part == "world-model" else
                    "its world-model step was applied, its policy step was not")
-        message = (f"Non-finite {part} loss ({where}): "
-                   + ", ".join(f"{name} = {value}" for name, value in bad.items())
-                   + f". The optimizer step was not taken ({skipped}) and training stops.")
-        if trainer is not None:
-            message += (f" Last checkpoint: {checkpoint} (resume from it, e.g. with a lower lr or grad_clip)."
-                        if checkpoint is not None else " No checkpoint was written before it.")
-        raise NonFiniteUpdateError(message, update=update, terms=bad, checkpoint=checkpoint)
+        check_update_finite(out, grad_norm, optimizer, update=self.num_updates + 1, trainer=trainer, part=part,
+                            skipped=skipped, on_failure=self.world_model.eval)
 
     def state_dict(self) -> dict[str, Any]:
         # The policy loss's only own state is its running Q scale: its world-model weights are checkpointed by
