@@ -153,6 +153,16 @@ def collect(campaign: dict[str, Any]) -> tuple[list[dict], dict, dict]:
 # ----------------------------------------------------------------------------------------------------------------
 # published references
 # ----------------------------------------------------------------------------------------------------------------
+#: How the published curves were made (they are references, not the same agent as a campaign run).
+PUBLISHED_SETTINGS = {
+    "TD-MPC2 (published)": "5M model, MPPI acting (TD-MPC2's results files)",
+    "DreamerV3 (published)": "its own setting (TD-MPC2's results files)",
+    "TD-MPC2 (BMPC paper, mean)": "BMPC's default model (mlp 512, latent 512; ~5M), 5 Q heads, MPPI acting, "
+                                  "falls not terminal",
+    "BMPC (BMPC paper, mean)": "BMPC's default model (mlp 512, latent 512; ~5M), 2 V heads, MPPI acting",
+}
+
+
 def published_points(task: str, suite: str, max_step: int) -> dict[str, dict[int, list[float]]]:
     """``{"TD-MPC2": {step: [seed values]}, "DreamerV3": {...}}`` from ../shared (empty where absent).
     Meta-World files hold success rates; HumanoidBench comes from the BMPC paper's curves (means)."""
@@ -461,10 +471,22 @@ def _run_section(run_id: str, record: dict, rows: list[dict], planners: list[str
             last = max(points)
             notes.append(f"{name} at {last}: " + ", ".join(f"{v:.3g}" for v in points[last]))
     if notes:
-        lines += ["Published: " + "; ".join(notes) + ".", ""]
+        settings = "; ".join(f"{name.split(' (')[0]}, {PUBLISHED_SETTINGS[name]}" for name in pub
+                             if name in PUBLISHED_SETTINGS)
+        lines += ["Published: " + "; ".join(notes) + f". Settings: {settings}; this run: "
+                  f"{_run_setting(record.get('train') or {})}.", ""]
     if chunks:
         lines += [f"Last training command: `{chunks[-1]['command']}`", ""]
     return "\n".join(lines)
+
+
+def _run_setting(train: dict) -> str:
+    """A run's model and acting planner, in the words of the published settings."""
+    if train.get("algorithm") == "dreamer_v3":
+        model = f"algorithm=dreamer_v3, preset={train.get('preset', 'none')}"
+    else:
+        model = f"algorithm={train.get('algorithm', 'tdmpc2')}, model_size={train.get('model_size')}"
+    return f"{model}, {train.get('planner')} acting"
 
 
 def _aggregate_section(result: dict | None, algorithm: str, data_dir: Path, report: Path) -> str:

@@ -436,3 +436,14 @@ def test_policy_prior_diagnosis_reads_every_family_s_prior(family, monkeypatch, 
     assert state["saturated"] == saturated
     assert state["mean_abs_tanh_mean"] == pytest.approx(abs_mean, abs=1e-6)
     assert state["mean_log_std"] == pytest.approx(log_std, abs=1e-6)
+
+
+def test_published_settings_are_named_beside_the_run_s():
+    assert campaign_report._run_setting({"algorithm": "tdmpc2", "model_size": 1, "planner": "dream_mpc"}) == \
+        "algorithm=tdmpc2, model_size=1, dream_mpc acting"
+    assert campaign_report._run_setting({"algorithm": "dreamer_v3", "model_size": 1, "preset": "dreamer_cpu",
+                                         "planner": "dream_mpc"}) == \
+        "algorithm=dreamer_v3, preset=dreamer_cpu, dream_mpc acting"  # the TD-MPC2 size names the run only
+    # every published curve the report can plot has its setting
+    assert {"TD-MPC2 (published)", "DreamerV3 (published)", "TD-MPC2 (BMPC paper, mean)",
+            "BMPC (BMPC paper, mean)"} == set(campaign_report.PUBLISHED_SETTINGS)

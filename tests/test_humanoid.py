@@ -64,6 +64,43 @@ def test_falling_is_terminated_not_truncated(task):
     assert env.base_env.sim.data.qpos[2] < 0.2
 
 
+def test_episodic_false_ends_the_same_episode_as_a_time_limit():
+    """make_env(episodic=False): the fall still ends the episode at the same step, reported as truncated
+    (TerminationAsTruncation); what recipes/train.py episodic=false trains on."""
+    rollouts = {}
+    for episodic in (None, False):
+        torch.manual_seed(0)
+        rollouts[episodic] = make_env("humanoid_h1hand-stand-v0", seed=0, episodic=episodic).rollout(1000)
+    terminal, time_limit = rollouts[None]["next"], rollouts[False]["next"]
+    assert terminal.shape == time_limit.shape and terminal.shape[0] < 1000
+    torch.testing.assert_close(terminal["observation"], time_limit["observation"])
+    assert terminal["terminated"][-1].item() and not time_limit["terminated"].any()
+    assert time_limit["truncated"][-1].item() and time_limit["done"][-1].item()
+    assert not time_limit["done"][:-1].any()
+
+
+def test_episodic_false_builds_a_model_without_termination_and_its_env(tmp_path):
+    from omegaconf import OmegaConf
+
+    from test_recipes import TINY, compose_train
+    from torchrl_dreammpc.envs import TerminationAsTruncation
+    from torchrl_dreammpc.trainers.builders import ConfigError, build_trainer, validate_train_config
+
+    tiny = ["model_size='1'" if arg == "model_size=1" else arg for arg in TINY]
+    for episodic, terminal in (("null", True), ("false", False)):
+        cfg = compose_train(*tiny, "task=humanoid_h1hand-stand-v0", "seed_steps=200", "steps=300",
+                            f"episodic={episodic}", f"run_dir={tmp_path / episodic}")
+        trainer, world_model = build_trainer(OmegaConf.to_container(OmegaConf.create(cfg), resolve=True))
+        assert (world_model.termination_head is not None) is terminal
+        transforms = list(trainer.collector.env.transform)
+        assert any(isinstance(t, TerminationAsTruncation) for t in transforms) is not terminal
+        trainer.evaluation.shutdown()
+        trainer.collector.shutdown()
+    cfg = compose_train("model_size='1'", "steps=5000", "episodic=true", "run_dir=unused")
+    with pytest.raises(ConfigError, match="episodic=true: episodes of cartpole-swingup never end early"):
+        validate_train_config(cfg)
+
+
 def test_full_length_episode_is_truncated_at_1000():
     torch.manual_seed(0)
     env = make_env("humanoid_h1-crawl-v0", seed=0)  # no early termination in crawl

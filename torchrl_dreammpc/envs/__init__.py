@@ -23,11 +23,14 @@ import importlib
 from typing import Any
 
 import torch
+from tensordict import TensorDictBase
+from torchrl.envs import Transform
 
 from ._base import SuiteEnv, TaskInfo, TaskNotAvailableError, UnknownTaskError
 
 __all__ = [
     "SuiteEnv",
+    "TerminationAsTruncation",
     "TaskInfo",
     "TaskNotAvailableError",
     "UnknownTaskError",
@@ -44,7 +47,7 @@ _SUITES = {
     "metaworld": ("metaworld", "MetaWorldTaskEnv"),
     "humanoid_bench": ("humanoid", "HumanoidBenchTaskEnv"),
 }
-_OPTIONS = ("num_envs", "parallel")
+_OPTIONS = ("num_envs", "parallel", "episodic")
 
 
 def _module(suite: str):
@@ -151,7 +154,33 @@ def _check_options(options: dict[str, Any]) -> tuple[int, bool]:
         raise ValueError(f"num_envs must be a positive int, got {num_envs!r}.")
     if not isinstance(parallel, bool):
         raise ValueError(f"parallel must be a bool, got {parallel!r}.")
+    episodic = options.get("episodic")
+    if episodic is not None and not isinstance(episodic, bool):
+        raise ValueError(f"episodic must be a bool or None, got {episodic!r}.")
     return num_envs, parallel
+
+
+class TerminationAsTruncation(Transform):
+    """Reports an episode end that the simulator calls terminal (a HumanoidBench robot that fell) as a time limit:
+    ``truncated`` instead of ``terminated``; ``done`` is unchanged, the episode still ends there. A learner then
+    bootstraps through it, as HumanoidBench's and BMPC's TD-MPC2 runs do (their wrappers return no terminal
+    flag). What ``make_env(..., episodic=False)`` appends.
+
+    Examples:
+        >>> env = make_env("cartpole-swingup", seed=0).append_transform(TerminationAsTruncation())
+        >>> td = env.rollout(2)
+        >>> td["next", "terminated"].any().item(), td["next", "truncated"].any().item()
+        (False, False)
+    """
+
+    def _step(self, tensordict: TensorDictBase, next_tensordict: TensorDictBase) -> TensorDictBase:
+        terminated = next_tensordict.get("terminated")
+        next_tensordict.set("truncated", next_tensordict.get("truncated") | terminated)
+        next_tensordict.set("terminated", torch.zeros_like(terminated))
+        return next_tensordict
+
+    def _reset(self, tensordict: TensorDictBase, tensordict_reset: TensorDictBase) -> TensorDictBase:
+        return tensordict_reset
 
 
 def make_env(task: str, seed: int = 0, device: torch.device | str = "cpu", **options):
@@ -176,6 +205,9 @@ def make_env(task: str, seed: int = 0, device: torch.device | str = "cpu", **opt
         parallel (bool, optional): run the copies in worker processes (:class:`~torchrl.envs.ParallelEnv`)
             instead of one after the other in this process (:class:`~torchrl.envs.SerialEnv`).
             ``parallel=True`` with ``num_envs=1`` gives a one-worker ``ParallelEnv``. Defaults to ``False``.
+        episodic (bool, optional): ``False`` on a task whose episodes end early (``task_info(task).episodic``):
+            those ends are reported as ``truncated``, not ``terminated`` (:class:`TerminationAsTruncation`).
+            ``True`` only on such a task. Defaults to ``None``: the task's own flags.
 
     Raises:
         UnknownTaskError: (a ``ValueError``) for unknown names, listing close matches.
@@ -197,6 +229,9 @@ def make_env(task: str, seed: int = 0, device: torch.device | str = "cpu", **opt
 
     num_envs, parallel = _check_options(options)
     info = task_info(task)  # fail fast on bad names, before any worker starts
+    episodic = options.get("episodic")
+    if episodic and not info.episodic:
+        raise ValueError(f"episodic=True: episodes of {info.task} never end early (they run to the time limit).")
     if info.suite == "humanoid_bench":
         # An ImportError with install instructions here beats one raised inside a worker process.
         _module(info.suite)._import_humanoid_bench()
@@ -208,7 +243,10 @@ def make_env(task: str, seed: int = 0, device: torch.device | str = "cpu", **opt
         base = batched_cls(num_envs, create, device=device)
         # TorchRL seeds worker i with the i-th seed of a chain started at `seed`, so workers differ.
         base.set_seed(seed)
-    return TransformedEnv(base, Compose(InitTracker(), StepCounter(), RewardSum()))
+    transforms = [InitTracker(), StepCounter(), RewardSum()]
+    if episodic is False and info.episodic:
+        transforms.insert(0, TerminationAsTruncation())
+    return TransformedEnv(base, Compose(*transforms))
 
 
 class _WithTransforms:

@@ -142,6 +142,14 @@ def resolve_seed_steps(cfg: Mapping, episode_length: int) -> int:
     return seed_steps(episode_length) if value is None else int(value)
 
 
+def resolve_episodic(cfg: Mapping, info) -> bool:
+    """``cfg.episodic`` if set, else the task's flag: whether an early episode end (a fall) is a terminal state
+    (TD-MPC2's ``episodic``: a termination head, ``(1 − terminated)`` in the TD target) or, with ``false``, ends
+    the episode as a time limit would (the target bootstraps through it: HumanoidBench's and BMPC's TD-MPC2 runs)."""
+    value = cfg.get("episodic")
+    return bool(info.episodic) if value is None else bool(value)
+
+
 def resolve_replay_whole_episodes(cfg: Mapping) -> bool:
     """``cfg.replay_whole_episodes`` if set, else the algorithm's own replay: whole episodes (written when they
     end) with ``tdmpc2`` and ``bmpc``, as TD-MPC2 and BMPC add an episode to their buffer at its end; each step as
@@ -183,7 +191,7 @@ def _boolean(cfg: Mapping, key: str) -> bool:
 
 #: TDMPC2Config fields that a run derives itself (from the env, the task, ``model_size=`` and ``discount=``).
 _DERIVED_MODEL_FIELDS = {"obs_dim": "the env", "action_dim": "the env", "model_size": "model_size=",
-                         "episodic": "the task", "discount": "discount="}
+                         "episodic": "the task and episodic=", "discount": "discount="}
 #: Eval-planner names become file names (``eval_<name>.csv``) and logger keys.
 _PLANNER_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -207,7 +215,7 @@ def _check_model(cfg: Mapping, info, algorithm: str) -> TDMPC2WorldModel:
     except (TypeError, ValueError) as err:
         raise ConfigError(f"model (model_size={size}): {err}") from err
     return model_class(2, 1, model_size=size, enc_dim=8, mlp_dim=8, latent_dim=8, num_enc_layers=1,
-                       num_q=config.num_q, episodic=_model_episodic(family, info.episodic))
+                       num_q=config.num_q, episodic=_model_episodic(family, resolve_episodic(cfg, info)))
 
 
 def _check_planner(label: str, planner_cfg, tiny) -> str:
@@ -382,6 +390,11 @@ def validate_train_config(cfg: Mapping) -> dict[str, Any]:
         info = task_info(cfg["task"])
     except ValueError as err:  # UnknownTaskError / TaskNotAvailableError name the task
         raise ConfigError(f"task={cfg['task']!r}: {err}") from err
+    episodic = cfg.get("episodic")
+    if episodic is not None and not isinstance(episodic, bool):
+        raise ConfigError(f"episodic must be true, false or null (the task's), got {episodic!r}.")
+    if episodic and not info.episodic:
+        raise ConfigError(f"episodic=true: episodes of {info.task} never end early (they run to the time limit).")
     tiny = _check_model(cfg, info, algorithm)
     if algorithm == "dreamer_v3":
         _check_dreamer_sequences_fit(cfg, info)
@@ -562,7 +575,9 @@ def build_trainer(cfg: Mapping, *, checked: Mapping[str, Any] | None = None):
     device = resolve_device(cfg.get("device"))
     seed = int(cfg["seed"])
     torch.manual_seed(seed)  # model initialization
-    create_env = functools.partial(make_env, info.task, seed=seed)
+    episodic = resolve_episodic(cfg, info)
+    # episodic=false on a task whose episodes end early: those ends reach the learner as time limits
+    create_env = functools.partial(make_env, info.task, seed=seed, episodic=episodic)
     probe = create_env()
     obs_dim = int(probe.observation_spec["observation"].shape[-1])
     action_spec = probe.action_spec
@@ -574,7 +589,7 @@ def build_trainer(cfg: Mapping, *, checked: Mapping[str, Any] | None = None):
         world_model = make_dreamer_world_model(cfg["dreamer"], obs_dim, action_dim, device=device)
     else:
         world_model = make_world_model(cfg["model"], obs_dim, action_dim, episode_length=info.episode_length,
-                                       episodic=info.episodic, discount=cfg.get("discount"), device=device,
+                                       episodic=episodic, discount=cfg.get("discount"), device=device,
                                        algorithm=algorithm)
     # BMPC with algorithm_options.acting_expert: the acting planner also stores its action distribution.
     actor = make_actor(cfg["planner"], world_model, action_spec=action_spec,
