@@ -395,10 +395,12 @@ def _fmt_cell(row: dict | None, suite: str) -> str:
     return cell + f" <sub>n={row['episodes']}</sub>"
 
 
-def paired_difference(x: dict | None, y: dict | None, suite: str) -> tuple[float, float, int] | None:
-    """Mean and standard error of the per-episode difference x − y (returns; last-step successes on Meta-World)
-    over the episodes both played (the first n: the same initial states), and n; ``None`` without both."""
-    key = "successes" if suite == "metaworld" else "returns"
+def paired_difference(x: dict | None, y: dict | None, suite: str,
+                      key: str | None = None) -> tuple[float, float, int] | None:
+    """Mean and standard error of the per-episode difference x − y (``key``; by default returns, and last-step
+    successes on Meta-World) over the episodes both played (the first n: the same initial states), and n;
+    ``None`` without both."""
+    key = key or ("successes" if suite == "metaworld" else "returns")
     if not x or not y or x.get(key) is None or y.get(key) is None:
         return None
     n = min(len(x[key]), len(y[key]))
@@ -423,7 +425,11 @@ def _swap_table(record: dict, rows: list[dict], planners: list[str], episodes: d
             at = episodes.get(str(step), {})
             diff = paired_difference(at.get("dream_mpc"), at.get("policy"), suite)
             digits = 2 if suite == "metaworld" else 1
-            cells.append(f"{diff[0]:+.{digits}f} ± {diff[1]:.{digits}f}" if diff else "")
+            cell = f"{diff[0]:+.{digits}f} ± {diff[1]:.{digits}f}" if diff else ""
+            returns = paired_difference(at.get("dream_mpc"), at.get("policy"), suite, key="returns")
+            if diff and suite == "metaworld" and returns:  # the return difference beside the success one
+                cell += f" (return {returns[0]:+.1f} ± {returns[1]:.1f})"
+            cells.append(cell)
         if prior:
             state = prior.get(str(step))
             cells.append(f"{state['saturated']:.2f}, {state['mean_log_std']:+.2f}" if state else "")
@@ -444,7 +450,8 @@ def _swap_table(record: dict, rows: list[dict], planners: list[str], episodes: d
             f"step: the planner's own time, median over snapshots, measured while other jobs shared the 2 cores "
             f"(docs/performance.md has the quiet-machine timings)."
             + (" *Dream-MPC − prior, paired*: the mean per-episode difference on the same initial states ± its "
-               "standard error." if paired else "") + f"{note}\n\n" + "\n".join(lines))
+               "standard error" + (" (success, and return in brackets)." if suite == "metaworld" else ".")
+               if paired else "") + f"{note}\n\n" + "\n".join(lines))
 
 
 def _run_section(run_id: str, record: dict, rows: list[dict], planners: list[str], data_dir: Path,

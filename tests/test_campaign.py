@@ -276,6 +276,13 @@ def test_aggregate_is_per_algorithm_across_tasks_with_paired_comparisons():
         (50.0, np.std([100, 0, -100, 200], ddof=1) / 2, 4))
     assert campaign_report.paired_difference(b["dream_mpc"], b["mppi"], "metaworld")[::2] == (0.0, 2)
     assert campaign_report.paired_difference(a["dream_mpc"], None, "dmc") is None
+    # the Meta-World table shows the paired return difference beside the success one
+    meta = {"100": {"policy": {"returns": [1.0, 2.0], "successes": [False, False]},
+                    "dream_mpc": {"returns": [4.0, 7.0], "successes": [True, False]}}}
+    rows = [{"step": "100", "planner": p, "return_mean": "0", "return_sem": "0", "success_rate": "0",
+             "episodes": "2", "plan_ms_per_step": "1"} for p in ("policy", "dream_mpc")]
+    table = campaign_report._swap_table({"suite": "metaworld"}, rows, planners, meta)
+    assert "| +0.50 ± 0.50 (return +4.0 ± 1.0) |" in table
 
 
 @pytest.mark.slow
