@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import types
 import warnings
 
 import pytest
@@ -1001,6 +1002,26 @@ def test_evaluation_progress_bar_counts_steps_and_early_ends():
     assert results["a"]["episode_length"] == 2.0
 
 
+def test_evaluation_ms_per_step_counts_the_steps_played_past_the_last_episode(monkeypatch):
+    """Episodes that end early leave the collector playing on to the end of its batch (one episode length): those
+    steps take time too, so ms per step divides by every step played, not only the kept episodes' (TorchRL's fps).
+    A fake clock advances 1 s per actor call: 3 episodes of 2 steps kept, 8 steps played, 1000 ms per step."""
+    from torchrl.collectors import _evaluator
+
+    from torchrl_dreammpc.trainers import EvaluationHook
+
+    clock = [0.0]
+    monkeypatch.setattr(_evaluator, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    actor = _zero_actor()
+    actor.register_forward_hook(lambda *args: clock.__setitem__(0, clock[0] + 1.0))
+    hook = EvaluationHook({"a": actor}, functools.partial(_short_episode_env, terminate_at=3), interval=0,
+                          episodes=3, seed=0, verbose=False)  # progress off: the steps are counted anyway
+    result = hook.evaluate(0)["a"]
+    hook.shutdown()
+    assert (result["episodes"], result["episode_length"], hook.progress.steps_played) == (3, 2.0, 8)
+    assert result["ms_per_step"] == pytest.approx(1000.0)
+
+
 def test_evaluation_max_steps_truncates_every_episode():
     """``max_steps`` ends the episodes early (TorchRL's Evaluator ignores its own cap on envs that count their
     steps, as every task env does): 2 of 4 steps, half the return, every episode."""
@@ -1044,7 +1065,7 @@ def test_planner_diagnostics_are_logged_in_training_and_evaluation(tmp_path):
     assert not (tmp_path / "plain" / "run" / "csv" / "scalars" / "planner").exists()
 
 
-def test_evaluation_progress_modes():
+def test_evaluation_progress_modes(capsys):
     import io
 
     from torchrl_dreammpc.trainers import EvaluationHook, EvaluationProgress
@@ -1060,5 +1081,7 @@ def test_evaluation_progress_modes():
         EvaluationProgress("loud")
     quiet = EvaluationHook({"a": _zero_actor()}, _short_episode_env, interval=0, episodes=1, seed=0, verbose=False)
     assert quiet.progress.mode == "off"  # the trainer's default: its own output only
-    assert not any(type(t).__name__ == "_ProgressTransform" for t in quiet.envs["a"].transform)
+    capsys.readouterr()
+    quiet.evaluate(0)
     quiet.shutdown()
+    assert capsys.readouterr() == ("", "") and quiet.progress.steps_played == 4  # counted, not shown

@@ -289,7 +289,8 @@ def _episode_metrics(traj_batch: TensorDictBase) -> dict[str, Any]:
         traj_ids = traj_ids.reshape(-1)
         episodes = [(traj_ids == i).nonzero().squeeze(-1) for i in traj_ids.unique(sorted=True)]
     reward = reward.reshape(traj_batch.numel(), -1)
-    out: dict[str, Any] = {"episode_returns": [float(reward[rows].sum()) for rows in episodes]}
+    out: dict[str, Any] = {"episode_returns": [float(reward[rows].sum()) for rows in episodes],
+                           "frames": traj_batch.numel()}  # the steps of the episodes kept
     success = traj_batch.get(("next", "success"), None)
     if success is not None:
         success = success.reshape(traj_batch.numel(), -1).any(-1)
@@ -347,6 +348,10 @@ class EvaluationProgress:
         self._active = False
         self._name, self._episodes, self._length = "", 0, None
         self._done, self._steps_in_episode, self._start = 0, 0, 0.0
+        self._counting = False
+        #: Env steps played since the last :meth:`start`, whatever the mode, those the collector plays past the
+        #: last episode included (they cost time but are not shown).
+        self.steps_played = 0
 
     @property
     def enabled(self) -> bool:
@@ -357,7 +362,7 @@ class EvaluationProgress:
         self.close()
         self._name, self._episodes, self._length = name, int(episodes), episode_length
         self._done, self._steps_in_episode, self._start = 0, 0, time.perf_counter()
-        self._active = self.enabled
+        self._active, self._counting, self.steps_played = self.enabled, True, 0
         if self.mode == "bar":
             from tqdm.auto import tqdm
 
@@ -369,6 +374,7 @@ class EvaluationProgress:
 
     def step(self, done: int = 0, episode_return: float | None = None) -> None:
         """One env step; ``done`` episodes ended with it (``episode_return``: the return of one of them)."""
+        self.steps_played += self._counting
         if not self._active or self._done >= self._episodes:
             # Steps outside an evaluation, or past its last episode (the collector polls whole chunks), are not shown.
             return
@@ -397,7 +403,7 @@ class EvaluationProgress:
         self._steps_in_episode = 0
 
     def close(self) -> None:
-        self._active = False
+        self._active = self._counting = False
         if self._bar is not None:
             self._bar.close()
             self._bar = None
@@ -456,7 +462,7 @@ class EvaluationHook(TrainerHookBase):
     The first actor is the training planner: its mean return is appended as a ``step,return`` row to
     ``csv_path`` (``eval.csv``, the file the learning curve is plotted from). Other actors go to
     ``eval_<name>.csv``. Every metric is also logged (``eval/return``, ``eval/return_std``, ``eval/episode_length``,
-    ``eval/ms_per_step``, ``eval/success`` and ``eval/success_any`` on Meta-World, ``eval/planner/<name>`` for a
+    ``eval/ms_per_step`` (the collection time per env step played), ``eval/success`` and ``eval/success_any`` on Meta-World, ``eval/planner/<name>`` for a
     planner with diagnostics; ``eval/<name>/...`` for the other actors) and printed.
 
     The actors run in this process on the very modules being trained (no weight copy). The evaluator toggles
@@ -553,8 +559,7 @@ class EvaluationHook(TrainerHookBase):
         return int(min(lengths)) if lengths else None
 
     def _with_progress(self, env):
-        if not self.progress.enabled:
-            return env
+        # Attached whatever the progress mode: it also counts the steps played (for ms per step).
         transform = _ProgressTransform(self.progress)
         if isinstance(env, TransformedEnv):
             env.append_transform(transform)
@@ -594,6 +599,11 @@ class EvaluationHook(TrainerHookBase):
             for module, training in modes:
                 module.training = training
             fps = float(raw.get("eval/fps", float("nan")))
+            # TorchRL's fps divides the collection time by the steps of the episodes kept; the collector also plays
+            # on to the end of its last batch (up to an episode length), which costs time too. Per step played:
+            kept, played = float(raw.get("eval/frames", 0)), self.progress.steps_played
+            if fps > 0 and kept > 0 and played > kept:
+                fps *= played / kept
             metrics = {
                 "return": float(raw["eval/reward"]),
                 "return_std": float(raw["eval/reward_std"]),
