@@ -29,35 +29,17 @@ Writes ``docs/results/dreamer_grad_check.json`` and the ``dreamer_grad_check`` s
 from __future__ import annotations
 
 import argparse
-import functools
-import statistics
 import sys
 from pathlib import Path
 
 import torch
-from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import ROOT, machine_info, write_json, write_section  # noqa: E402
+from grad_step_check import StepProbe, episode_latents, quantiles  # noqa: E402
 
 from torchrl_dreammpc.checkpoints import load_world_model  # noqa: E402
-from torchrl_dreammpc.envs import make_env, with_transforms  # noqa: E402
-from torchrl_dreammpc.planners import GradientMPCPlanner  # noqa: E402
 from torchrl_dreammpc.trainers import load_world_model_from_trainer_checkpoint  # noqa: E402
-
-
-def episode_latents(wm, task: str, steps: int, seed: int) -> torch.Tensor:
-    """The latents Dream-MPC plans from along one deterministic episode of the trained model."""
-    env = with_transforms(functools.partial(make_env, task, seed=seed), wm.acting_transforms())()
-    with set_exploration_type(ExplorationType.DETERMINISTIC), torch.no_grad():
-        td = env.rollout(steps, wm.acting_module(GradientMPCPlanner(wm)))
-    env.close()
-    return td["latent"].reshape(-1, wm.latent_dim)
-
-
-def quantiles(values: list[float]) -> dict[str, float]:
-    values = sorted(values)
-    return {"median": statistics.median(values), "p90": values[int(0.9 * (len(values) - 1))], "max": values[-1]}
 
 
 def tail_share(wm, z: torch.Tensor, a: torch.Tensor, limit: float = 100.0) -> torch.Tensor:
@@ -113,24 +95,8 @@ def selection(planner, wm, latents, a, eps_H) -> dict:
 
 
 def measure(wm, latents: torch.Tensor, seed: int) -> dict:
-    planner = GradientMPCPlanner(wm, generator=torch.Generator().manual_seed(seed))
-    N, H, A = planner.num_candidates, planner.horizon, planner.action_dim
-    B = latents.shape[0]
-    planner._step_ops = wm.planning_ops()
-    noise = planner.draw_noise(B, latents.device, latents.dtype)
-    eps_roll = noise[:, :H * N * A].view(B, H, N, A).transpose(0, 1).reshape(H, B * N, A)
-    eps_H = noise[:, H * N * A:H * N * A + N * A].reshape(B * N, A)
-    with torch.no_grad():
-        a = planner.clamp_action(planner.rollout_prior(latents, eps_roll))  # [H, B*N, A]
-    a_var = a.clone().requires_grad_(True)
-    J, _ = planner.imagine(latents, a_var, eps_H)
-    (grad,) = torch.autograd.grad(J.sum(), a_var)
-    norm = torch.linalg.vector_norm(grad, dim=(0, 2))  # [B*N]
-    scale = torch.clamp_max(planner.max_grad_norm / (norm + 1e-6), 1.0)
-    a_new = planner.clamp_action(a + planner.lr * grad * scale.view(1, -1, 1))
-    with torch.no_grad():
-        J_new, _ = planner.imagine(latents, a_new, eps_H)
-    gain = (J_new - J).detach().squeeze(-1)
+    """The generic measures of the step (:class:`grad_step_check.StepProbe`) and the DreamerV3-specific ones."""
+    probe = StepProbe(wm, latents, seed)
     mean_action = wm.policy(latents, deterministic=True)[0].detach()
     a0 = mean_action.clone().requires_grad_(True)
     (dr,) = torch.autograd.grad(wm.reward(latents, a0).sum(), a0)
@@ -138,24 +104,13 @@ def measure(wm, latents: torch.Tensor, seed: int) -> dict:
     (dq,) = torch.autograd.grad(wm.value(latents, a1).sum(), a1)
     with torch.no_grad():
         reward = wm.reward(latents, mean_action).squeeze(-1)
-    finite = torch.isfinite(norm)
     return {
-        "control_steps": B,
-        "candidates": B * N,
-        "grad_norm": quantiles(norm[finite].tolist()),
-        "non_finite_grads": int((~finite).sum()),
-        "clipped_share": float((norm > planner.max_grad_norm).float().mean()),
-        "step_norm_median": float(torch.linalg.vector_norm(a_new - a, dim=(0, 2)).median()),
-        "J_gain": quantiles(gain.tolist()),
-        "improved_share": float((gain > 0).float().mean()),
-        "worsened_share": float((gain < 0).float().mean()),
-        "J_gain_min": float(gain.min()),
-        "J_median": float(J.detach().median()),
+        **probe.measures(),
         "abs_dr_da": quantiles(dr.norm(dim=-1).tolist()),
         "abs_dQ_da": quantiles(dq.norm(dim=-1).tolist()),
         "reward_tail_share_median": float(tail_share(wm, latents, mean_action).median()),
         "reward_median": float(reward.median()),
-        **selection(planner, wm, latents, a, eps_H),
+        **selection(probe.planner, wm, latents, probe.a, probe.eps_H),
     }
 
 

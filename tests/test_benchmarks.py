@@ -99,3 +99,46 @@ def test_dreamer_grad_check_selection_compares_full_and_inner_bin_decoding(monke
     monkeypatch.setattr(check, "InnerBinsTwoHot", lambda two_hot: inner_bins(two_hot, limit=float("inf")))
     same = check.selection(planner, wm, latents, a, eps_H)
     assert same["same_pick_inner_bins"] == 1.0 and same["J_spread_median"] == same["J_inner_spread_median"]
+
+
+@pytest.mark.parametrize("saturated", [False, True])
+def test_grad_step_check_reproduces_the_planners_step_and_its_ablation(monkeypatch, one_thread, saturated):
+    """The probe's candidates, step and pick are Dream-MPC's own: from the same noise, its executed actions are the
+    planner's with its gradient step and the ``iterations=0`` planner's without it. A prior squashed to the bound
+    puts every candidate entry there, and the clamp then cancels every step that points outward."""
+    from tensordict import TensorDict
+    from torchrl.envs.utils import ExplorationType, set_exploration_type
+
+    from torchrl_dreammpc.modules import TDMPC2WorldModel
+    from torchrl_dreammpc.planners import GradientMPCPlanner
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    check = _import("grad_step_check.py", monkeypatch)
+    torch.manual_seed(0)
+    wm = TDMPC2WorldModel(5, 2, model_size=1, enc_dim=32, mlp_dim=32, latent_dim=16).eval()
+    with torch.no_grad():
+        for param in wm.parameters():  # heads away from their zero initialization: a gradient to follow
+            param.add_(0.3 * torch.randn_like(param))
+        if saturated:
+            wm.policy_head.module.net[-1].bias[:2] = 50.0  # the pre-squash mean: tanh(50) = 1 in float32
+    obs = torch.randn(12, 5)
+    with torch.no_grad():
+        latents = wm.encode(obs)
+    probe = check.StepProbe(wm, latents, seed=3, lr=2.0)  # a large step, so that it reorders candidates
+    picks, result = probe.picks(), probe.measures()
+    for iterations, executed in ((1, picks["executed_after"]), (0, picks["executed_before"])):
+        planner = GradientMPCPlanner(wm, generator=torch.Generator().manual_seed(3), lr=2.0, iterations=iterations)
+        with set_exploration_type(ExplorationType.DETERMINISTIC), torch.no_grad():
+            td = planner(TensorDict({"observation": obs, "is_init": torch.ones(12, 1, dtype=torch.bool)}, [12]))
+        torch.testing.assert_close(td["action"], executed)
+    changed = (picks["pick_before"] != picks["pick_after"]).float().mean()
+    assert result["pick_changed_share"] == pytest.approx(float(changed))
+    assert result["candidates"] == 12 * 5 and result["step_norm_median"] <= result["asked_step_norm_median"] + 1e-6
+    if saturated:
+        assert result["at_bound_share"] == 1.0 and result["ranked_spread_median"] == 0.0
+        assert 0.0 < result["pushed_out_share_of_at_bound"] < 1.0
+        moved = (probe.a_new != probe.a)
+        outward = (probe.grad > 0)  # every entry at the upper bound: the clamp keeps each outward step there
+        assert not (moved & outward).any() and (moved == (~outward & (probe.grad != 0))).all()
+    else:
+        assert result["at_bound_share"] < 0.5 and 0.0 < result["pick_changed_share"] < 1.0
