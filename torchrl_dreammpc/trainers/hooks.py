@@ -532,7 +532,8 @@ class EvaluationHook(TrainerHookBase):
                 max_steps=max_steps,
                 # The collector polls this many steps at a time until it holds `episodes` complete episodes
                 # (TorchRL's default, 1000, played a 2nd 500-step episode when one was asked for, and 2 Meta-World
-                # episodes of 100 steps played 10 and kept 2): one episode per batch, no episode played for nothing.
+                # episodes of 100 steps played 10 and kept 2): one episode per batch, no episode played for nothing
+                # (where episodes end early, the rest of the last batch is played and dropped: < one episode length).
                 frames_per_batch=self._episode_length(self.envs[name]),
                 collector_kwargs={"traj_format": "cat"},
                 log_prefix="eval",
