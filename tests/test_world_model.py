@@ -232,6 +232,28 @@ def test_policy_entropy_matches_gaussian_formula():
     assert math.isfinite(float(scaled.mean()))
 
 
+def test_tdmpc2_scaled_entropy_raises_log_std_whatever_the_squash():
+    """TD-MPC2's scaled entropy is, up to its 1e-8, the pre-squash Gaussian's ``-A log N(eps; 0, sigma)``: its
+    gradient is +A on each log-std and 0 on the mean, at an unsaturated and at a saturated mean alike (the tanh
+    correction cancels out of TD-MPC2's ratio). docs/algorithms.md explains what this does to the prior."""
+    wm = tiny_model()
+    z = wm.encode(torch.randn(16, 5)).detach()
+    A = wm.action_dim
+    grads = []
+    for shift in (0.0, 8.0):  # tanh(8 + sigma * eps) is ±1 to float precision for most draws
+        mean, log_std = wm.policy_params(z)
+        mean, log_std = (mean.detach() + shift).requires_grad_(True), log_std.detach().requires_grad_(True)
+        wm.policy_params = lambda _z, m=mean, s=log_std: (m, s)  # the head's outputs, as leaves
+        torch.manual_seed(5)
+        _, _, scaled = wm.policy_with_entropy(z)
+        del wm.policy_params
+        d_mean, d_log_std = torch.autograd.grad(scaled.sum(), (mean, log_std))
+        assert torch.allclose(d_mean, torch.zeros_like(d_mean), atol=1e-4)
+        torch.testing.assert_close(d_log_std, torch.full_like(d_log_std, float(A)), rtol=1e-3, atol=1e-3)
+        grads.append(d_log_std)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
 def test_dropout_mask_is_bernoulli():
     """The geometric-gap mask has the distribution of i.i.d. Bernoulli drops (rate, scale, no correlation)."""
     from torchrl_dreammpc.modules.layers import dropout, dropout_mask
