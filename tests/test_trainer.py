@@ -895,12 +895,13 @@ def test_episode_metrics_count_episodes():
     success = torch.tensor([0, 1, 0, 0, 0, 0, 0, 1], dtype=torch.bool).unsqueeze(-1)
     reward = torch.tensor([1.0, 2.0, 3.0, 10.0, 20.0, 0.5, 0.5, 0.5]).unsqueeze(-1)
     batch = TensorDict({"next": {"success": success, "reward": reward}, "collector": {"traj_ids": ids}}, [8])
-    assert _episode_metrics(batch) == {"episode_returns": [6.0, 30.0, 1.5],
+    assert _episode_metrics(batch) == {"episode_returns": [6.0, 30.0, 1.5], "frames": 8,
                                        "episode_successes": [False, False, True], "success": pytest.approx(1 / 3),
                                        "episode_successes_any": [True, False, True],
                                        "success_any": pytest.approx(2 / 3)}
     # DMC: no success entry
-    assert _episode_metrics(batch.exclude(("next", "success"))) == {"episode_returns": [6.0, 30.0, 1.5]}
+    assert _episode_metrics(batch.exclude(("next", "success"))) == {"episode_returns": [6.0, 30.0, 1.5],
+                                                                    "frames": 8}
 
 
 def test_logger_truncation_on_resume_drops_later_rows(tmp_path):
