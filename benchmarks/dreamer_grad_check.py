@@ -75,16 +75,16 @@ def selection(planner, wm, latents, a, eps_H) -> dict:
     B, N = latents.shape[0], planner.num_candidates
     lam = planner.uncertainty_weight
 
-    def scores(weight=lam):
+    def scores():  # (J, λu) per state and candidate
         ret, unc = planner.imagine(latents, a, eps_H, uncertainty=True)
-        return (ret - weight * unc).view(B, N), (weight * unc).view(B, N)
+        return ret.view(B, N), (lam * unc).view(B, N)
 
     with torch.no_grad():
-        full, penalty = scores()
-        no_penalty, _ = scores(0.0)
+        no_penalty, penalty = scores()
+        full = no_penalty - penalty
         two_hot, wm.two_hot = wm.two_hot, InnerBinsTwoHot(wm.two_hot)
         try:
-            inner, _ = scores()
+            inner = torch.sub(*scores())
         finally:
             wm.two_hot = two_hot
     spread = lambda J: float((J.max(1).values - J.min(1).values).median())  # noqa: E731

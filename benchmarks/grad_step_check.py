@@ -99,25 +99,27 @@ class StepProbe:
         self.asked = planner.lr * self.grad * scale.view(1, -1, 1)
         self.a_new = planner.clamp_action(self.a + self.asked)
 
-    def ranked(self, actions: torch.Tensor, weight: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(J - λu, λu)`` of ``actions`` per state and candidate, ``[B, N]`` each (step 4's ranking)."""
+    def imagined(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(J, λu)`` of ``actions`` per state and candidate, ``[B, N]`` each: step 4 ranks by ``J − λu``."""
         planner = self.planner
-        lam = planner.uncertainty_weight if weight is None else weight
         with torch.no_grad():
             ret, unc = planner.imagine(self.latents, actions, self.eps_H, uncertainty=True)
         shape = (self.latents.shape[0], planner.num_candidates)
-        return (ret - lam * unc).view(shape), (lam * unc).view(shape)
+        return ret.view(shape), (planner.uncertainty_weight * unc).view(shape)
 
     def picks(self) -> dict[str, torch.Tensor]:
-        """Step 4 with and without the step: the rankings ``[B, N]``, the picks ``[B]`` and the executed first
-        actions ``[B, A]`` (without the step: what the ``iterations=0`` ablation executes)."""
-        before, _ = self.ranked(self.a)
-        after, _ = self.ranked(self.a_new)
+        """Step 4 with and without the step: the rankings ``[B, N]`` (before the step also ``J`` alone, λ = 0), the
+        picks ``[B]`` and the executed first actions ``[B, A]`` (without the step: what the ``iterations=0``
+        ablation executes)."""
+        return_before, penalty_before = self.imagined(self.a)
+        return_after, penalty_after = self.imagined(self.a_new)
+        before, after = return_before - penalty_before, return_after - penalty_after
         B, N = before.shape
         pick_before, pick_after = before.argmax(1), after.argmax(1)
         first = lambda actions, pick: actions[0].view(B, N, -1)[torch.arange(B), pick]  # noqa: E731
-        return {"ranked_before": before, "pick_before": pick_before, "pick_after": pick_after,
-                "executed_before": first(self.a, pick_before), "executed_after": first(self.a_new, pick_after)}
+        return {"ranked_before": before, "return_before": return_before, "pick_before": pick_before,
+                "pick_after": pick_after, "executed_before": first(self.a, pick_before),
+                "executed_after": first(self.a_new, pick_after)}
 
     def measures(self) -> dict:
         planner, a, grad = self.planner, self.a, self.grad
@@ -129,7 +131,6 @@ class StepProbe:
         pushed_out = (at_high & (grad > 0)) | (at_low & (grad < 0))
         picks = self.picks()
         before, pick_before, pick_after = picks["ranked_before"], picks["pick_before"], picks["pick_after"]
-        without_penalty, _ = self.ranked(a, weight=0.0)
         B, N = before.shape
         executed_change = torch.linalg.vector_norm(picks["executed_after"] - picks["executed_before"], dim=-1)
         finite = torch.isfinite(self.norm)
@@ -152,7 +153,7 @@ class StepProbe:
             "executed_change_median": float(executed_change.median()),
             "ranked_spread_median": float((before.max(1).values - before.min(1).values).median()),
             "best_gain_median": float(gain.view(B, N).max(1).values.median()),
-            "same_pick_without_penalty": float((pick_before == without_penalty.argmax(1)).float().mean()),
+            "same_pick_without_penalty": float((pick_before == picks["return_before"].argmax(1)).float().mean()),
         }
 
 
