@@ -522,10 +522,24 @@ def select_runs(campaign: dict[str, Any], only: list[str]) -> list[Run]:
 
 
 def print_status(campaign: dict[str, Any]) -> None:
+    """One line per run: its run directory's progress or, where that is gone (another machine), what the committed
+    report says of it, so that a finished run is not shown as untrained."""
+    from campaign_report import read_committed_runs
+
+    committed = read_committed_runs(campaign["report"])
     for run in campaign["runs"]:
-        pending = len(pending_swaps(run, campaign["swaps"])) if run.run_dir.exists() else "-"
-        print(f"{run.id:<50} trained {trained_step(run):>7}/{run.steps}  snapshots {len(snapshots(run)):>3}  "
-              f"swaps pending {pending}")
+        if run.run_dir.exists():
+            print(f"{run.id:<50} trained {trained_step(run):>7}/{run.steps}  snapshots {len(snapshots(run)):>3}  "
+                  f"swaps pending {len(pending_swaps(run, campaign['swaps']))}")
+            continue
+        record = committed.get(run.id)
+        if record is None:
+            print(f"{run.id:<50} not started")
+        elif finished_in_report(campaign, run):
+            print(f"{run.id:<50} finished on an earlier machine ({record['trained_step']} steps, committed report)")
+        else:
+            print(f"{run.id:<50} no run directory; the committed report has it at {record.get('trained_step', 0)} "
+                  f"steps: it starts from scratch")
 
 
 def main(argv: list[str] | None = None) -> int:

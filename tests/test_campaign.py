@@ -196,9 +196,9 @@ def test_a_lane_skips_runs_another_campaign_claimed_and_shares_the_runs_root(tmp
     assert campaign.main(["--config", str(config)]) == 2  # a second main campaign is still refused
 
 
-def test_report_keeps_committed_rows_of_runs_whose_directory_is_gone(tmp_path):
+def test_report_keeps_committed_rows_of_runs_whose_directory_is_gone(tmp_path, capsys):
     loaded = campaign.load_campaign(tiny_config(tmp_path))
-    first = loaded["runs"][0]
+    first, second = loaded["runs"][:2]
     data = campaign_report._data_dir(loaded["report"])
     data.mkdir(parents=True)
     row = {"task": first.task, "suite": "dmc", "step": 200, "planner": "policy", "return_mean": 12.5,
@@ -214,6 +214,15 @@ def test_report_keeps_committed_rows_of_runs_whose_directory_is_gone(tmp_path):
     (data / "runs.json").write_text(json.dumps({first.id: record}))
     (data / "episodes.json").write_text(json.dumps({first.id: {"200": {"policy": {"returns": [12, 13]}}}}))
     assert campaign.finished_in_report(loaded, first)
+    campaign.print_status(loaded)  # a finished run whose directory is gone is not shown as untrained
+    status = dict(line.split(maxsplit=1) for line in capsys.readouterr().out.splitlines())
+    assert status == {first.id: "finished on an earlier machine (200 steps, committed report)",
+                      second.id: "not started"}
+    (data / "runs.json").write_text(json.dumps({first.id: {**record, "trained_step": 120}}))
+    campaign.print_status(loaded)
+    assert capsys.readouterr().out.splitlines()[0].split(maxsplit=1)[1] == (
+        "no run directory; the committed report has it at 120 steps: it starts from scratch")
+    (data / "runs.json").write_text(json.dumps({first.id: record}))
     campaign_report.write_report(loaded)
     rows = list(csv.DictReader((data / "planner_swap.csv").open()))
     assert [(r["run"], r["step"], r["planner"], float(r["return_mean"])) for r in rows] == [
