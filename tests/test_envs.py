@@ -282,6 +282,11 @@ def test_bad_options():
         make_env("cartpole-swingup", num_envs=0)
     with pytest.raises(ValueError, match="parallel"):
         make_env("cartpole-swingup", num_envs=2, parallel="yes")
+    with pytest.raises(ValueError, match=r"episodic must be a bool or None \(the task's own\), got 'yes'"):
+        make_env("cartpole-swingup", episodic="yes")
+    with pytest.raises(ValueError, match="episodic=True: episodes of cartpole-swingup never end early"):
+        make_env("cartpole-swingup", episodic=True)
+    make_env("cartpole-swingup", episodic=False).close()  # a task that never ends early: nothing to change
 
 
 def test_missing_humanoid_bench_says_how_to_install(monkeypatch):

@@ -97,7 +97,7 @@ def test_episodic_false_builds_a_model_without_termination_and_its_env(tmp_path)
         trainer.evaluation.shutdown()
         trainer.collector.shutdown()
     cfg = compose_train("model_size='1'", "steps=5000", "episodic=true", "run_dir=unused")
-    with pytest.raises(ConfigError, match="episodic=true: episodes of cartpole-swingup never end early"):
+    with pytest.raises(ConfigError, match="episodic=True: episodes of cartpole-swingup never end early"):
         validate_train_config(cfg)
 
 

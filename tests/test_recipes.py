@@ -167,8 +167,9 @@ def test_every_planner_argument_is_in_its_yaml_with_the_constructor_default(name
     ("seed_steps=400", r"replay_whole_episodes=true \(the default with algorithm=tdmpc2, as TD-MPC2\) writes an "
                        "episode when it ends: seed_steps=400 .* or set replay_whole_episodes=false"),
     ("replay_whole_episodes=yes", "replay_whole_episodes must be true or false, got 'yes'"),
-    ("episodic=maybe", r"episodic must be true, false or null \(the task's\), got 'maybe'"),
-    ("episodic=true", "episodic=true: episodes of cartpole-swingup never end early"),
+    ("episodic=maybe", r"episodic must be a bool or None \(the task's own\), got 'maybe'\. \(in the config: "
+                       r"episodic=true, false or null\)"),
+    ("episodic=true", r"episodic=True: episodes of cartpole-swingup never end early .*\(in the config"),
     ("threads=0", r"threads must be an integer >= 1 \(or null\), got 0"),
     ("resume=maybe", "resume must be true or false, got 'maybe'"),
     ("compile=fast", "compile must be true, false or a torch.compile mode"),

@@ -35,6 +35,7 @@ __all__ = [
     "TaskNotAvailableError",
     "UnknownTaskError",
     "available_tasks",
+    "check_episodic",
     "make_base_env",
     "make_env",
     "task_info",
@@ -154,10 +155,24 @@ def _check_options(options: dict[str, Any]) -> tuple[int, bool]:
         raise ValueError(f"num_envs must be a positive int, got {num_envs!r}.")
     if not isinstance(parallel, bool):
         raise ValueError(f"parallel must be a bool, got {parallel!r}.")
-    episodic = options.get("episodic")
-    if episodic is not None and not isinstance(episodic, bool):
-        raise ValueError(f"episodic must be a bool or None, got {episodic!r}.")
     return num_envs, parallel
+
+
+def check_episodic(episodic: Any, info: TaskInfo) -> None:
+    """Refuses an ``episodic`` override (``make_env``'s option, the recipes' ``episodic`` key) that is neither a
+    bool nor ``None`` (the task's own flag), or ``True`` on a task whose episodes never end early.
+
+    Examples:
+        >>> check_episodic(False, task_info("humanoid_h1hand-stand-v0"))  # falls end episodes as time limits do
+        >>> check_episodic(True, task_info("cartpole-swingup"))
+        Traceback (most recent call last):
+        ...
+        ValueError: episodic=True: episodes of cartpole-swingup never end early (they run to the time limit).
+    """
+    if episodic is not None and not isinstance(episodic, bool):
+        raise ValueError(f"episodic must be a bool or None (the task's own), got {episodic!r}.")
+    if episodic and not info.episodic:
+        raise ValueError(f"episodic=True: episodes of {info.task} never end early (they run to the time limit).")
 
 
 class TerminationAsTruncation(Transform):
@@ -230,8 +245,7 @@ def make_env(task: str, seed: int = 0, device: torch.device | str = "cpu", **opt
     num_envs, parallel = _check_options(options)
     info = task_info(task)  # fail fast on bad names, before any worker starts
     episodic = options.get("episodic")
-    if episodic and not info.episodic:
-        raise ValueError(f"episodic=True: episodes of {info.task} never end early (they run to the time limit).")
+    check_episodic(episodic, info)
     if info.suite == "humanoid_bench":
         # An ImportError with install instructions here beats one raised inside a worker process.
         _module(info.suite)._import_humanoid_bench()

@@ -375,7 +375,7 @@ def validate_train_config(cfg: Mapping) -> dict[str, Any]:
     Raises:
         ConfigError (a ``ValueError``): naming the offending key and value.
     """
-    from torchrl_dreammpc.envs import task_info
+    from torchrl_dreammpc.envs import check_episodic, task_info
     from torchrl_dreammpc.trainers.dream_mpc import ALGORITHMS
 
     algorithm = cfg.get("algorithm", "tdmpc2")
@@ -390,11 +390,10 @@ def validate_train_config(cfg: Mapping) -> dict[str, Any]:
         info = task_info(cfg["task"])
     except ValueError as err:  # UnknownTaskError / TaskNotAvailableError name the task
         raise ConfigError(f"task={cfg['task']!r}: {err}") from err
-    episodic = cfg.get("episodic")
-    if episodic is not None and not isinstance(episodic, bool):
-        raise ConfigError(f"episodic must be true, false or null (the task's), got {episodic!r}.")
-    if episodic and not info.episodic:
-        raise ConfigError(f"episodic=true: episodes of {info.task} never end early (they run to the time limit).")
+    try:
+        check_episodic(cfg.get("episodic"), info)
+    except ValueError as err:  # make_env's check, in the library's spelling: a YAML bool is true/false, None is null
+        raise ConfigError(f"{err} (in the config: episodic=true, false or null)") from err
     tiny = _check_model(cfg, info, algorithm)
     if algorithm == "dreamer_v3":
         _check_dreamer_sequences_fit(cfg, info)
