@@ -482,7 +482,11 @@ def finished_in_report(campaign: dict[str, Any], run: Run) -> bool:
     """Whether the committed report records ``run`` as finished (its run directory may be gone)."""
     from campaign_report import read_committed_runs
 
-    record = read_committed_runs(campaign["report"]).get(run.id)
+    return _finished(read_committed_runs(campaign["report"]).get(run.id), run)
+
+
+def _finished(record: dict[str, Any] | None, run: Run) -> bool:
+    """Whether a committed ``runs.json`` record says ``run`` trained to its end with every swap done."""
     return bool(record and record.get("trained_step", 0) >= run.steps and not record.get("swaps_pending"))
 
 
@@ -535,7 +539,7 @@ def print_status(campaign: dict[str, Any]) -> None:
         record = committed.get(run.id)
         if record is None:
             print(f"{run.id:<50} not started")
-        elif finished_in_report(campaign, run):
+        elif _finished(record, run):  # the report read once above, not once per run
             print(f"{run.id:<50} finished on an earlier machine ({record['trained_step']} steps, committed report)")
         else:
             print(f"{run.id:<50} no run directory; the committed report has it at {record.get('trained_step', 0)} "
