@@ -983,7 +983,7 @@ def test_evaluation_prints_progress_lines_and_each_actor_as_soon_as_done():
     assert all(", return 8.0, " in line and " elapsed, ~" in line and line.endswith(" left")
                for line in lines if not line.startswith("ROW"))
     assert results["a"]["episodes"] == 3 and results["a"]["return"] == 8.0
-    assert calls[0] == 3 * 4  # exactly the episodes asked for (the collector polls one episode at a time)
+    assert calls[0] == 3 * 4  # exactly the episodes asked for (4-step episodes: polls of one episode)
 
 
 def test_evaluation_progress_bar_counts_steps_and_early_ends():
@@ -1004,7 +1004,7 @@ def test_evaluation_progress_bar_counts_steps_and_early_ends():
 
 
 def test_evaluation_ms_per_step_counts_the_steps_played_past_the_last_episode(monkeypatch):
-    """Episodes that end early leave the collector playing on to the end of its batch (one episode length): those
+    """Episodes that end early leave the collector playing on to the end of its poll (here one episode length): those
     steps take time too, so ms per step divides by every step played, not only the kept episodes' (TorchRL's fps).
     A fake clock advances 1 s per actor call: 3 episodes of 2 steps kept, 8 steps played, 1000 ms per step."""
     from torchrl.collectors import _evaluator
@@ -1021,6 +1021,44 @@ def test_evaluation_ms_per_step_counts_the_steps_played_past_the_last_episode(mo
     hook.shutdown()
     assert (result["episodes"], result["episode_length"], hook.progress.steps_played) == (3, 2.0, 8)
     assert result["ms_per_step"] == pytest.approx(1000.0)
+
+
+def test_evaluation_polls_at_most_poll_steps_past_the_last_episode():
+    """Episodes that end early (2 of a 40-step episode's agent steps): the collector stops polling once it holds the
+    episodes asked for, so it plays past the last one at most ``poll_steps - 1`` steps, not the rest of an episode."""
+    from torchrl_dreammpc.trainers import EvaluationHook
+
+    played = {}
+    for poll_steps in (100, 4, 1):
+        hook = EvaluationHook({"a": _zero_actor()}, functools.partial(_short_episode_env, 40, terminate_at=3),
+                              interval=0, episodes=3, seed=0, verbose=False, poll_steps=poll_steps)
+        result = hook.evaluate(0)["a"]
+        hook.shutdown()
+        assert (result["episodes"], result["episode_length"], result["return"]) == (3, 2.0, 3.0)
+        played[poll_steps] = hook.progress.steps_played
+    assert played == {100: 40, 4: 8, 1: 6}  # polls of one episode (40 steps), of 4 steps, of one step
+    with pytest.raises(ValueError, match="poll_steps must be a positive integer, got 0"):
+        EvaluationHook({"a": _zero_actor()}, _short_episode_env, interval=0, episodes=1, seed=0, poll_steps=0)
+
+
+def test_evaluation_episodes_do_not_depend_on_the_poll_size():
+    """The collector assembles episodes across its polls: polls of 7 steps (episodes straddle them) keep exactly
+    the episodes, step for step, that polls of a whole 30-step episode keep, for an actor drawing from torch's RNG."""
+    from tensordict.nn import TensorDictModule
+
+    from torchrl_dreammpc.trainers import EvaluationHook
+
+    actor = TensorDictModule(lambda obs: torch.rand(*obs.shape[:-1], 1) * 2 - 1, in_keys=["observation"],
+                             out_keys=["action"])
+    returns = {}
+    for poll_steps in (30, 7):
+        hook = EvaluationHook({"random": actor}, functools.partial(make_env, "cartpole-swingup", seed=0),
+                              interval=0, episodes=3, seed=0, max_steps=30, verbose=False, torch_seed=5,
+                              poll_steps=poll_steps)
+        returns[poll_steps] = hook.evaluate(0)["random"]["episode_returns"]
+        hook.shutdown()
+    assert len(returns[7]) == 3 and len(set(returns[7])) == 3  # three different episodes (the check is not vacuous)
+    assert returns[7] == returns[30]
 
 
 def test_evaluation_max_steps_truncates_every_episode():

@@ -490,6 +490,11 @@ class EvaluationHook(TrainerHookBase):
             draw from it (Dream-MPC's prior candidates, MPPI's samples, a sampled action, a DreamerV3 posterior)
             is the same on a rerun, whatever the order of the actors. Default ``None``: not seeded (inside a
             training run, where reseeding would replay the training's random stream after every evaluation).
+        poll_steps (int): the most env steps the evaluation collector plays per poll (its ``frames_per_batch``,
+            never more than one episode). It stops polling once it holds ``episodes`` complete episodes, so where
+            episodes end early (HumanoidBench's falls) up to ``poll_steps - 1`` steps are played past the last one
+            and dropped. Default ``100``: a poll costs well under a millisecond, an MPPI step on a humanoid
+            hundreds.
     """
 
     def __init__(
@@ -507,11 +512,14 @@ class EvaluationHook(TrainerHookBase):
         progress: str | bool = False,
         exploration_type: ExplorationType = ExplorationType.DETERMINISTIC,
         torch_seed: int | None = None,
+        poll_steps: int = 100,
     ) -> None:
         if not actors:
             raise ValueError("EvaluationHook needs at least one actor.")
         if interval < 0 or episodes < 1:
             raise ValueError(f"interval must be >= 0 and episodes >= 1, got interval={interval}, episodes={episodes}.")
+        if isinstance(poll_steps, bool) or not isinstance(poll_steps, int) or poll_steps < 1:
+            raise ValueError(f"poll_steps must be a positive integer, got {poll_steps!r}.")
         self.actors = dict(actors)
         self.names = list(self.actors)
         self.interval = int(interval)
@@ -522,6 +530,7 @@ class EvaluationHook(TrainerHookBase):
         self.at_start = bool(at_start)
         self.progress = EvaluationProgress(progress)
         self.max_steps = max_steps
+        self.poll_steps = poll_steps
         self.envs = {name: self._with_progress(cap_episode_length(create_env_fn(), max_steps)) for name in self.names}
         self.torch_seed = torch_seed
         self.evaluators = {
@@ -530,11 +539,12 @@ class EvaluationHook(TrainerHookBase):
                 actor,
                 num_trajectories=self.episodes,
                 max_steps=max_steps,
-                # The collector polls this many steps at a time until it holds `episodes` complete episodes
-                # (TorchRL's default, 1000, played a 2nd 500-step episode when one was asked for, and 2 Meta-World
-                # episodes of 100 steps played 10 and kept 2): one episode per batch, no episode played for nothing
-                # (where episodes end early, the rest of the last batch is played and dropped: < one episode length).
-                frames_per_batch=self._episode_length(self.envs[name]),
+                # The collector polls this many steps at a time until it holds `episodes` complete episodes, which
+                # it assembles across polls; what it plays past the last one is dropped. TorchRL's default, 1000,
+                # played a 2nd 500-step episode when one was asked for, and 2 Meta-World episodes of 100 steps
+                # played 10 and kept 2; one episode per poll still played up to a whole humanoid episode of
+                # planner calls for nothing after falls. At most `poll_steps`: less than that is wasted.
+                frames_per_batch=min(self._episode_length(self.envs[name]) or poll_steps, poll_steps),
                 collector_kwargs={"traj_format": "cat"},
                 log_prefix="eval",
                 exploration_type=exploration_type,
@@ -601,7 +611,7 @@ class EvaluationHook(TrainerHookBase):
                 module.training = training
             fps = float(raw.get("eval/fps", float("nan")))
             # TorchRL's fps divides the collection time by the steps of the episodes kept; the collector also plays
-            # on to the end of its last batch (up to an episode length), which costs time too. Per step played:
+            # on to the end of its last poll (fewer than `poll_steps`), which costs time too. Per step played:
             kept, played = float(raw.get("eval/frames", 0)), self.progress.steps_played
             if fps > 0 and kept > 0 and played > kept:
                 fps *= played / kept
