@@ -452,6 +452,29 @@ def test_train_checkpoint_resume_restores_everything(tmp_path):
     assert [step for step, _ in read_eval_csv(run / "eval.csv")] == [0, 100, 150, 200]  # no second step 0
 
 
+def test_evaluation_leaves_the_training_run_as_it_would_have_been(tmp_path):
+    """Evaluations inside a training run, of the training planner itself (the default eval actor), change nothing in
+    the training: the same transitions are collected and the same model learned, bit for bit, as without them. The
+    evaluation runs on a fork of torch's RNG (Dream-MPC draws its candidates from it) and plans from a warm start of
+    its own (the training episode in progress goes on from its own previous plan)."""
+    from torchrl_dreammpc.trainers import cap_episode_length
+
+    runs = {}
+    for name, evaluated in (("plain", False), ("evaluated", True)):
+        wm = tiny_world_model()
+        trainer = make_trainer(tmp_path / name, world_model=wm, total_frames=120, checkpoints=False,
+                               eval_interval=40 if evaluated else 0, eval_episodes=1, eval_at_start=evaluated,
+                               create_eval_env_fn=lambda: cap_episode_length(make_env(TASK, seed=1), 7))
+        trainer.train()
+        evaluation = getattr(trainer, "evaluation", None)
+        runs[name] = (trainer, 0 if evaluation is None else len(evaluation.history))
+    (plain, _), (evaluated, evaluations) = runs["plain"], runs["evaluated"]
+    assert evaluations == 4  # steps 0, 40, 80, 120: the check is not vacuous
+    torch.testing.assert_close(evaluated.replay_buffer[:]["action"], plain.replay_buffer[:]["action"], rtol=0, atol=0)
+    for a, b in zip(evaluated.world_model.state_dict().values(), plain.world_model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_restart_without_a_checkpoint_rewrites_the_logs_and_keeps_a_copy(tmp_path):
     """A run killed before its first checkpoint and started again in its directory (``resume()`` finds nothing)
     starts afresh: ``eval.csv`` gets step 0 once, not once per attempt; the earlier attempt's rows are copied aside."""

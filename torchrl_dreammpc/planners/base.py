@@ -281,6 +281,36 @@ class LatentPlannerBase(TensorDictModuleBase, abc.ABC):
                              f"{self._has_prev.numel()} envs.")
         self._has_prev = self._has_prev & ~env_mask
 
+    @contextlib.contextmanager
+    def separate_warm_start(self):
+        """Plans inside the block from a warm start of their own, and puts this planner's back on exit.
+
+        For one planner instance that acts in two places, e.g. a training run's planner evaluated between two
+        training steps: the evaluation's episodes start from no previous plan, and the training episode in
+        progress goes on from its own previous plan, not from the evaluation's last one.
+
+        Examples:
+            >>> import torch
+            >>> from tensordict import TensorDict
+            >>> from torchrl_dreammpc.modules import TDMPC2WorldModel
+            >>> from torchrl_dreammpc.planners import GradientMPCPlanner
+            >>> planner = GradientMPCPlanner(TDMPC2WorldModel(5, 1, enc_dim=16, mlp_dim=16, latent_dim=8))
+            >>> _ = planner(TensorDict({"observation": torch.zeros(5)}))
+            >>> kept = planner.last_plan
+            >>> with planner.separate_warm_start():
+            ...     planner.last_plan is None
+            ...     _ = planner(TensorDict({"observation": torch.ones(5)}))
+            True
+            >>> torch.equal(planner.last_plan, kept)
+            True
+        """
+        saved = (self._state_batch, self._state_device, self._has_prev, self._prev)
+        self._clear_state()
+        try:
+            yield self
+        finally:
+            self._state_batch, self._state_device, self._has_prev, self._prev = saved
+
     def _expert_entry(self, name: str) -> tuple:
         key = self.expert_key
         return (*key, name) if isinstance(key, tuple) else (key, name)

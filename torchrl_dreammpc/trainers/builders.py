@@ -593,8 +593,8 @@ def build_trainer(cfg: Mapping, *, checked: Mapping[str, Any] | None = None):
     # BMPC with algorithm_options.acting_expert: the acting planner also stores its action distribution.
     actor = make_actor(cfg["planner"], world_model, action_spec=action_spec,
                        expert_key=EXPERT_KEY if acting_expert else None)
-    # Evaluation uses a second planner instance over the same model: the training planner's warm start (its
-    # previous plan) must not leak into or out of evaluation episodes.
+    # Evaluation uses a second planner instance over the same model, one that stores no expert distribution.
+    # (The evaluation hook keeps warm starts and torch's RNG apart from the training's either way.)
     eval_actors = {cfg["planner"]["name"]: make_actor(cfg["planner"], world_model, action_spec=action_spec)}
     for name, planner_cfg in (cfg.get("eval_planners") or {}).items():
         eval_actors[name] = make_actor(planner_cfg, world_model, action_spec=action_spec)

@@ -383,8 +383,9 @@ class DreamMPCTrainer(Trainer):
         eval_interval (int): steps between evaluations (``0``: none). Default 10_000.
         eval_episodes (int): episodes per evaluation. Default 10.
         eval_actors (mapping, optional): ``{name: actor}`` evaluated each time, the first being the training
-            planner's (a second instance over the same world model keeps the training planner's warm start out
-            of evaluation). Defaults to ``{planner_name: actor}``. Each must act through ``world_model`` too.
+            planner's. Defaults to ``{planner_name: actor}``, the training planner itself: evaluation plans from a
+            warm start of its own and on a fork of torch's RNG, so the training goes on exactly as it would have
+            without it. Each must act through ``world_model`` too.
         create_eval_env_fn (callable, optional): builds the evaluation envs. Defaults to ``create_env_fn``.
         eval_seed (int, optional): seed of the evaluation envs, reset before each evaluation. Defaults to
             ``seed + 1000``.

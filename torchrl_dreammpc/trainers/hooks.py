@@ -1,6 +1,7 @@
 """Trainer hooks and small adapters used by :class:`~torchrl_dreammpc.trainers.DreamMPCTrainer`."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
@@ -19,6 +20,8 @@ from torchrl.envs import StepCounter, Transform, TransformedEnv
 from torchrl.envs.utils import ExplorationType
 from torchrl.record.loggers import CSVLogger, Logger, TensorboardLogger
 from torchrl.trainers import Trainer, TrainerHookBase
+
+from torchrl_dreammpc.planners.base import LatentPlannerBase
 
 __all__ = [
     "CollectorCountersState",
@@ -434,6 +437,27 @@ def _episode_length(env) -> int | None:
     return int(length) if isinstance(length, int) else None
 
 
+def _forked_torch_rng():
+    """Torch's global RNG (CPU, and every CUDA device already in use) restored on exit: what runs inside draws
+    from a copy of the stream. (Without it, an evaluation inside a training run consumed the training's stream, so
+    the training after it depended on the evaluation's episodes, actors and length.)"""
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    return torch.random.fork_rng(devices=cuda)
+
+
+@contextlib.contextmanager
+def _separate_warm_starts(actor):
+    """Every planner in ``actor`` plans from a warm start of its own until exit, when its own is put back
+    (:meth:`LatentPlannerBase.separate_warm_start`): an actor evaluated during training may be the training planner
+    itself, whose next training step must go on from its own previous plan, not the evaluation's last one."""
+    with contextlib.ExitStack() as stack:
+        if isinstance(actor, nn.Module):
+            for module in actor.modules():
+                if isinstance(module, LatentPlannerBase):
+                    stack.enter_context(module.separate_warm_start())
+        yield
+
+
 def cap_episode_length(env, max_steps: int | None):
     """Ends every episode of ``env`` (truncated) after ``max_steps`` agent steps, on top of the task's own limit.
 
@@ -488,8 +512,10 @@ class EvaluationHook(TrainerHookBase):
             actors (e.g. the policy prior's samples).
         torch_seed (int, optional): seeds torch's global RNG before each actor's episodes, so that what the actors
             draw from it (Dream-MPC's prior candidates, MPPI's samples, a sampled action, a DreamerV3 posterior)
-            is the same on a rerun, whatever the order of the actors. Default ``None``: not seeded (inside a
-            training run, where reseeding would replay the training's random stream after every evaluation).
+            is the same on a rerun, whatever the order of the actors. Default ``None``: each actor draws from a
+            copy of the caller's stream as it stands. Either way the caller's stream is left as it was (the
+            evaluation runs on a fork of torch's RNG): a training run's draws do not depend on how often, how
+            long or with which actors it is evaluated.
         poll_steps (int): the most env steps the evaluation collector plays per poll (its ``frames_per_batch``,
             never more than one episode). It stops polling once it holds ``episodes`` complete episodes, so where
             episodes end early (HumanoidBench's falls) up to ``poll_steps - 1`` steps are played past the last one
@@ -552,13 +578,15 @@ class EvaluationHook(TrainerHookBase):
             )
             for name, actor in self.actors.items()
         }
-        for evaluator in self.evaluators.values():
+        for name, evaluator in self.evaluators.items():
             # Build each evaluator's collector now (TorchRL builds it lazily on the first evaluation, resetting
             # the env once more then): afterwards every evaluation sees the same seed -> reset sequence, so every
-            # evaluation, and every actor, starts from the same initial states.
+            # evaluation, and every actor, starts from the same initial states. (The collector calls the actor
+            # once to read its outputs: on a fork of the RNG and a warm start of its own, as every evaluation.)
             ensure = getattr(getattr(evaluator, "_backend", None), "_ensure_collector", None)
             if callable(ensure):
-                ensure()
+                with _forked_torch_rng(), _separate_warm_starts(self.actors[name]):
+                    ensure()
         self.next_eval = self.interval if self.interval else math.inf
         self.last_eval_step = -1
         self.history: list[tuple[int, dict[str, float]]] = []
@@ -598,12 +626,13 @@ class EvaluationHook(TrainerHookBase):
             # which would otherwise leave the world model in train mode (Q dropout on) for the next training step.
             modes = [(m, m.training) for m in actor.modules()] if isinstance(actor, nn.Module) else []
             env.set_seed(self.seed)
-            if self.torch_seed is not None:
-                torch.manual_seed(self.torch_seed)
             start = time.perf_counter()
             self.progress.start(name, self.episodes, self._episode_length(env))
             try:
-                raw = self.evaluators[name].evaluate(step=step)
+                with _forked_torch_rng(), _separate_warm_starts(actor):
+                    if self.torch_seed is not None:
+                        torch.manual_seed(self.torch_seed)
+                    raw = self.evaluators[name].evaluate(step=step)
             finally:
                 self.progress.close()
             wall = time.perf_counter() - start
