@@ -16,6 +16,7 @@ The configurations run in ``--rounds`` interleaved rounds (A B C D, A B C D, ...
 drifts, and interleaving spreads it over all of them; the table gives the median and the min over the rounds.
 
     python benchmarks/bmpc_cost.py                          # cartpole-swingup, 1M model, batch 256, 3 rounds
+    python benchmarks/bmpc_cost.py --task humanoid_h1hand-stand-v0   # its own section and JSON
     python benchmarks/bmpc_cost.py --steps 20 --rounds 1 --no-write
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ from _report import ROOT, machine_info, write_json, write_section  # noqa: E402
 from trainer_overhead import Stopwatch, timed_window  # noqa: E402
 
 from torchrl_dreammpc.envs import make_env, task_info  # noqa: E402
+from torchrl_dreammpc.planners.mppi import tdmpc2_iterations  # noqa: E402
 from torchrl_dreammpc.trainers import DreamMPCTrainer  # noqa: E402
 from torchrl_dreammpc.trainers.builders import make_planner, make_world_model  # noqa: E402
 from torchrl_dreammpc.trainers.replay import EXPERT_KEY  # noqa: E402
@@ -46,6 +48,8 @@ PLANNER_CFG = {
     "dream_mpc": {"name": "dream_mpc", "uncertainty_weight": None},  # the family's lambda: 0.01 / 0.1
     "mppi": {"name": "mppi"},  # TD-MPC2's and BMPC's 512 samples, 64 elites, 6 iterations, 24 prior samples
 }
+#: The task of the section ``bmpc_cost`` and of ``bmpc_cost.json``; another task writes ``bmpc_cost_<task>``.
+DEFAULT_TASK = "cartpole-swingup"
 SIZES = {1: dict(enc_dim=256, mlp_dim=384, latent_dim=128, num_enc_layers=2, num_q=2), 5: dict()}
 
 
@@ -92,7 +96,7 @@ def measure(algorithm: str, planner: str, compile: bool, task: str, model_size: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", default="cartpole-swingup")
+    parser.add_argument("--task", default=DEFAULT_TASK)
     parser.add_argument("--model-size", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=30, help="measured steps per round (a multiple of 10)")
@@ -126,7 +130,11 @@ def main() -> None:
                     f"{med['update_ms']:.1f} | {med['reanalyze_ms']:.1f} | {med['rest_ms']:.1f} | "
                     f"{med['wall_ms'] / base:.1f}x |")
     machine = machine_info()
-    md = f"""## BMPC training against TD-MPC2 training (cost per environment step)
+    env = make_env(args.task)
+    iterations = tdmpc2_iterations(env.action_spec.shape[-1])  # BMPC's re-planner: +2 from 20 action dimensions
+    env.close()
+    name = "bmpc_cost" if args.task == DEFAULT_TASK else f"bmpc_cost_{args.task}"
+    md = f"""## BMPC training against TD-MPC2 training (cost per environment step), {args.task}
 
 `{machine['command']}` — {machine['cpu']}, torch {machine['torch']}, {args.threads} thread(s); load average
 {' '.join(load_before)} before, {' '.join(load_after)} after (a shared machine: compare within the table, whose
@@ -134,8 +142,8 @@ configurations ran interleaved, {args.rounds} rounds).
 
 Per training step of `DreamMPCTrainer` (UTD 1: one env step + one update), {args.task}, model_size={args.model_size},
 batch {args.batch_size}×H3, mean over {args.steps} steps after the seed phase; median over the rounds (min in
-brackets). BMPC reanalyzes every 10 updates (60 states, MPPI 512 samples × 6 iterations, 6 states per call on a
-CPU), so its column is one tenth of a reanalyze per step. "compiled": `compile=true` (the benchmark campaign's
+brackets). BMPC reanalyzes every 10 updates (60 states, MPPI 512 samples × {iterations} iterations, 6 states per call on
+a CPU), so its column is one tenth of a reanalyze per step. "compiled": `compile=true` (the benchmark campaign's
 setting): `torch.compile`d update and, with BMPC, reanalyze planner; the acting planner stays eager in every row.
 
 | algorithm | acting planner | compiled | ms / step | plan | update | reanalyze | env + machinery | vs TD-MPC2 + Dream-MPC |
@@ -147,8 +155,8 @@ setting) those 60 states are one batched call; on these CPUs it dominates the st
 """
     print(md)
     if not args.no_write:
-        write_section("bmpc_cost", md)
-        write_json(ROOT / "docs" / "results" / "bmpc_cost.json",
+        write_section(name, md)
+        write_json(ROOT / "docs" / "results" / f"{name}.json",
                    {"machine": machine, "load_before": load_before, "load_after": load_after, "args": vars(args),
                     "results": summary})
 
