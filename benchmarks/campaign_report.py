@@ -10,7 +10,8 @@ Files:
   plan_ms_per_step`` (+ ``return_sem,run``), one row per run, snapshot step and planner;
 - ``benchmark/episodes.json``: every episode's return (and success flag) behind those rows (paired: episode i
   of every planner starts from the same initial state);
-- ``benchmark/runs.json``: per run: steps trained, wall time, machine, commands, pending swaps;
+- ``benchmark/runs.json``: per run: steps trained, wall time, machine, commands, pending swaps, earlier attempts
+  that started again from step 0 (``restarts``, see :func:`earlier_attempts`);
 - ``benchmark/<run>.png``: the curves (policy and Dream-MPC every snapshot, MPPI where evaluated, the
   published TD-MPC2 and DreamerV3 seeds / BMPC-paper curves);
 - ``benchmark/aggregate.json`` and ``aggregate[-<algorithm>].png``: per training algorithm, the mean and IQM
@@ -128,6 +129,40 @@ def _run_record(run, campaign, rows) -> dict[str, Any]:
     }
 
 
+def earlier_attempts(committed: dict | None, record: dict) -> list[dict]:
+    """The earlier attempts of a run that started again from step 0 (its directory lost with a machine, or a
+    ``--rerun``), carried from report to report so that the report keeps saying so: those of the committed record,
+    plus the committed run itself when ``record`` does not continue it (another first training chunk, or fewer
+    steps).
+
+    Examples:
+        >>> old = {"trained_step": 7960, "wall_s": 7920.0, "chunks": [{"start": "2026-12-01T17:02:38+00:00"}]}
+        >>> earlier_attempts(old, {"trained_step": 8000, "chunks": old["chunks"] + [{"start": "later"}]})
+        []
+        >>> earlier_attempts(old, {"trained_step": 5170, "chunks": [{"start": "2026-12-01T20:34:51+00:00"}]})
+        [{'started': '2026-12-01T17:02:38+00:00', 'reached_step': 7960, 'wall_s': 7920.0}]
+    """
+    if committed is None:
+        return []
+    attempts = list(committed.get("restarts") or [])
+    old_chunks, new_chunks = committed.get("chunks") or [], record.get("chunks") or []
+    other_run = bool(old_chunks) and (not new_chunks or new_chunks[0].get("start") != old_chunks[0].get("start"))
+    if other_run or committed["trained_step"] > record["trained_step"]:
+        attempts.append({"started": old_chunks[0].get("start") if old_chunks else None,
+                         "reached_step": committed["trained_step"], "wall_s": committed["wall_s"]})
+    return attempts
+
+
+def _attempt_lines(record: dict) -> list[str]:
+    lines = []
+    for attempt in record.get("restarts") or []:
+        started = f", started {attempt['started'][:16].replace('T', ' ')} UTC," if attempt.get("started") else ""
+        lines.append(f"*An earlier run of it{started} reached {attempt['reached_step']:,} steps in "
+                     f"{attempt['wall_s'] / 3600:.1f} h and was not continued (its directory was lost with a machine, "
+                     f"or it was rerun): the run below started again from step 0.*")
+    return lines + [""] if lines else []
+
+
 def collect(campaign: dict[str, Any]) -> tuple[list[dict], dict, dict]:
     """``(rows, episodes, runs)`` for every run of the campaign, from run directories or the committed report."""
     old_rows, old_episodes, old_runs = _read_committed(campaign["report"])
@@ -137,6 +172,7 @@ def collect(campaign: dict[str, Any]) -> tuple[list[dict], dict, dict]:
         committed = [row for row in old_rows if row["run"] == run.id]
         if run.run_dir.exists() and (run_rows or not committed):
             record = _run_record(run, campaign, run_rows)
+            record["restarts"] = earlier_attempts(old_runs.get(run.id), record)
         else:  # the run lived on an earlier machine (its directory here is gone, or new and still without
             # results): keep what was committed until the directory has results of its own
             run_rows, run_episodes = committed, old_episodes.get(run.id, {})
@@ -467,6 +503,7 @@ def _run_section(run_id: str, record: dict, rows: list[dict], planners: list[str
              f"{record['suite']} · {status} · training wall time {hours:.1f} h in {len(chunks)} chunk(s) recorded "
              f"by the campaign · {', '.join(machine)}"
              + (" · *run directory lived on an earlier machine*" if record.get("from_earlier_machine") else ""), ""]
+    lines += _attempt_lines(record)
     if record.get("swaps_pending"):
         lines += [f"{record['swaps_pending']} planner swap(s) not evaluated yet.", ""]
     if rows:

@@ -236,6 +236,32 @@ def test_report_keeps_committed_rows_of_runs_whose_directory_is_gone(tmp_path, c
     first.run_dir.mkdir(parents=True)
     campaign_report.write_report(loaded)
     assert len(list(csv.DictReader((data / "planner_swap.csv").open()))) == 1
+    # ... and once it has results: its own rows, and the report says that an earlier run reached 200 steps
+    result = {"planner": "policy", "return_mean": 3.0, "return_std": 1.0, "episodes": 2, "plan_ms_per_step": 0.2,
+              "episode_returns": [2.0, 4.0]}
+    swap = next(s for s in loaded["swaps"] if s.name == "policy")
+    campaign.swap_dir(first, 0, swap).mkdir(parents=True)
+    (campaign.swap_dir(first, 0, swap) / "results.json").write_text(json.dumps({"results": [result]}))
+    for _ in range(2):  # the second report reads the first one's runs.json: the attempt is carried, not repeated
+        campaign_report.write_report(loaded)
+        assert json.loads((data / "runs.json").read_text())[first.id]["restarts"] == [
+            {"started": None, "reached_step": 200, "wall_s": 60.0}]
+    rows = list(csv.DictReader((data / "planner_swap.csv").open()))
+    assert [(r["run"], r["step"], float(r["return_mean"])) for r in rows] == [(first.id, "0", 3.0)]
+    assert ("An earlier run of it reached 200 steps in 0.0 h and was not continued"
+            in loaded["report"].read_text())
+
+
+def test_earlier_attempts_are_told_apart_from_a_continued_run():
+    old = {"trained_step": 300, "wall_s": 90.0, "chunks": [{"start": "2026-01-01T00:00:00+00:00"}],
+           "restarts": [{"started": None, "reached_step": 100, "wall_s": 30.0}]}
+    continued = {"trained_step": 400, "chunks": old["chunks"] + [{"start": "2026-01-02T00:00:00+00:00"}]}
+    assert campaign_report.earlier_attempts(old, continued) == old["restarts"]
+    # further than the committed run, but from another first chunk: a new run (e.g. --rerun), not a continuation
+    other = {"trained_step": 400, "chunks": [{"start": "2026-02-01T00:00:00+00:00"}]}
+    assert campaign_report.earlier_attempts(old, other) == old["restarts"] + [
+        {"started": "2026-01-01T00:00:00+00:00", "reached_step": 300, "wall_s": 90.0}]
+    assert campaign_report.earlier_attempts(None, other) == []
 
 
 def test_aggregate_is_per_algorithm_across_tasks_with_paired_comparisons():
