@@ -437,20 +437,17 @@ def _episode_length(env) -> int | None:
     return int(length) if isinstance(length, int) else None
 
 
-def _forked_torch_rng():
-    """Torch's global RNG (CPU, and every CUDA device already in use) restored on exit: what runs inside draws
-    from a copy of the stream. (Without it, an evaluation inside a training run consumed the training's stream, so
-    the training after it depended on the evaluation's episodes, actors and length.)"""
-    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    return torch.random.fork_rng(devices=cuda)
-
-
 @contextlib.contextmanager
-def _separate_warm_starts(actor):
-    """Every planner in ``actor`` plans from a warm start of its own until exit, when its own is put back
-    (:meth:`LatentPlannerBase.separate_warm_start`): an actor evaluated during training may be the training planner
-    itself, whose next training step must go on from its own previous plan, not the evaluation's last one."""
-    with contextlib.ExitStack() as stack:
+def _apart_from_the_caller(actor):
+    """Runs the block (an evaluation of ``actor``) apart from what it interrupts, a training run for one:
+    - on a fork of torch's global RNG (CPU, and every CUDA device already in use), so that the caller's stream is
+      left as it was (otherwise the training after an evaluation depended on its episodes, actors and length);
+    - with every planner in ``actor`` planning from a warm start of its own, its own put back on exit
+      (:meth:`LatentPlannerBase.separate_warm_start`): the actor may be the training planner itself, whose next
+      training step must go on from its own previous plan, not the evaluation's last one.
+    """
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda), contextlib.ExitStack() as stack:
         if isinstance(actor, nn.Module):
             for module in actor.modules():
                 if isinstance(module, LatentPlannerBase):
@@ -556,7 +553,6 @@ class EvaluationHook(TrainerHookBase):
         self.at_start = bool(at_start)
         self.progress = EvaluationProgress(progress)
         self.max_steps = max_steps
-        self.poll_steps = poll_steps
         self.envs = {name: self._with_progress(cap_episode_length(create_env_fn(), max_steps)) for name in self.names}
         self.torch_seed = torch_seed
         self.evaluators = {
@@ -585,7 +581,7 @@ class EvaluationHook(TrainerHookBase):
             # once to read its outputs: on a fork of the RNG and a warm start of its own, as every evaluation.)
             ensure = getattr(getattr(evaluator, "_backend", None), "_ensure_collector", None)
             if callable(ensure):
-                with _forked_torch_rng(), _separate_warm_starts(self.actors[name]):
+                with _apart_from_the_caller(self.actors[name]):
                     ensure()
         self.next_eval = self.interval if self.interval else math.inf
         self.last_eval_step = -1
@@ -629,7 +625,7 @@ class EvaluationHook(TrainerHookBase):
             start = time.perf_counter()
             self.progress.start(name, self.episodes, self._episode_length(env))
             try:
-                with _forked_torch_rng(), _separate_warm_starts(actor):
+                with _apart_from_the_caller(actor):
                     if self.torch_seed is not None:
                         torch.manual_seed(self.torch_seed)
                     raw = self.evaluators[name].evaluate(step=step)
