@@ -119,21 +119,51 @@ def test_planning_view_shapes_and_conventions():
         wm.check_inputs(action=torch.tensor([[float("nan")]]))
 
 
+def _float64_reference(head, z: torch.Tensor) -> torch.Tensor:
+    """The head written out in float64: Linear, RMS norm ``x / sqrt(mean(x^2) + eps) * w``, SiLU."""
+    x = z.double()
+    for layer in head.model:
+        if isinstance(layer, torch.nn.Linear):
+            x = x @ layer.weight.double().T + layer.bias.double()
+        elif isinstance(layer, torch.nn.SiLU):
+            x = x * torch.sigmoid(x)
+        else:  # the RMS norm
+            x = x / torch.sqrt(x.square().mean(-1, keepdim=True) + layer.eps) * layer.weight.double()
+    return x
+
+
 def test_heads_are_decoded_in_float64():
     """DreamerV3's bins reach ±4.9e8: with some mass on the outer bins, the float32 decoded value is rounding noise
     (measured on a trained model: 0.3 for a 1e-6 change of the action); the planning view evaluates the reward and
-    critic heads in float64."""
+    critic heads in float64, every layer (TorchRL's RMS norm computes in float32 whatever its input)."""
     wm = tiny_model()
-    head = wm.reward_head
+    head = wm.critics[0]  # three hidden layers: three RMS norms
     with torch.no_grad():
         head.model[-1].weight.normal_(0, 0.3)
         head.model[-1].bias.copy_(-(torch.arange(255.0) - 127).abs() / 20)  # a fifth of the mass beyond |b| > 100
-    z = torch.randn(256, wm.latent_dim)
-    exact = wm.two_hot(torch.func.functional_call(head, {k: v.double() for k, v in head.named_parameters()},
-                                                  (z.double(),)))
-    assert (wm.two_hot(head(z)).double() - exact).abs().max() > 1e-2  # what a float32 evaluation loses
-    torch.testing.assert_close(wm.reward_from_latent(z).double(), exact.float().double(), rtol=1e-6, atol=1e-6)
-    assert wm.reward_from_latent(z).dtype == torch.float32
+    z = torch.randn(256, wm.latent_dim, dtype=torch.float64)
+    step = 1e-6 * torch.randn_like(z)
+    exact = wm.two_hot(_float64_reference(head, z))
+    exact_change = wm.two_hot(_float64_reference(head, z + step)) - exact
+    decoded = wm.decode_head(head, z)
+    assert decoded.dtype == torch.float64 and wm.decode_head(head, z.float()).dtype == torch.float32
+    torch.testing.assert_close(decoded, exact, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(wm.decode_head(head, z + step) - decoded, exact_change, rtol=1e-6, atol=1e-9)
+    # what the float32 evaluation, and float64 weights through TorchRL's float32 norm, lose
+    float32 = wm.two_hot(head(z.float())).double()
+    assert (float32 - exact).abs().max() > 1e-2
+    float64_weights = wm.two_hot(torch.func.functional_call(
+        head, {k: v.double() for k, v in head.named_parameters()}, (z,)))
+    assert (float64_weights - exact).abs().max() > 1e-3
+    # the planning view's heads go through it; gradients reach the latent and the weights
+    torch.testing.assert_close(wm.state_values(z)[0], decoded)
+    z_var = z.clone().requires_grad_(True)
+    wm.decode_head(head, z_var).sum().backward()
+    assert z_var.grad.abs().sum() > 0 and head.model[0].weight.grad.abs().sum() > 0
+    odd = copy.deepcopy(head)
+    odd.model.append(torch.nn.Dropout())
+    with pytest.raises(TypeError, match="has a Dropout"):
+        wm.decode_head(odd, z)
 
 
 def test_fused_imagine_equals_the_generic_objective():

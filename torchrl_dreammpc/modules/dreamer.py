@@ -27,6 +27,7 @@ from tensordict.nn import (
     TensorDictSequential,
 )
 from torch import nn
+from torch.nn import functional as F
 from torchrl.data import Bounded, Composite, Unbounded
 from torchrl.envs import TensorDictPrimer
 from torchrl.envs.model_based.dreamer import DreamerEnv
@@ -41,6 +42,8 @@ from torchrl.modules import (
     WorldModelWrapper,
 )
 from torchrl.modules.functional import symexp, symlog
+# The RMS norm of DreamerV3MLP (private in TorchRL 0.14.1): _float64_logits evaluates it itself.
+from torchrl.modules.models.model_based import _DreamerV3RMSNorm
 
 from torchrl_dreammpc.modules.base import WorldModelBase, last_dim
 from torchrl_dreammpc.modules.layers import param_count
@@ -264,6 +267,29 @@ class ActingPath(TensorDictModuleBase):
         return tensordict.update(outputs.select(*keys, strict=False).to(source))
 
 
+def _float64_logits(head: DreamerV3MLP, z: torch.Tensor) -> torch.Tensor:
+    """``head(z)`` with every layer in float64.
+
+    Not ``functional_call`` on float64 weights: TorchRL's DreamerV3 RMS norm computes in float32 whatever its input
+    (it is written to keep bf16 activations stable), which rounds every hidden layer of a float64 pass back to float32.
+    On the critic of tests/test_dreamer.py::test_heads_are_decoded_in_float64 (a fifth of its mass beyond
+    ``|b| > 100``), the decoded change of a ``1e-6`` latent step was off by 9% of itself that way (54% in float32),
+    and is off by 2e-9 this way.
+    """
+    x = z.double()
+    for layer in head.model:
+        if isinstance(layer, nn.Linear):
+            x = F.linear(x, layer.weight.double(), None if layer.bias is None else layer.bias.double())
+        elif isinstance(layer, _DreamerV3RMSNorm):
+            x = F.rms_norm(x, (x.shape[-1],), layer.weight.double(), layer.eps)
+        elif isinstance(layer, (nn.SiLU, nn.Identity)):
+            x = layer(x)
+        else:
+            raise TypeError(f"decode_head evaluates Linear, RMS norm and SiLU layers in float64; this head has a "
+                            f"{type(layer).__name__}.")
+    return x
+
+
 def _mode_straight_through(logits: torch.Tensor, unimix: float) -> torch.Tensor:
     """The most likely class of each categorical as a one-hot, with the straight-through gradient of its
     (unimix-mixed) probabilities: TorchRL's straight-through sample with the argmax in place of the draw."""
@@ -393,10 +419,9 @@ class DreamerV3WorldModel(WorldModelBase):
         decoded value by up to 0.3 between two inputs that differ by 1e-6 (benchmarks/dreamer_grad_check.py): the
         planners would rank candidates by rounding noise. In float64 the same change is ~2e-8. The heads are
         small (one to three layers), so the cost is low; training keeps float32 (the losses read the logits).
+        Gradients reach the weights and ``z`` as through the float32 head.
         """
-        params = {name: value.double() for name, value in head.named_parameters()}
-        logits = torch.func.functional_call(head, params, (z.double(),))
-        return self.two_hot(logits).to(z.dtype)
+        return self.two_hot(_float64_logits(head, z)).to(z.dtype)
 
     def reward_from_latent(self, z: torch.Tensor) -> torch.Tensor:
         """Decoded reward head ``[*B, 1]`` on a latent (the reward of the transition that led to it)."""
