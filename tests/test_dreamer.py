@@ -239,16 +239,22 @@ def test_acting_path_carries_the_rssm_state_and_resets_it(monkeypatch):
     torch.testing.assert_close(actor(dirty)["latent"], clean_latent)
 
 
-def test_training_sequences_filter_like_the_acting_path(monkeypatch):
-    """The RSSM latents the losses train on are those the acting path computes on the same data."""
+@pytest.fixture
+def median_draws(monkeypatch):
+    """One fixed categorical draw (the median): the acting and training paths then sample the same classes."""
     import torchrl.modules.models.model_based as mb
 
     original = mb._straight_through_categorical
 
-    def median_draw(logits, unimix=0.0, uniform=None):  # one fixed draw: both paths sample the same classes
+    def median_draw(logits, unimix=0.0, uniform=None):
         return original(logits, unimix, uniform=torch.full(logits.shape[:-1], 0.5))
 
     monkeypatch.setattr(mb, "_straight_through_categorical", median_draw)
+
+
+@pytest.mark.usefixtures("median_draws")
+def test_training_sequences_filter_like_the_acting_path():
+    """The RSSM latents the losses train on are those the acting path computes on the same data."""
     wm = tiny_model(perturb=0.05)
     env = acting_env(wm)
     acted = env.rollout(9, wm.acting_module(PolicyActor(wm)))
@@ -258,8 +264,55 @@ def test_training_sequences_filter_like_the_acting_path(monkeypatch):
     torch.testing.assert_close(trained["next", "state"][:-1], acted["next", "state"][1:])
     torch.testing.assert_close(trained["next", "belief"][:-1], acted["next", "belief"][1:])
     # ... and it starts where acting starts an episode
-    torch.testing.assert_close(trained["state"][0], acted["next", "state"][0])
-    torch.testing.assert_close(trained["belief"][0], acted["next", "belief"][0])
+    start = wm.sequence_model()[1].module.filter_reset(acted["observation"][0])
+    torch.testing.assert_close(start[0], acted["next", "state"][0])
+    torch.testing.assert_close(start[1], acted["next", "belief"][0])
+
+
+@pytest.mark.usefixtures("median_draws")
+def test_training_sequences_restart_where_an_episode_begins():
+    """A replayed sequence that crosses episode ends (DreamerV3's replay windows) restarts at every episode's first
+    row as acting does; without the first-row flags it would carry the old episode's belief on."""
+    wm = tiny_model(perturb=0.05)
+    env = acting_env(wm).append_transform(StepCounter(max_steps=4, step_count_key="short_count"))
+    acted = env.rollout(11, wm.acting_module(PolicyActor(wm)), break_when_any_done=False)
+    starts = acted["is_init"].squeeze(-1)
+    assert starts.nonzero().flatten().tolist() == [0, 4, 8]  # three episodes in one sequence
+    rows = acted.select("observation", "action", ("next", "observation"), "is_init").unsqueeze(0)
+    trained = wm.sequence_model(first_key="is_init")(rows.clone())[0]
+    after = ~acted["next", "done"].squeeze(-1)[:-1]  # rows whose next observation the acting path filters at t+1
+    torch.testing.assert_close(trained["next", "belief"][:-1][after], acted["next", "belief"][1:][after])
+    torch.testing.assert_close(trained["next", "state"][:-1][after], acted["next", "state"][1:][after])
+    carried_on = wm.sequence_model()(rows.clone())[0]
+    assert not torch.allclose(carried_on["next", "belief"][4:], trained["next", "belief"][4:])
+    torch.testing.assert_close(carried_on["next", "belief"][:4], trained["next", "belief"][:4])
+
+
+def test_training_sequences_draw_as_torchrl_rssm_rollout():
+    """Within one episode the rollout is TorchRL's RSSMRolloutV3 after the first observation's filter: the same
+    latents and logits, draw for draw."""
+    from tensordict.nn import TensorDictModule, TensorDictSequential
+    from torchrl.modules import RSSMRolloutV3
+
+    wm = tiny_model(perturb=0.05)
+    rows = replay_batch(B=3, T=6)
+    torch.manual_seed(11)
+    ours = wm.sequence_model()(rows.clone())
+    rollout = wm.sequence_model()[1].module
+    prior = TensorDictModule(wm.prior, in_keys=["state", "belief", "action"],
+                             out_keys=[("next", "prior_logits"), ("next", "state"), ("next", "belief")])
+    posterior = TensorDictModule(wm.posterior, in_keys=[("next", "belief"), ("next", "encoded_latents")],
+                                 out_keys=[("next", "posterior_logits"), ("next", "state")])
+    torch.manual_seed(11)
+    theirs = rows.clone()
+    state, belief = rollout.filter_reset(theirs["observation"][:, 0])
+    theirs["state"] = state.unsqueeze(1).expand(3, 6, -1)
+    theirs["belief"] = belief.unsqueeze(1).expand(3, 6, -1)
+    theirs = TensorDictSequential(
+        TensorDictModule(wm.encoder, in_keys=[("next", "observation")], out_keys=[("next", "encoded_latents")]),
+        RSSMRolloutV3(prior, posterior, reset_key=None))(theirs)
+    for key in ("prior_logits", "posterior_logits", "state", "belief"):
+        assert torch.equal(ours["next", key], theirs["next", key]), key
 
 
 @pytest.mark.parametrize("name", ["dream_mpc", "mppi", "policy"])
@@ -341,6 +394,23 @@ def test_loss_uses_the_reference_settings_and_one_discount():
     model_params = {id(p) for p in wm.parameters()}
     assert {id(p) for p in loss.parameters()} == model_params
     assert sum(key.startswith("world_model.") for key in loss.state_dict()) == len(wm.state_dict())
+
+
+def test_a_checkpoint_of_the_earlier_sequence_model_layout_loads():
+    """The losses register the model's weights again under their views' names; a trainer checkpoint written before
+    the sequence model's layout changed (tests/data: its names, as commit 5d5da4e wrote them) loads, its views
+    filled from its world_model entries."""
+    layout = json.loads((ROOT / "tests" / "data" / "dreamer_v3_loss_layout_5d5da4e.json").read_text())["aliases"]
+    source = DreamerV3TrainingLoss(tiny_model(seed=1, perturb=0.05))
+    saved = {key: value for key, value in source.state_dict().items() if not key.startswith("model_loss.world_model.")}
+    saved.update({key: saved["world_model." + name].clone() for key, name in layout.items()})
+    assert not set(layout) & set(source.state_dict())  # the layouts differ
+    target = DreamerV3TrainingLoss(tiny_model(seed=2))
+    target.load_state_dict(saved)  # strict
+    for (name, mine), theirs in zip(target.state_dict().items(), source.state_dict().values()):
+        assert torch.equal(mine, theirs), name
+    with pytest.raises(RuntimeError, match="Missing key"):  # a checkpoint that lacks a weight still fails
+        target.load_state_dict({k: v for k, v in saved.items() if k != "world_model.reward_head.model.0.weight"})
 
 
 def test_losses_decrease_on_a_fixed_batch():
@@ -581,6 +651,48 @@ def test_train_kill_resume_and_evaluate_a_dreamer_run(tmp_path):
     assert from_file.returncode == 0, from_file.stderr[-3000:]
 
 
+def _short_episodes(max_steps: int = 5):
+    """cartpole whose episodes end (truncated) after ``max_steps`` steps."""
+    return make_env(TASK, seed=1).append_transform(StepCounter(max_steps=max_steps, step_count_key="short_count"))
+
+
+def test_a_dreamer_run_replays_sequences_across_episode_ends(tmp_path):
+    """Episodes of 5 steps, sequences of 8: only a replay across episode ends has sequences to give. The trainer
+    stores where episodes begin, samples windows that cross them, and trains on them; a resume keeps the setting."""
+    from torchrl_dreammpc.trainers import ConfigMismatchError, DreamMPCTrainer
+    from torchrl_dreammpc.trainers.replay import STREAM_KEY
+
+    def trainer(across: bool, **kw):
+        wm = tiny_model()
+        return DreamMPCTrainer(
+            world_model=wm, actor=wm.acting_module(PolicyActor(wm)), algorithm="dreamer_v3",
+            create_env_fn=_short_episodes, total_frames=60, seed_frames=40, batch_size=4, horizon=8, utd_ratio=0.5,
+            loss_kwargs=dict(imagination_horizon=2), algorithm_kwargs={"replay_across_episodes": across},
+            eval_interval=0, eval_at_start=False, verbose=False,
+            **{"log_dir": tmp_path / "run", "checkpoint_dir": tmp_path / "run" / "checkpoints",
+               "checkpoint_interval": 60, **kw})
+
+    run = trainer(True)
+    assert run.fingerprint["replay_across_episodes"] is True
+    assert run.loss_module.first_key == "is_init"
+    run.train()
+    sample = run.replay_hook.sample()
+    assert sample.shape == (4, 8) and (sample.get(STREAM_KEY) == 0).all()
+    starts = sample["is_init"].squeeze(-1)
+    assert starts[:, 1:].any(), "8-step windows over 5-step episodes cross an episode end"
+    # every window is consecutive steps of the one env: an episode start follows a done row, and only then
+    done = sample["next", "done"].squeeze(-1)
+    torch.testing.assert_close(starts[:, 1:], done[:, :-1])
+    assert all(torch.isfinite(p).all() for p in run.loss_module.parameters())
+    losses = run.loss_module(sample)
+    assert torch.isfinite(torch.stack([v for k, v in losses.items() if k.startswith("loss_")])).all()
+    with pytest.raises(ConfigMismatchError, match="replay_across_episodes: checkpoint has True, this run has False"):
+        trainer(False).resume()
+    assert trainer(True).resume() is not None
+    with pytest.raises(ValueError, match="needs num_workers=1 and replay_whole_episodes=False"):
+        trainer(True, replay_whole_episodes=True, log_dir=None, checkpoint_dir=None)
+
+
 def test_recipe_validation_names_dreamer_keys():
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
@@ -609,9 +721,23 @@ def test_recipe_validation_names_dreamer_keys():
                               ("dreamer.batch_length=501", r"dreamer.batch_length=501 is longer than an episode "
                                                            r"of cartpole-swingup \(500 steps\)"),
                               ("task=humanoid_h1hand-stand-v0", "humanoid_h1hand-stand-v0: its episodes can end "
-                                                               "early .* would never be replayed")]:
+                                                               "early .* would never be replayed. Set "
+                                                               "dreamer.replay_across_episodes=true"),
+                              ("dreamer.replay_across_episodes=1", "must be true or false, got 1")]:
         with pytest.raises(ConfigError, match=message):
             validate_train_config(config("preset=dreamer_cpu", "steps=100000", override))
+    # across episode ends: early-ending tasks and sequences longer than an episode train; one env stream only
+    across = config("preset=dreamer_cpu", "steps=100000", "task=humanoid_h1hand-stand-v0",
+                    "dreamer.replay_across_episodes=true")
+    assert update_arguments(across, validate_train_config(across))["algorithm_kwargs"] == {
+        "replay_across_episodes": True}
+    assert update_arguments(cpu, validate_train_config(cpu))["algorithm_kwargs"] == {"replay_across_episodes": False}
+    validate_train_config(config("preset=dreamer_cpu", "steps=100000", "dreamer.batch_length=501",
+                                 "dreamer.replay_across_episodes=true"))
+    for override in ("collector.num_workers=2", "collector.backend=ray"):
+        with pytest.raises(ConfigError, match="needs collector.num_workers=1 .* collector.backend=local"):
+            validate_train_config(config("preset=dreamer_cpu", "steps=100000", "dreamer.replay_across_episodes=true",
+                                         override))
     with pytest.raises(ConfigError, match="cannot hold one sub-trajectory of dreamer.batch_length=32"):
         validate_train_config(config("preset=dreamer_cpu", "steps=100000", "buffer_size=20"))
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from tensordict import TensorDictBase
+from tensordict import NestedKey, TensorDictBase
 from tensordict.nn import (
     InteractionType,
     ProbabilisticTensorDictModule,
@@ -35,14 +35,15 @@ from torchrl.modules import (
     DreamerV3MLP,
     RSSMPosteriorV3,
     RSSMPriorV3,
-    RSSMRolloutV3,
     RSSMStateEstimatorV3,
     SymExpTwoHot,
     TanhNormal,
     WorldModelWrapper,
 )
 from torchrl.modules.functional import symexp, symlog
-# The RMS norm of DreamerV3MLP (private in TorchRL 0.14.1): _float64_logits evaluates it itself.
+# Private in TorchRL 0.14.1: DreamerV3MLP's RMS norm (_float64_logits evaluates it itself) and the categorical draw
+# of the RSSM (_ReplayRollout draws as RSSMRolloutV3 does, through the module: one function for both).
+from torchrl.modules.models import model_based as _torchrl_rssm
 from torchrl.modules.models.model_based import _DreamerV3RMSNorm
 
 from torchrl_dreammpc.modules.base import WorldModelBase, last_dim
@@ -198,14 +199,19 @@ class _ContinueProbability(nn.Module):
         return torch.sigmoid(self.net(state, belief))
 
 
-class _SliceStart(nn.Module):
-    """Latent of the first observation of a replayed sequence, filtered from a reset state.
+class _ReplayRollout(nn.Module):
+    """The RSSM over replayed rows ``[B, T]``: row ``t`` steps the carry with its action and filters its next
+    observation (``prior_logits``, ``posterior_logits``, ``state``, ``belief`` of the next observation).
 
-    :class:`~torchrl.modules.RSSMRolloutV3` reads, per row, the action taken and the *next* observation; the
-    sequence's first observation (the row's ``"observation"``) only gives it its starting point. It is filtered
-    here exactly as the acting path filters an episode's first observation (:class:`RSSMStateEstimatorV3` after
-    a reset: zero state, belief and previous action; one GRU step; the posterior of the observation), so that
-    training and acting agree at episode starts; a slice that starts mid-episode starts from that reset state too.
+    A row that begins an episode (``first``), and the first row of every sequence, starts from its own observation
+    filtered from a reset state, exactly as the acting path filters an episode's first observation
+    (:class:`~torchrl.modules.RSSMStateEstimatorV3` after a reset: zero state, belief and previous action; one GRU
+    step; the posterior of the observation). So training and acting agree at episode starts, and a sequence that
+    crosses an episode end (DreamerV3's replay windows) restarts there.
+
+    Not :class:`~torchrl.modules.RSSMRolloutV3`: its reset zeroes the carry and the row's action and filters the
+    row's *next* observation, so the first observation of an episode is never seen and its first action is lost;
+    without resets the two agree bit for bit (the same calls and draws, tests/test_dreamer.py).
     """
 
     def __init__(self, encoder: nn.Module, prior: RSSMPriorV3, posterior: RSSMPosteriorV3, action_dim: int):
@@ -213,16 +219,42 @@ class _SliceStart(nn.Module):
         self.encoder, self.prior, self.posterior = encoder, prior, posterior
         self.action_dim = action_dim
 
-    def forward(self, observation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        first = observation[..., 0, :]
-        batch = first.shape[:-1]
-        state = first.new_zeros(*batch, self.prior.num_categoricals * self.prior.num_classes)
-        belief = first.new_zeros(*batch, self.prior.rnn_hidden_dim)
-        belief = self.prior._update_belief(state, belief, first.new_zeros(*batch, self.action_dim))
-        _, state = self.posterior(belief, self.encoder(first))
-        T = observation.shape[-2]
-        return (state.unsqueeze(-2).expand(*batch, T, state.shape[-1]),
-                belief.unsqueeze(-2).expand(*batch, T, belief.shape[-1]))
+    def filter_reset(self, observation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(state, belief)`` of ``observation`` [*B, obs] seen first after a reset."""
+        batch = observation.shape[:-1]
+        state = observation.new_zeros(*batch, self.prior.num_categoricals * self.prior.num_classes)
+        belief = observation.new_zeros(*batch, self.prior.rnn_hidden_dim)
+        belief = self.prior._update_belief(state, belief, observation.new_zeros(*batch, self.action_dim))
+        _, state = self.posterior(belief, self.encoder(observation))
+        return state, belief
+
+    def forward(self, observation: torch.Tensor, action: torch.Tensor, embedding: torch.Tensor,
+                first: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        state, belief = self.filter_reset(observation[..., 0, :])
+        T = action.shape[-2]
+        # One draw for the whole sequence, shaped as RSSMRolloutV3 draws it (index 1 feeds the posterior).
+        uniforms = torch.rand(T, 2, *action.shape[:-2], self.posterior.num_categoricals, device=action.device)
+        restart_at = set()
+        if first is not None and T > 1:
+            first = first.reshape(*action.shape[:-1], 1).bool()  # [*B, T, 1]
+            restart_at = set((first[..., 1:, 0].reshape(-1, T - 1).any(0).nonzero().flatten() + 1).tolist())
+        prior_logits, posterior_logits, states, beliefs = [], [], [], []
+        for t in range(T):
+            if t in restart_at:
+                fresh_state, fresh_belief = self.filter_reset(observation[..., t, :])
+                state = torch.where(first[..., t, :], fresh_state, state)
+                belief = torch.where(first[..., t, :], fresh_belief, belief)
+            prior_t, belief = self.prior._belief_and_logits(state, belief, action[..., t, :])
+            posterior_t = self.posterior._logits(belief, embedding[..., t, :])
+            state = _torchrl_rssm._straight_through_categorical(posterior_t, self.posterior.unimix, uniforms[t, 1])
+            state = state.flatten(-2)
+            prior_logits.append(prior_t)
+            posterior_logits.append(posterior_t)
+            states.append(state)
+            beliefs.append(belief)
+        prior_logits, posterior_logits = torch.stack(prior_logits, -3), torch.stack(posterior_logits, -3)
+        states, beliefs = torch.stack(states, -2), torch.stack(beliefs, -2)
+        return prior_logits, posterior_logits, states, beliefs
 
 
 class _Concat(nn.Module):
@@ -541,26 +573,26 @@ class DreamerV3WorldModel(WorldModelBase):
         ), planner, self)
 
     # ---- tensordict views for TorchRL's DreamerV3 losses (built on demand: the weights stay in this module) ---
-    def sequence_model(self) -> TensorDictSequential:
+    def sequence_model(self, first_key: NestedKey | None = None) -> TensorDictSequential:
         """The world model over ``[B, T]`` replayed sequences, for :class:`~torchrl.objectives.DreamerV3ModelLoss`.
 
-        Reads ``"observation"`` (only the first row's: where the sequence starts, see :class:`_SliceStart`),
-        ``"action"`` and ``("next", "observation")``; writes ``("next", ...)``: ``prior_logits``,
-        ``posterior_logits``, ``state``, ``belief`` (:class:`~torchrl.modules.RSSMRolloutV3`), ``reco_observation``,
-        ``reward_logits``, ``reward``, ``continue_pred``. Row ``t``'s latent is that of the observation after its action, which its reward and
-        end flags belong to.
+        Reads ``"observation"`` (the first row's, and, with ``first_key``, that of every row beginning an episode:
+        where the RSSM starts from, see :class:`_ReplayRollout`), ``"action"`` and ``("next", "observation")``;
+        writes ``("next", ...)``: ``prior_logits``, ``posterior_logits``, ``state``, ``belief``,
+        ``reco_observation``, ``reward_logits``, ``reward``, ``continue_pred``. Row ``t``'s latent is that of the
+        observation after its action, which its reward and end flags belong to.
+
+        Args:
+            first_key (NestedKey, optional): a boolean entry ``[B, T, 1]``, true on the rows that begin an episode,
+                for sequences that cross episode ends. ``None`` (default): every sequence lies within one episode.
         """
         nxt_latent = [("next", "state"), ("next", "belief")]
-        prior = TensorDictModule(self.prior, in_keys=["state", "belief", "action"],
-                                 out_keys=[("next", "prior_logits"), ("next", "state"), ("next", "belief")])
-        posterior = TensorDictModule(self.posterior, in_keys=[("next", "belief"), ("next", "encoded_latents")],
-                                     out_keys=[("next", "posterior_logits"), ("next", "state")])
+        rollout_in = ["observation", "action", ("next", "encoded_latents")] + ([first_key] if first_key else [])
         return TensorDictSequential(
-            TensorDictModule(_SliceStart(self.encoder, self.prior, self.posterior, self.action_dim),
-                             in_keys=["observation"], out_keys=["state", "belief"]),
             TensorDictModule(self.encoder, in_keys=[("next", "observation")], out_keys=[("next", "encoded_latents")]),
-            # No reset key: a replayed slice never crosses an episode boundary (SliceSampler cuts at trajectory ids).
-            RSSMRolloutV3(prior, posterior, reset_key=None),
+            TensorDictModule(_ReplayRollout(self.encoder, self.prior, self.posterior, self.action_dim),
+                             in_keys=rollout_in, out_keys=[("next", "prior_logits"), ("next", "posterior_logits"),
+                                                           ("next", "state"), ("next", "belief")]),
             TensorDictModule(self.decoder, in_keys=nxt_latent, out_keys=[("next", "reco_observation")]),
             TensorDictModule(self.reward_head, in_keys=nxt_latent, out_keys=[("next", "reward_logits")]),
             TensorDictModule(self.two_hot, in_keys=[("next", "reward_logits")], out_keys=[("next", "reward")]),

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from tensordict import TensorDict
+from tensordict import NestedKey, TensorDict, TensorDictBase
 from tensordict.nn import TensorDictModule
 from torch import nn
 from torchrl.objectives import (
@@ -31,7 +31,7 @@ from torchrl.objectives import (
 )
 from torchrl.objectives.utils import ValueEstimators
 
-__all__ = ["DreamerV3CriticEnsembleLoss", "DreamerV3TrainingLoss", "SlowCriticUpdate"]
+__all__ = ["DreamerV3CriticEnsembleLoss", "DreamerV3TrainingLoss", "SlowCriticUpdate", "end_episodes_before_starts"]
 
 
 class DreamerV3CriticEnsembleLoss(LossModule):
@@ -174,6 +174,12 @@ class DreamerV3TrainingLoss(DreamerV3Loss):
         dynamics_coef, representation_coef, reconstruction_coef, reward_coef, continue_coef, replay_value_coef:
             ``loss_scales`` dyn 1.0, rep 0.1, rec 1.0, rew 1.0, con 1.0, repval 0.3.
         slow_critic_regularization (float): ``imag_loss.slowreg`` (1.0).
+        first_key (NestedKey, optional): a boolean entry ``[B, T, 1]``, true on the rows that begin an episode, for
+            replayed sequences that cross episode ends (DreamerV3's windows): the RSSM restarts there
+            (:meth:`~torchrl_dreammpc.modules.DreamerV3WorldModel.sequence_model`), and a row followed by an episode
+            start counts as the end of its episode (``("next", "done")``) even where none was recorded (an episode
+            cut short by a stopped process), so that no return runs from one episode into the next. ``None``
+            (default): every sequence lies within one episode.
 
     Examples:
         >>> from torchrl_dreammpc.modules import DreamerV3WorldModel
@@ -207,6 +213,7 @@ class DreamerV3TrainingLoss(DreamerV3Loss):
         continue_coef: float = 1.0,
         replay_value_coef: float = 0.3,
         slow_critic_regularization: float = 1.0,
+        first_key: NestedKey | None = None,
     ):
         if isinstance(imagination_horizon, bool) or not isinstance(imagination_horizon, int) or imagination_horizon < 1:
             raise ValueError(f"imagination_horizon must be a positive integer, got {imagination_horizon!r}.")
@@ -214,7 +221,7 @@ class DreamerV3TrainingLoss(DreamerV3Loss):
             raise ValueError(f"lmbda must be in [0, 1], got {lmbda}.")
         cfg = world_model.config
         model_loss = DreamerV3ModelLoss(
-            world_model.sequence_model(), kl_mode="separate", unimix=cfg.unimix, free_bits=free_nats,
+            world_model.sequence_model(first_key), kl_mode="separate", unimix=cfg.unimix, free_bits=free_nats,
             lambda_dynamic=dynamics_coef, lambda_representation=representation_coef, lambda_reco=reconstruction_coef,
             lambda_reward=reward_coef, lambda_continue=continue_coef, num_reward_bins=cfg.num_bins,
             # the replay critic trains the representation through the posterior features
@@ -235,3 +242,55 @@ class DreamerV3TrainingLoss(DreamerV3Loss):
         super().__init__(model_loss, actor_loss, critic_loss, replay_value_loss_weight=replay_value_coef,
                          continuation_horizon=1.0 / (1.0 - world_model.discount), lmbda=lmbda)
         self.world_model = world_model
+        self.first_key = first_key
+        self._register_load_state_dict_pre_hook(self._views_from_world_model)
+
+    def _views_from_world_model(self, state_dict, prefix, *args) -> None:
+        """Fills the weights of TorchRL's views of the model from the checkpoint's ``world_model.`` entries.
+
+        The losses hold tensordict views of the model (``model_loss.world_model``, the actor's module, the
+        imagination env), whose state-dict names follow the views' layout; they are the model's own weights again.
+        A checkpoint written with another layout of the views (e.g. before the sequence model's rollout became
+        :class:`~torchrl_dreammpc.modules.dreamer._ReplayRollout`) would otherwise fail to load, or load the views
+        from stale names: their entries are dropped and refilled from the model's.
+        """
+        source = prefix + "world_model."
+        if not any(key.startswith(source) for key in state_dict):
+            return  # not a full checkpoint of this loss: let load_state_dict name what is missing
+        model_names = {id(t): name for name, t in self.world_model.state_dict(keep_vars=True).items()}
+        own = {key: model_names.get(id(t)) for key, t in self.state_dict(keep_vars=True).items()
+               if not key.startswith("world_model.")}
+        roots = {}  # a view's root (e.g. "model_loss.world_model") -> whether every entry under it is the model's
+        for key, name in own.items():
+            root = ".".join(key.split(".")[:2])
+            roots[root] = roots.get(root, True) and name is not None
+        views = tuple(root + "." for root, is_view in roots.items() if is_view)
+        for key in [key for key in state_dict if key.startswith(prefix) and key[len(prefix):].startswith(views)]:
+            del state_dict[key]
+        for key, name in own.items():
+            if key.startswith(views) and source + name in state_dict:
+                state_dict[prefix + key] = state_dict[source + name]
+
+    def forward(self, sample: TensorDictBase) -> TensorDictBase:
+        if self.first_key is not None:
+            sample = end_episodes_before_starts(sample, self.first_key)
+        return super().forward(sample)
+
+
+def end_episodes_before_starts(sample: TensorDictBase, first_key: NestedKey) -> TensorDictBase:
+    """``sample`` ``[B, T]`` with ``("next", "done")`` set on every row that the next row's episode start ends.
+
+    Examples:
+        >>> sample = TensorDict({"is_init": torch.tensor([[True], [False], [True], [False]]).unsqueeze(0),
+        ...                      "next": {"done": torch.zeros(1, 4, 1, dtype=torch.bool)}}, [1, 4])
+        >>> end_episodes_before_starts(sample, "is_init")["next", "done"].flatten().tolist()
+        [False, True, False, False]
+    """
+    first = sample.get(first_key).reshape(*sample.shape, 1).bool()
+    done = sample.get(("next", "done"))
+    ended = torch.cat([first[:, 1:], torch.zeros_like(first[:, :1])], 1).reshape(done.shape)
+    nxt = sample.get("next").copy()  # shallow copies: the caller's sample is left as it is
+    nxt.set("done", done | ended)
+    sample = sample.copy()
+    sample.set("next", nxt)
+    return sample

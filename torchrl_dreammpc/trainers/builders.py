@@ -232,20 +232,29 @@ def _check_planner(label: str, planner_cfg, tiny) -> str:
 
 
 def _check_dreamer_sequences_fit(cfg: Mapping, info) -> None:
-    """The Dreamer replay samples ``dreamer.batch_length``-step sequences within one episode (TorchRL's
-    ``SliceSampler``, strict length; DreamerV3 samples windows across episode boundaries, with resets): episodes
-    shorter than that are never replayed, and none at all would leave the replay buffer without a sequence."""
-    length = int(cfg["dreamer"]["batch_length"])
+    """Without ``dreamer.replay_across_episodes`` the Dreamer replay samples ``dreamer.batch_length``-step sequences
+    within one episode (TorchRL's ``SliceSampler``, strict length): episodes shorter than that are never replayed,
+    and none at all would leave the replay buffer without a sequence. With it, sequences run across episode ends
+    (DreamerV3's windows), which reads one env's steps in the order they were collected."""
+    dreamer = cfg["dreamer"]
+    length = int(dreamer["batch_length"])
+    if dreamer.get("replay_across_episodes", False):
+        workers, backend = _get(cfg, "collector.num_workers", 1), _get(cfg, "collector.backend", "local")
+        if workers != 1 or backend != "local" or cfg.get("replay_whole_episodes"):
+            raise ConfigError("dreamer.replay_across_episodes=true reads one env's steps in the order they were "
+                              f"collected: it needs collector.num_workers=1 (got {workers!r}), collector.backend="
+                              f"local (got {backend!r}) and replay_whole_episodes=false.")
+        return
     if info.episodic:
         raise ConfigError(
             f"algorithm=dreamer_v3 on {info.task}: its episodes can end early (a terminal state, e.g. a fall), and "
             f"the Dreamer replay samples dreamer.batch_length={length}-step sequences within one episode, so the "
-            "shorter episodes, the terminations among them, would never be replayed. DreamerV3 replays windows "
-            "across episode ends; that replay is not implemented here yet (docs/architecture.md, \"Known "
-            "differences from DreamerV3\"). Use a task whose episodes run to their time limit.")
+            "shorter episodes, the terminations among them, would never be replayed. Set "
+            "dreamer.replay_across_episodes=true (sequences across episode ends, as DreamerV3's replay).")
     if length > info.episode_length:
         raise ConfigError(f"dreamer.batch_length={length} is longer than an episode of {info.task} "
-                          f"({info.episode_length} steps): the replay samples sequences within one episode.")
+                          f"({info.episode_length} steps): the replay samples sequences within one episode "
+                          "(dreamer.replay_across_episodes=true: across episode ends).")
 
 
 def _validate_dreamer(cfg: Mapping) -> None:
@@ -269,6 +278,9 @@ def _validate_dreamer(cfg: Mapping) -> None:
             raise ConfigError(f"dreamer.{key} must be a positive number, got {value!r}.")
     if dreamer["horizon"] <= 1:
         raise ConfigError(f"dreamer.horizon must be > 1 (discount = 1 - 1/horizon), got {dreamer['horizon']!r}.")
+    if not isinstance(dreamer.get("replay_across_episodes", False), bool):
+        raise ConfigError(f"dreamer.replay_across_episodes must be true or false, got "
+                          f"{dreamer.get('replay_across_episodes')!r}.")
     pretrain = dreamer.get("pretrain_updates")
     if isinstance(pretrain, bool) or not isinstance(pretrain, int) or pretrain < 0:
         raise ConfigError(f"dreamer.pretrain_updates must be an integer >= 0, got {pretrain!r}.")
@@ -348,7 +360,8 @@ def update_arguments(cfg: Mapping, checked: Mapping[str, Any]) -> dict[str, Any]
         return dict(batch_size=batch, horizon=length, seed_frames=checked["seed_steps"],
                     pretrain_updates=int(dreamer["pretrain_updates"]),
                     utd_ratio=float(dreamer["train_ratio"]) / (batch * length), lr=float(optimizer.pop("lr")),
-                    algorithm=algorithm, loss_kwargs={**optimizer, **dict(dreamer.get("loss") or {})})
+                    algorithm=algorithm, loss_kwargs={**optimizer, **dict(dreamer.get("loss") or {})},
+                    algorithm_kwargs={"replay_across_episodes": bool(dreamer.get("replay_across_episodes", False))})
     return dict(batch_size=int(cfg["batch_size"]), horizon=int(cfg["horizon"]), seed_frames=checked["seed_steps"],
                 pretrain_updates=cfg.get("pretrain_updates"), utd_ratio=float(cfg["utd_ratio"]), lr=float(cfg["lr"]),
                 enc_lr_scale=float(cfg["enc_lr_scale"]), grad_clip=float(cfg["grad_clip"]), tau=float(cfg["tau"]),

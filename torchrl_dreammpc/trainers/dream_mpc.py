@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from tensordict import TensorDictBase
+from tensordict import NestedKey, TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 from torchrl.checkpoint import Checkpoint, CheckpointRotation, GlobalRNGState
 from torchrl.checkpoint import CheckpointError as TorchRLCheckpointError
@@ -38,9 +38,12 @@ from torchrl_dreammpc.trainers.replay import (
     EXPERT_KEYS,
     REPLAY_KEYS,
     STEP_KEY,
+    STREAM_KEY,
+    TRAJ_KEY,
     SliceReplayBufferTrainer,
     make_replay_buffer,
     mark_missing_experts,
+    mark_one_stream,
 )
 from torchrl_dreammpc.trainers.stepper import NonFiniteUpdateError, TDMPC2OptimizationStepper
 
@@ -58,9 +61,9 @@ __all__ = [
 
 #: Fingerprint entries that must agree between a checkpoint and the run resuming from it.
 FINGERPRINT_KEYS = ("task", "algorithm", "model_size", "obs_dim", "action_dim", "planner", "horizon",
-                    "batch_size", "buffer_capacity")
+                    "batch_size", "buffer_capacity", "replay_across_episodes")
 #: Values of fingerprint entries added after checkpoints were first written (older checkpoints lack them).
-FINGERPRINT_DEFAULTS = {"algorithm": "tdmpc2"}
+FINGERPRINT_DEFAULTS = {"algorithm": "tdmpc2", "replay_across_episodes": False}
 
 
 class ConfigMismatchError(ValueError):
@@ -78,6 +81,9 @@ class UpdateParts:
         replay_keys: entries the replay buffer stores besides :data:`~torchrl_dreammpc.trainers.replay.REPLAY_KEYS`.
         replay_preprocess: applied to the collected rows before they are stored (see ``SliceReplayBufferTrainer``).
         hooks: trainer hooks registered after the replay hook (each has ``register(trainer)``).
+        replay_stream_key: where set, the replay's slices cross episode ends and are cut where this id changes
+            (:data:`~torchrl_dreammpc.trainers.replay.STREAM_KEY`, which ``replay_preprocess`` writes); ``None``:
+            slices lie within one trajectory.
     """
 
     loss_module: LossModule
@@ -85,6 +91,7 @@ class UpdateParts:
     replay_keys: tuple = ()
     replay_preprocess: Callable | None = None
     hooks: list = dataclasses.field(default_factory=list)
+    replay_stream_key: NestedKey | None = None
 
 
 def _require_family(algorithm: str, world_model) -> None:
@@ -120,16 +127,26 @@ def _bmpc_update(world_model, *, lr, enc_lr_scale, grad_clip, tau, compile, loss
                        hooks=[hook])
 
 
-def _dreamer_v3_update(world_model, *, lr, enc_lr_scale, grad_clip, tau, compile, loss_kwargs, policy_loss_kwargs):
+def _dreamer_v3_update(world_model, *, lr, enc_lr_scale, grad_clip, tau, compile, loss_kwargs, policy_loss_kwargs,
+                       replay_across_episodes=False):
     """DreamerV3's update (:func:`~torchrl_dreammpc.trainers.dreamer_v3.make_dreamer_v3_update`): ``loss_kwargs``
-    holds its optimizer and loss arguments; ``enc_lr_scale``, ``grad_clip`` and ``tau`` are TD-MPC2's and unused."""
+    holds its optimizer and loss arguments; ``enc_lr_scale``, ``grad_clip`` and ``tau`` are TD-MPC2's and unused.
+    ``replay_across_episodes``: replayed sequences run across episode ends, as DreamerV3's windows (the rows keep
+    ``"is_init"``, where the RSSM restarts); otherwise each lies within one episode."""
     from torchrl_dreammpc.trainers.dreamer_v3 import make_dreamer_v3_update
 
     _require_family("dreamer_v3", world_model)
     if policy_loss_kwargs:
         raise ValueError("algorithm='dreamer_v3' takes no policy_loss_kwargs: its actor loss arguments go in "
                          "loss_kwargs.")
-    return UpdateParts(*make_dreamer_v3_update(world_model, lr=lr, compile=compile, **loss_kwargs))
+    if not isinstance(replay_across_episodes, bool):
+        raise ValueError(f"replay_across_episodes must be true or false, got {replay_across_episodes!r}.")
+    if not replay_across_episodes:
+        return UpdateParts(*make_dreamer_v3_update(world_model, lr=lr, compile=compile, **loss_kwargs))
+    loss_module, stepper = make_dreamer_v3_update(world_model, lr=lr, compile=compile, first_key="is_init",
+                                                  **loss_kwargs)
+    return UpdateParts(loss_module, stepper, replay_keys=("is_init", STREAM_KEY), replay_preprocess=mark_one_stream,
+                       replay_stream_key=STREAM_KEY)
 
 
 #: Per algorithm, what builds its update: ``(world_model, *, lr, enc_lr_scale, grad_clip, tau, compile, loss_kwargs,
@@ -379,7 +396,8 @@ class DreamMPCTrainer(Trainer):
         policy_loss_kwargs (dict, optional): extra arguments of its policy loss (``TDMPC2PolicyLoss`` /
             ``BMPCPolicyLoss``).
         algorithm_kwargs (dict, optional): extra arguments of its update builder (BMPC: ``reanalyze``, see
-            :func:`~torchrl_dreammpc.trainers.bmpc.make_bmpc_update`).
+            :func:`~torchrl_dreammpc.trainers.bmpc.make_bmpc_update`; DreamerV3: ``replay_across_episodes``,
+            replayed sequences across episode ends, with ``num_workers=1``).
         eval_interval (int): steps between evaluations (``0``: none). Default 10_000.
         eval_episodes (int): episodes per evaluation. Default 10.
         eval_actors (mapping, optional): ``{name: actor}`` evaluated each time, the first being the training
@@ -595,19 +613,25 @@ class DreamMPCTrainer(Trainer):
             # Left by an earlier (killed or finished) run of this log_dir: scratch space, the buffer's content is in
             # the checkpoints. TorchRL's memmap storage refuses to restore a checkpoint over existing files.
             shutil.rmtree(scratch_dir)
+        update = UPDATE_BUILDERS[algorithm](
+            world_model, lr=lr, enc_lr_scale=enc_lr_scale, grad_clip=grad_clip, tau=tau, compile=compile,
+            loss_kwargs=dict(loss_kwargs or {}), policy_loss_kwargs=dict(policy_loss_kwargs or {}),
+            **dict(algorithm_kwargs or {}))
+        loss_module, stepper = update.loss_module, update.stepper
+        # The stored rows differ (a stream id and "is_init"): a run resumes only with the replay it was written with.
+        self.fingerprint["replay_across_episodes"] = update.replay_stream_key is not None
+        if update.replay_stream_key is not None and (fragmented or replay_whole_episodes):
+            raise ValueError("A replay across episode ends (replay_across_episodes) reads one env's steps in the order "
+                             "they were collected: it needs num_workers=1 and replay_whole_episodes=False.")
         replay_buffer = make_replay_buffer(
             buffer_capacity,
             horizon,
             batch_size,
             memmap=replay_memmap,
             scratch_dir=scratch_dir,
+            traj_key=update.replay_stream_key or TRAJ_KEY,
             fragmented=fragmented,
         )
-        update = UPDATE_BUILDERS[algorithm](
-            world_model, lr=lr, enc_lr_scale=enc_lr_scale, grad_clip=grad_clip, tau=tau, compile=compile,
-            loss_kwargs=dict(loss_kwargs or {}), policy_loss_kwargs=dict(policy_loss_kwargs or {}),
-            **dict(algorithm_kwargs or {}))
-        loss_module, stepper = update.loss_module, update.stepper
 
         # -- logging ---------------------------------------------------------------------------------------
         logger = None

@@ -12,14 +12,18 @@ from torchrl.trainers import ReplayBufferTrainer, Trainer
 
 from torchrl_dreammpc._checks import MissingKeyError
 
-__all__ = ["REPLAY_KEYS", "STEP_KEY", "TRAJ_KEY", "EXPERT_KEY", "EXPERT_KEYS", "make_replay_buffer",
-           "SliceReplayBufferTrainer", "mark_missing_experts"]
+__all__ = ["REPLAY_KEYS", "STEP_KEY", "TRAJ_KEY", "STREAM_KEY", "EXPERT_KEY", "EXPERT_KEYS", "make_replay_buffer",
+           "SliceReplayBufferTrainer", "mark_missing_experts", "mark_one_stream"]
 
 #: The trajectory id every TorchRL collector writes; the sampler cuts slices where it changes.
 TRAJ_KEY: tuple[str, str] = ("collector", "traj_ids")
 
 #: The step index within an episode (written by :class:`~torchrl.envs.StepCounter`); stored for multi-worker runs.
 STEP_KEY = "step_count"
+
+#: A replay that samples windows across episode ends (DreamerV3's) cuts its slices where this id changes instead of
+#: the trajectory id: one stream per collecting process, whose episodes follow each other in the storage.
+STREAM_KEY: tuple[str, str] = ("collector", "stream")
 
 #: What the buffer stores of each collected transition: what :class:`~torchrl_dreammpc.objectives.TDMPC2Loss`
 #: reads, the end flags, and the trajectory id. The env's bookkeeping entries (``step_count``,
@@ -64,6 +68,21 @@ def mark_missing_experts(rows: TensorDictBase, like: NestedKey = "action") -> Te
     return rows
 
 
+def mark_one_stream(rows: TensorDictBase) -> TensorDictBase:
+    """Writes :data:`STREAM_KEY` (0) into collected rows, for a replay whose slices cross episode ends: the rows of
+    one collecting process (one env) follow each other in the storage, and the sampler cuts only at the write cursor
+    once the buffer wraps. Episodes of a resumed run follow those of the stopped one; the loss ends an episode at
+    the next one's first row (:func:`~torchrl_dreammpc.objectives.dreamer_v3.end_episodes_before_starts`).
+
+    Examples:
+        >>> rows = TensorDict({"observation": torch.zeros(3, 2)}, [3])
+        >>> mark_one_stream(rows).get(STREAM_KEY).tolist()
+        [0, 0, 0]
+    """
+    rows.set(STREAM_KEY, torch.zeros(rows.shape, dtype=torch.int64, device=rows.device))
+    return rows
+
+
 def make_replay_buffer(
     capacity: int,
     horizon: int,
@@ -86,7 +105,8 @@ def make_replay_buffer(
     Slices never cross an episode end: TorchRL's :class:`~torchrl.data.SliceSampler` cuts the storage wherever
     ``traj_key`` changes between two consecutive rows (and at the write cursor once the buffer wraps), and
     ``strict_length=True`` drops the pieces shorter than ``horizon``. A slice may end on a terminal step
-    (``("next", "terminated")``), never contain one before its last row.
+    (``("next", "terminated")``), never contain one before its last row. With ``traj_key=STREAM_KEY`` (and
+    :func:`mark_one_stream` on the rows) slices run across episode ends instead, as DreamerV3's replay windows.
 
     With several collector workers, consecutive rows come from different workers (a ``[workers, T]`` batch is
     written worker after worker), so contiguous runs of one trajectory id can be as short as ``T`` rows.
