@@ -22,7 +22,8 @@ TRAJ_KEY: tuple[str, str] = ("collector", "traj_ids")
 STEP_KEY = "step_count"
 
 #: A replay that samples windows across episode ends (DreamerV3's) cuts its slices where this id changes instead of
-#: the trajectory id: one stream per collecting process, whose episodes follow each other in the storage.
+#: the trajectory id. With one env (:func:`mark_one_stream`) it is one stream: the env's episodes, those of a resumed
+#: run included, follow each other in the storage.
 STREAM_KEY: tuple[str, str] = ("collector", "stream")
 
 #: What the buffer stores of each collected transition: what :class:`~torchrl_dreammpc.objectives.TDMPC2Loss`
