@@ -288,6 +288,70 @@ def test_training_sequences_restart_where_an_episode_begins():
     torch.testing.assert_close(carried_on["next", "belief"][:4], trained["next", "belief"][:4])
 
 
+@pytest.mark.usefixtures("median_draws")
+def test_a_sequence_with_a_replay_context_continues_the_acting_belief():
+    """DreamerV3's replay context: a window that starts inside an episode, from the posterior stored with its
+    first row (the acting path's latent), filters exactly as acting did; from a reset it would not. Windows whose
+    first row begins an episode, or has no stored posterior (NaN), start from the reset filter."""
+    wm = tiny_model(perturb=0.05)
+    acted = acting_env(wm).rollout(10, wm.acting_module(PolicyActor(wm)))
+    assert not acted["is_init"][1:].any()
+    keys = ("observation", "action", ("next", "observation"), "is_init", "latent")
+    windows = torch.stack([acted.select(*keys)[4:10], acted.select(*keys)[0:6]])  # [2, 6]: mid-episode, its start
+    model = wm.sequence_model(first_key="is_init", context_key="latent")
+    trained = model(windows.clone())
+    torch.testing.assert_close(trained["next", "belief"][0, :-1], acted["next", "belief"][5:10])
+    torch.testing.assert_close(trained["next", "state"][0, :-1], acted["next", "state"][5:10])
+    reset = wm.sequence_model(first_key="is_init")(windows.clone())
+    assert not torch.allclose(reset["next", "belief"][0], trained["next", "belief"][0])
+    assert torch.equal(reset["next", "belief"][1], trained["next", "belief"][1])  # an episode start: the reset filter
+    missing = windows.clone()
+    missing["latent"][0] = float("nan")
+    assert torch.equal(model(missing)["next", "belief"], reset["next", "belief"])
+    # what a stored posterior is: filtered latents are, the zeros of rows no policy acted on and NaN are not
+    assert wm.is_posterior(acted["latent"]).all() and wm.is_posterior(wm.encode(acted["observation"])).all()
+    assert not wm.is_posterior(torch.zeros(3, wm.latent_dim)).any()
+    assert not wm.is_posterior(acted["latent"].masked_fill(torch.rand_like(acted["latent"]) < 0.1, float("nan"))).any()
+    with pytest.raises(ValueError, match="needs first_key"):
+        wm.sequence_model(context_key="latent")
+
+
+def test_replay_context_stores_acting_latents_and_writes_training_posteriors_back():
+    """Collected rows keep the acting latent (NaN where no policy acted); after an update, row t's next-observation
+    posterior becomes the stored context of row t + 1, except where that row begins an episode."""
+    from torchrl_dreammpc.trainers.dreamer_v3 import ReplayContext
+    from torchrl_dreammpc.trainers.replay import make_replay_buffer
+
+    wm = tiny_model(perturb=0.05)
+    context = ReplayContext(wm)
+    acted = acting_env(wm).rollout(6, wm.acting_module(PolicyActor(wm)))
+    rows = acted.select("observation", "latent")
+    rows["latent"][2] = 0.0  # a random seed step: the collector leaves the policy's outputs at zero
+    marked = context.mark(rows.clone())
+    assert marked["latent"][2].isnan().all() and torch.equal(marked["latent"][[0, 1, 3, 4, 5]],
+                                                             acted["latent"][[0, 1, 3, 4, 5]])
+    assert context.mark(acted.select("observation"))["latent"].isnan().all()  # an actor that writes none
+
+    buffer = make_replay_buffer(10, horizon=3, batch_size=1)
+    buffer.extend(TensorDict({"latent": torch.full((10, wm.latent_dim), float("nan")),
+                              "is_init": torch.zeros(10, 1, dtype=torch.bool)}, [10]))
+    context.replay_buffer = buffer
+    posterior = torch.randn(2, 3, wm.latent_dim)
+    state, belief = wm.split(posterior)
+    batch = TensorDict({"index": torch.tensor([[2, 3, 4], [6, 7, 8]]).unsqueeze(-1),
+                        "is_init": torch.tensor([[False, False, False], [False, True, False]]).unsqueeze(-1),
+                        "replay_context": {"state": state, "belief": belief}}, [2, 3])
+    context.write_back(batch)
+    stored = buffer.storage[:10]["latent"]
+    written = {3: posterior[0, 0], 4: posterior[0, 1], 8: posterior[1, 1]}  # row 7 begins an episode: not written
+    for row in range(10):
+        if row in written:
+            assert torch.equal(stored[row], written[row]), row
+        else:
+            assert stored[row].isnan().all(), row
+    assert context.written == 3
+
+
 def test_training_sequences_draw_as_torchrl_rssm_rollout():
     """Within one episode the rollout is TorchRL's RSSMRolloutV3 after the first observation's filter: the same
     latents and logits, draw for draw."""
@@ -656,21 +720,29 @@ def _short_episodes(max_steps: int = 5):
     return make_env(TASK, seed=1).append_transform(StepCounter(max_steps=max_steps, step_count_key="short_count"))
 
 
+def _short_episode_trainer(tmp_path, across: bool = True, context: bool = False, **kw):
+    """A DreamerV3 trainer on 5-step episodes (40 seed steps, 60 in all) replaying sequences of 8."""
+    from torchrl_dreammpc.trainers import DreamMPCTrainer
+
+    wm = tiny_model()
+    return DreamMPCTrainer(
+        world_model=wm, actor=wm.acting_module(PolicyActor(wm)), algorithm="dreamer_v3",
+        create_env_fn=_short_episodes, total_frames=60, seed_frames=40, batch_size=4, horizon=8, utd_ratio=0.5,
+        loss_kwargs=dict(imagination_horizon=2),
+        algorithm_kwargs={"replay_across_episodes": across, "replay_context": context},
+        eval_interval=0, eval_at_start=False, verbose=False,
+        **{"log_dir": tmp_path / "run", "checkpoint_dir": tmp_path / "run" / "checkpoints",
+           "checkpoint_interval": 60, **kw})
+
+
 def test_a_dreamer_run_replays_sequences_across_episode_ends(tmp_path):
     """Episodes of 5 steps, sequences of 8: only a replay across episode ends has sequences to give. The trainer
     stores where episodes begin, samples windows that cross them, and trains on them; a resume keeps the setting."""
-    from torchrl_dreammpc.trainers import ConfigMismatchError, DreamMPCTrainer
+    from torchrl_dreammpc.trainers import ConfigMismatchError
     from torchrl_dreammpc.trainers.replay import STREAM_KEY
 
     def trainer(across: bool, **kw):
-        wm = tiny_model()
-        return DreamMPCTrainer(
-            world_model=wm, actor=wm.acting_module(PolicyActor(wm)), algorithm="dreamer_v3",
-            create_env_fn=_short_episodes, total_frames=60, seed_frames=40, batch_size=4, horizon=8, utd_ratio=0.5,
-            loss_kwargs=dict(imagination_horizon=2), algorithm_kwargs={"replay_across_episodes": across},
-            eval_interval=0, eval_at_start=False, verbose=False,
-            **{"log_dir": tmp_path / "run", "checkpoint_dir": tmp_path / "run" / "checkpoints",
-               "checkpoint_interval": 60, **kw})
+        return _short_episode_trainer(tmp_path, across, **kw)
 
     run = trainer(True)
     assert run.fingerprint["replay_across_episodes"] is True
@@ -691,6 +763,34 @@ def test_a_dreamer_run_replays_sequences_across_episode_ends(tmp_path):
     assert trainer(True).resume() is not None
     with pytest.raises(ValueError, match="needs num_workers=1 and replay_whole_episodes=False"):
         trainer(True, replay_whole_episodes=True, log_dir=None, checkpoint_dir=None)
+
+
+def test_a_dreamer_run_with_a_replay_context(tmp_path):
+    """DreamerV3's replay context in a run: the acting latents are stored with the rows (none for the seed phase's
+    random steps), the updates write their posteriors back (episode starts excepted: never read), the contexts
+    are checkpointed with the buffer, and a resume keeps the setting."""
+    from torchrl_dreammpc.trainers import ConfigMismatchError
+
+    run = _short_episode_trainer(tmp_path, context=True)
+    assert run.fingerprint["replay_context"] is True and run.loss_module.context_key == "latent"
+    run.train()
+    hook = run.algorithm_hooks[0]
+    stored = run.replay_buffer.storage[:60]
+    has = torch.isfinite(stored["latent"]).all(-1)
+    starts = stored["is_init"].squeeze(-1)
+    assert has[40:].all() and run.world_model.is_posterior(stored["latent"][40:]).all()  # acted rows
+    assert not has[:40][starts[:40]].any()  # seed-phase episode starts: none stored, none written
+    assert has[:40][~starts[:40]].sum() >= 20 and hook.written > 0  # written back by the updates
+    losses = run.loss_module(run.replay_hook.sample())
+    assert torch.isfinite(torch.stack([v for k, v in losses.items() if k.startswith("loss_")])).all()
+
+    with pytest.raises(ConfigMismatchError, match="replay_context: checkpoint has True, this run has False"):
+        _short_episode_trainer(tmp_path).resume()
+    resumed = _short_episode_trainer(tmp_path, context=True)
+    assert resumed.resume() is not None
+    assert torch.equal(resumed.replay_buffer.storage[:60]["latent"].nan_to_num(7.0), stored["latent"].nan_to_num(7.0))
+    with pytest.raises(ValueError, match="replay_context=True needs replay_across_episodes=True"):
+        _short_episode_trainer(tmp_path, across=False, context=True, log_dir=None, checkpoint_dir=None)
 
 
 def test_recipe_validation_names_dreamer_keys():
@@ -730,8 +830,18 @@ def test_recipe_validation_names_dreamer_keys():
     across = config("preset=dreamer_cpu", "steps=100000", "task=humanoid_h1hand-stand-v0",
                     "dreamer.replay_across_episodes=true")
     assert update_arguments(across, validate_train_config(across))["algorithm_kwargs"] == {
-        "replay_across_episodes": True}
-    assert update_arguments(cpu, validate_train_config(cpu))["algorithm_kwargs"] == {"replay_across_episodes": False}
+        "replay_across_episodes": True, "replay_context": False}
+    assert update_arguments(cpu, validate_train_config(cpu))["algorithm_kwargs"] == {
+        "replay_across_episodes": False, "replay_context": False}
+    context = config("preset=dreamer_cpu", "steps=100000", "task=humanoid_h1hand-stand-v0",
+                     "dreamer.replay_across_episodes=true", "dreamer.replay_context=true")
+    assert update_arguments(context, validate_train_config(context))["algorithm_kwargs"] == {
+        "replay_across_episodes": True, "replay_context": True}
+    for override, message in [("dreamer.replay_context=true", "dreamer.replay_context=true needs "
+                                                              "dreamer.replay_across_episodes=true"),
+                              ("dreamer.replay_context=1", "dreamer.replay_context must be true or false")]:
+        with pytest.raises(ConfigError, match=message):
+            validate_train_config(config("preset=dreamer_cpu", "steps=100000", override))
     validate_train_config(config("preset=dreamer_cpu", "steps=100000", "dreamer.batch_length=501",
                                  "dreamer.replay_across_episodes=true"))
     for override in ("collector.num_workers=2", "collector.backend=ray"):

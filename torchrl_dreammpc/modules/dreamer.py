@@ -209,6 +209,13 @@ class _ReplayRollout(nn.Module):
     step; the posterior of the observation). So training and acting agree at episode starts, and a sequence that
     crosses an episode end (DreamerV3's replay windows) restarts there.
 
+    With a replay context (``context``, DreamerV3's ``replay_context: 1``), a sequence whose first row does not
+    begin an episode starts instead from the posterior ``[state, belief]`` stored with that row (by the acting
+    path when it was collected, or by the last training pass over it; see
+    :class:`~torchrl_dreammpc.trainers.dreamer_v3.ReplayContext`); rows stored without one (NaN: the seed
+    phase's random actions) start from the reset filter as above. The stored posterior is a constant: no gradient
+    flows into it, as into DreamerV3's replayed carry.
+
     Not :class:`~torchrl.modules.RSSMRolloutV3`: its reset zeroes the carry and the row's action and filters the
     row's *next* observation, so the first observation of an episode is never seen and its first action is lost;
     without resets the two agree bit for bit (the same calls and draws, tests/test_dreamer.py).
@@ -218,6 +225,7 @@ class _ReplayRollout(nn.Module):
         super().__init__()
         self.encoder, self.prior, self.posterior = encoder, prior, posterior
         self.action_dim = action_dim
+        self.state_dim = prior.num_categoricals * prior.num_classes
 
     def filter_reset(self, observation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(state, belief)`` of ``observation`` [*B, obs] seen first after a reset."""
@@ -229,14 +237,23 @@ class _ReplayRollout(nn.Module):
         return state, belief
 
     def forward(self, observation: torch.Tensor, action: torch.Tensor, embedding: torch.Tensor,
-                first: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        state, belief = self.filter_reset(observation[..., 0, :])
+                first: torch.Tensor | None = None, context: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        if first is not None:
+            first = first.reshape(*action.shape[:-1], 1).bool()  # [*B, T, 1]
+        state, belief = self.filter_reset(observation[..., 0, :])  # drawn with a context too: the same draws
+        if context is not None:
+            stored = context[..., 0, :].detach()
+            use = torch.isfinite(stored).all(-1, keepdim=True)
+            if first is not None:
+                use = use & ~first[..., 0, :]
+            stored = torch.nan_to_num(stored)  # (rows without one take the reset filter's)
+            state = torch.where(use, stored[..., :self.state_dim], state)
+            belief = torch.where(use, stored[..., self.state_dim:], belief)
         T = action.shape[-2]
         # One draw for the whole sequence, shaped as RSSMRolloutV3 draws it (index 1 feeds the posterior).
         uniforms = torch.rand(T, 2, *action.shape[:-2], self.posterior.num_categoricals, device=action.device)
         restart_at = set()
         if first is not None and T > 1:
-            first = first.reshape(*action.shape[:-1], 1).bool()  # [*B, T, 1]
             restart_at = set((first[..., 1:, 0].reshape(-1, T - 1).any(0).nonzero().flatten() + 1).tolist())
         prior_logits, posterior_logits, states, beliefs = [], [], [], []
         for t in range(T):
@@ -430,6 +447,14 @@ class DreamerV3WorldModel(WorldModelBase):
         return (torch.zeros(*batch_shape, self.state_dim, device=device, dtype=dtype),
                 torch.zeros(*batch_shape, self.belief_dim, device=device, dtype=dtype))
 
+    def is_posterior(self, z: torch.Tensor) -> torch.Tensor:
+        """``[*B, 1]``, true where ``z`` is a filtered latent ``[state, belief]``: finite, with a positive entry in
+        every categorical of its state (a straight-through sample is one-hot up to rounding). False for the zeros
+        a collector leaves where no policy acted (the seed phase's random steps), and for NaN."""
+        state, _ = self.split(z)
+        one_hots = state.reshape(*state.shape[:-1], self.config.stoch, self.config.classes)
+        return (torch.isfinite(z).all(-1) & (one_hots.amax(-1) > 0).all(-1)).unsqueeze(-1)
+
     def encode(self, obs: torch.Tensor) -> torch.Tensor:
         state, belief = self.reset_latent(obs.shape[:-1], obs.device, obs.dtype)
         belief = self.prior._update_belief(state, belief, obs.new_zeros(*obs.shape[:-1], self.action_dim))
@@ -573,7 +598,8 @@ class DreamerV3WorldModel(WorldModelBase):
         ), planner, self)
 
     # ---- tensordict views for TorchRL's DreamerV3 losses (built on demand: the weights stay in this module) ---
-    def sequence_model(self, first_key: NestedKey | None = None) -> TensorDictSequential:
+    def sequence_model(self, first_key: NestedKey | None = None,
+                       context_key: NestedKey | None = None) -> TensorDictSequential:
         """The world model over ``[B, T]`` replayed sequences, for :class:`~torchrl.objectives.DreamerV3ModelLoss`.
 
         Reads ``"observation"`` (the first row's, and, with ``first_key``, that of every row beginning an episode:
@@ -585,9 +611,17 @@ class DreamerV3WorldModel(WorldModelBase):
         Args:
             first_key (NestedKey, optional): a boolean entry ``[B, T, 1]``, true on the rows that begin an episode,
                 for sequences that cross episode ends. ``None`` (default): every sequence lies within one episode.
+            context_key (NestedKey, optional): the posterior ``[state, belief]`` stored with each row (NaN where
+                none was), where a sequence not beginning an episode starts from (DreamerV3's replay context,
+                :class:`_ReplayRollout`). Needs ``first_key``. ``None`` (default): every sequence starts from the
+                reset filter of its first observation.
         """
+        if context_key is not None and first_key is None:
+            raise ValueError("A replay context (context_key) needs first_key: a sequence that begins an episode "
+                             "starts from the reset filter, not from a stored posterior.")
         nxt_latent = [("next", "state"), ("next", "belief")]
-        rollout_in = ["observation", "action", ("next", "encoded_latents")] + ([first_key] if first_key else [])
+        rollout_in = ["observation", "action", ("next", "encoded_latents")] + [
+            key for key in (first_key, context_key) if key is not None]
         return TensorDictSequential(
             TensorDictModule(self.encoder, in_keys=[("next", "observation")], out_keys=[("next", "encoded_latents")]),
             TensorDictModule(_ReplayRollout(self.encoder, self.prior, self.posterior, self.action_dim),

@@ -180,6 +180,11 @@ class DreamerV3TrainingLoss(DreamerV3Loss):
             start counts as the end of its episode (``("next", "done")``) even where none was recorded (an episode
             cut short by a stopped process), so that no return runs from one episode into the next. ``None``
             (default): every sequence lies within one episode.
+        context_key (NestedKey, optional): the posterior ``[state, belief]`` stored with each row (NaN where none
+            was): a sequence whose first row does not begin an episode starts from it, DreamerV3's
+            ``replay_context: 1`` (needs ``first_key``). The posteriors this pass computes are returned under
+            ``"replay_context"`` (TorchRL's :class:`~torchrl.objectives.DreamerV3Loss`), for the replay to store.
+            ``None`` (default): every sequence starts from the reset filter of its first observation.
 
     Examples:
         >>> from torchrl_dreammpc.modules import DreamerV3WorldModel
@@ -214,6 +219,7 @@ class DreamerV3TrainingLoss(DreamerV3Loss):
         replay_value_coef: float = 0.3,
         slow_critic_regularization: float = 1.0,
         first_key: NestedKey | None = None,
+        context_key: NestedKey | None = None,
     ):
         if isinstance(imagination_horizon, bool) or not isinstance(imagination_horizon, int) or imagination_horizon < 1:
             raise ValueError(f"imagination_horizon must be a positive integer, got {imagination_horizon!r}.")
@@ -221,8 +227,8 @@ class DreamerV3TrainingLoss(DreamerV3Loss):
             raise ValueError(f"lmbda must be in [0, 1], got {lmbda}.")
         cfg = world_model.config
         model_loss = DreamerV3ModelLoss(
-            world_model.sequence_model(first_key), kl_mode="separate", unimix=cfg.unimix, free_bits=free_nats,
-            lambda_dynamic=dynamics_coef, lambda_representation=representation_coef, lambda_reco=reconstruction_coef,
+            world_model.sequence_model(first_key, context_key), kl_mode="separate", unimix=cfg.unimix,
+            free_bits=free_nats, lambda_dynamic=dynamics_coef, lambda_representation=representation_coef, lambda_reco=reconstruction_coef,
             lambda_reward=reward_coef, lambda_continue=continue_coef, num_reward_bins=cfg.num_bins,
             # the replay critic trains the representation through the posterior features
             detach_output=False)
@@ -242,7 +248,7 @@ class DreamerV3TrainingLoss(DreamerV3Loss):
         super().__init__(model_loss, actor_loss, critic_loss, replay_value_loss_weight=replay_value_coef,
                          continuation_horizon=1.0 / (1.0 - world_model.discount), lmbda=lmbda)
         self.world_model = world_model
-        self.first_key = first_key
+        self.first_key, self.context_key = first_key, context_key
         self._register_load_state_dict_pre_hook(self._views_from_world_model)
 
     def _views_from_world_model(self, state_dict, prefix, *args) -> None:
