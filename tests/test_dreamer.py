@@ -720,7 +720,7 @@ def _short_episodes(max_steps: int = 5):
     return make_env(TASK, seed=1).append_transform(StepCounter(max_steps=max_steps, step_count_key="short_count"))
 
 
-def _short_episode_trainer(tmp_path, across: bool = True, context: bool = False, **kw):
+def _short_episode_trainer(tmp_path, across: bool = True, context: bool = False, online: bool = False, **kw):
     """A DreamerV3 trainer on 5-step episodes (40 seed steps, 60 in all) replaying sequences of 8."""
     from torchrl_dreammpc.trainers import DreamMPCTrainer
 
@@ -729,7 +729,7 @@ def _short_episode_trainer(tmp_path, across: bool = True, context: bool = False,
         world_model=wm, actor=wm.acting_module(PolicyActor(wm)), algorithm="dreamer_v3",
         create_env_fn=_short_episodes, total_frames=60, seed_frames=40, batch_size=4, horizon=8, utd_ratio=0.5,
         loss_kwargs=dict(imagination_horizon=2),
-        algorithm_kwargs={"replay_across_episodes": across, "replay_context": context},
+        algorithm_kwargs={"replay_across_episodes": across, "replay_context": context, "replay_online": online},
         eval_interval=0, eval_at_start=False, verbose=False,
         **{"log_dir": tmp_path / "run", "checkpoint_dir": tmp_path / "run" / "checkpoints",
            "checkpoint_interval": 60, **kw})
@@ -765,15 +765,21 @@ def test_a_dreamer_run_replays_sequences_across_episode_ends(tmp_path):
         trainer(True, replay_whole_episodes=True, log_dir=None, checkpoint_dir=None)
 
 
-def test_a_dreamer_run_with_a_replay_context(tmp_path):
-    """DreamerV3's replay context in a run: the acting latents are stored with the rows (none for the seed phase's
-    random steps), the updates write their posteriors back (episode starts excepted: never read), the contexts
-    are checkpointed with the buffer, and a resume keeps the setting."""
+def test_a_dreamer_run_with_dreamer_v3_s_replay(tmp_path):
+    """DreamerV3's replay in a run, windows across episode ends with its replay context and online queue: the
+    acting latents are stored with the rows (none for the seed phase's random steps), the updates write their
+    posteriors back (episode starts excepted: never read), every 8 rows written form a window that the updates
+    consume, the contexts and the queue are checkpointed with the buffer, and a resume keeps the settings."""
     from torchrl_dreammpc.trainers import ConfigMismatchError
+    from torchrl_dreammpc.trainers.replay import OnlineStreamSampler
 
-    run = _short_episode_trainer(tmp_path, context=True)
+    run = _short_episode_trainer(tmp_path, context=True, online=True)
     assert run.fingerprint["replay_context"] is True and run.loss_module.context_key == "latent"
+    assert run.fingerprint["replay_online"] is True and isinstance(run.replay_buffer.sampler, OnlineStreamSampler)
     run.train()
+    # 60 rows: 7 windows of 8, all replayed by the updates (4 windows each), and 4 rows waiting for the next
+    assert not run.replay_buffer.sampler._queued_slices
+    assert run.replay_buffer.sampler._pending_indices.tolist() == [56, 57, 58, 59]
     hook = run.algorithm_hooks[0]
     stored = run.replay_buffer.storage[:60]
     has = torch.isfinite(stored["latent"]).all(-1)
@@ -785,12 +791,16 @@ def test_a_dreamer_run_with_a_replay_context(tmp_path):
     assert torch.isfinite(torch.stack([v for k, v in losses.items() if k.startswith("loss_")])).all()
 
     with pytest.raises(ConfigMismatchError, match="replay_context: checkpoint has True, this run has False"):
-        _short_episode_trainer(tmp_path).resume()
-    resumed = _short_episode_trainer(tmp_path, context=True)
+        _short_episode_trainer(tmp_path, online=True).resume()
+    with pytest.raises(ConfigMismatchError, match="replay_online: checkpoint has True, this run has False"):
+        _short_episode_trainer(tmp_path, context=True).resume()
+    resumed = _short_episode_trainer(tmp_path, context=True, online=True)
     assert resumed.resume() is not None
     assert torch.equal(resumed.replay_buffer.storage[:60]["latent"].nan_to_num(7.0), stored["latent"].nan_to_num(7.0))
-    with pytest.raises(ValueError, match="replay_context=True needs replay_across_episodes=True"):
-        _short_episode_trainer(tmp_path, across=False, context=True, log_dir=None, checkpoint_dir=None)
+    assert resumed.replay_buffer.sampler._pending_indices.tolist() == [56, 57, 58, 59]
+    for option in ("context", "online"):
+        with pytest.raises(ValueError, match=f"replay_{option}=True needs replay_across_episodes=True"):
+            _short_episode_trainer(tmp_path, across=False, **{option: True}, log_dir=None, checkpoint_dir=None)
 
 
 def test_recipe_validation_names_dreamer_keys():
@@ -830,18 +840,20 @@ def test_recipe_validation_names_dreamer_keys():
     across = config("preset=dreamer_cpu", "steps=100000", "task=humanoid_h1hand-stand-v0",
                     "dreamer.replay_across_episodes=true")
     assert update_arguments(across, validate_train_config(across))["algorithm_kwargs"] == {
-        "replay_across_episodes": True, "replay_context": False}
+        "replay_across_episodes": True, "replay_context": False, "replay_online": False}
     assert update_arguments(cpu, validate_train_config(cpu))["algorithm_kwargs"] == {
-        "replay_across_episodes": False, "replay_context": False}
-    context = config("preset=dreamer_cpu", "steps=100000", "task=humanoid_h1hand-stand-v0",
-                     "dreamer.replay_across_episodes=true", "dreamer.replay_context=true")
-    assert update_arguments(context, validate_train_config(context))["algorithm_kwargs"] == {
-        "replay_across_episodes": True, "replay_context": True}
-    for override, message in [("dreamer.replay_context=true", "dreamer.replay_context=true needs "
-                                                              "dreamer.replay_across_episodes=true"),
-                              ("dreamer.replay_context=1", "dreamer.replay_context must be true or false")]:
-        with pytest.raises(ConfigError, match=message):
-            validate_train_config(config("preset=dreamer_cpu", "steps=100000", override))
+        "replay_across_episodes": False, "replay_context": False, "replay_online": False}
+    dreamer_replay = config("preset=dreamer_cpu", "steps=100000", "task=humanoid_h1hand-stand-v0",
+                            "dreamer.replay_across_episodes=true", "dreamer.replay_context=true",
+                            "dreamer.replay_online=true")
+    assert update_arguments(dreamer_replay, validate_train_config(dreamer_replay))["algorithm_kwargs"] == {
+        "replay_across_episodes": True, "replay_context": True, "replay_online": True}
+    for option in ("replay_context", "replay_online"):
+        for override, message in [(f"dreamer.{option}=true", f"dreamer.{option}=true needs "
+                                                             "dreamer.replay_across_episodes=true"),
+                                  (f"dreamer.{option}=1", f"dreamer.{option} must be true or false")]:
+            with pytest.raises(ConfigError, match=message):
+                validate_train_config(config("preset=dreamer_cpu", "steps=100000", override))
     validate_train_config(config("preset=dreamer_cpu", "steps=100000", "dreamer.batch_length=501",
                                  "dreamer.replay_across_episodes=true"))
     for override in ("collector.num_workers=2", "collector.backend=ray"):

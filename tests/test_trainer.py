@@ -313,6 +313,54 @@ def test_slice_sampler_never_crosses_an_episode_end():
         _check_slices(hook.sample(), H)
 
 
+def test_online_queue_replays_each_window_of_the_stream_once_first(tmp_path):
+    """DreamerV3's online queue: rows written one at a time, across episode ends, form consecutive windows of H
+    that are sampled once each, oldest first, before uniform windows; an overwritten one is dropped; the queue and
+    the unfinished window survive a checkpoint. Without episode ends it queues what TorchRL's StreamingSliceSampler
+    (whose queue it is) queues."""
+    from torchrl.data import LazyTensorStorage, StreamingSliceSampler, TensorDictReplayBuffer
+
+    from torchrl_dreammpc.trainers.replay import STREAM_KEY, mark_one_stream
+
+    H = 3
+
+    def rows(start, stop, done_at=()):
+        done = torch.tensor([[t in done_at] for t in range(start, stop)])
+        return mark_one_stream(TensorDict({"step": torch.arange(start, stop), ("next", "done"): done},
+                                          [stop - start]))
+
+    rb = make_replay_buffer(capacity=12, horizon=H, batch_size=2, traj_key=STREAM_KEY, online=True)
+    for t in range(8):  # episodes end at steps 1 and 4
+        rb.extend(rows(t, t + 1, done_at=(1, 4)))
+    assert rb.sample()["step"].view(2, H).tolist() == [[0, 1, 2], [3, 4, 5]]  # across the episode ends
+    rb.extend(rows(8, 9))
+    first = rb.sample()["step"].view(2, H)
+    assert first[0].tolist() == [6, 7, 8]  # the one queued window, then a uniform one
+    assert first[1].tolist() in [[s, s + 1, s + 2] for s in range(7)]
+    rb.extend(rows(9, 11))  # half a window (steps 9, 10) waits across a checkpoint
+    rb.dumps(tmp_path / "rb")
+    restored = make_replay_buffer(capacity=12, horizon=H, batch_size=2, traj_key=STREAM_KEY, online=True)
+    restored.loads(tmp_path / "rb")
+    restored.extend(rows(11, 12))
+    assert restored.sample()["step"].view(2, H)[0].tolist() == [9, 10, 11]
+    # windows overwritten before they were sampled (the buffer wrapped: it holds steps 18 to 29) are dropped
+    for t in range(12, 30):
+        restored.extend(rows(t, t + 1))
+    queued = torch.cat([restored.sample()["step"].view(2, H) for _ in range(2)]).tolist()
+    assert queued == [[18, 19, 20], [21, 22, 23], [24, 25, 26], [27, 28, 29]]
+
+    theirs = TensorDictReplayBuffer(storage=LazyTensorStorage(12), batch_size=2 * H, sampler=StreamingSliceSampler(
+        slice_len=H, traj_key=STREAM_KEY, init_key=None, truncated_key=None))
+    ours = make_replay_buffer(capacity=12, horizon=H, batch_size=2, traj_key=STREAM_KEY, online=True)
+    for t in range(9):
+        theirs.extend(rows(t, t + 1))
+        ours.extend(rows(t, t + 1))
+    assert [[w.tolist() for w, _ in rb_.sampler._queued_slices] for rb_ in (theirs, ours)] == [
+        [[0, 1, 2], [3, 4, 5], [6, 7, 8]]] * 2
+    with pytest.raises(ValueError, match="online=True.*needs traj_key"):
+        make_replay_buffer(capacity=12, horizon=H, online=True)
+
+
 def test_whole_episode_replay_writes_each_episode_when_it_ends(tmp_path):
     """TD-MPC2 adds an episode to its buffer when it ends; with whole_episodes=True so do we (two workers'
     episodes interleaved step by step): an unfinished episode is never sampled, its rows wait and are

@@ -257,6 +257,10 @@ def _check_dreamer_sequences_fit(cfg: Mapping, info) -> None:
                           "(dreamer.replay_across_episodes=true: across episode ends).")
 
 
+#: The ``dreamer`` node's replay switches, passed to the update as they are (``algorithm_kwargs``).
+DREAMER_REPLAY_OPTIONS = ("replay_across_episodes", "replay_context", "replay_online")
+
+
 def _validate_dreamer(cfg: Mapping) -> None:
     """The ``dreamer`` node of ``algorithm=dreamer_v3`` (the model is checked by building its config)."""
     from torchrl_dreammpc.modules.dreamer import DREAMER_V3_SIZES, DreamerV3Config
@@ -278,13 +282,13 @@ def _validate_dreamer(cfg: Mapping) -> None:
             raise ConfigError(f"dreamer.{key} must be a positive number, got {value!r}.")
     if dreamer["horizon"] <= 1:
         raise ConfigError(f"dreamer.horizon must be > 1 (discount = 1 - 1/horizon), got {dreamer['horizon']!r}.")
-    for key in ("replay_across_episodes", "replay_context"):
+    for key in DREAMER_REPLAY_OPTIONS:
         if not isinstance(dreamer.get(key, False), bool):
             raise ConfigError(f"dreamer.{key} must be true or false, got {dreamer.get(key)!r}.")
-    if dreamer.get("replay_context", False) and not dreamer.get("replay_across_episodes", False):
-        raise ConfigError("dreamer.replay_context=true needs dreamer.replay_across_episodes=true (DreamerV3's "
-                          "replay: windows across episode ends, each starting from the stored posterior of its "
-                          "first row).")
+    for key in ("replay_context", "replay_online"):
+        if dreamer.get(key, False) and not dreamer.get("replay_across_episodes", False):
+            raise ConfigError(f"dreamer.{key}=true needs dreamer.replay_across_episodes=true (DreamerV3's replay: "
+                              "windows over the stream of steps, across episode ends).")
     pretrain = dreamer.get("pretrain_updates")
     if isinstance(pretrain, bool) or not isinstance(pretrain, int) or pretrain < 0:
         raise ConfigError(f"dreamer.pretrain_updates must be an integer >= 0, got {pretrain!r}.")
@@ -365,8 +369,7 @@ def update_arguments(cfg: Mapping, checked: Mapping[str, Any]) -> dict[str, Any]
                     pretrain_updates=int(dreamer["pretrain_updates"]),
                     utd_ratio=float(dreamer["train_ratio"]) / (batch * length), lr=float(optimizer.pop("lr")),
                     algorithm=algorithm, loss_kwargs={**optimizer, **dict(dreamer.get("loss") or {})},
-                    algorithm_kwargs={key: bool(dreamer.get(key, False))
-                                      for key in ("replay_across_episodes", "replay_context")})
+                    algorithm_kwargs={key: bool(dreamer.get(key, False)) for key in DREAMER_REPLAY_OPTIONS})
     return dict(batch_size=int(cfg["batch_size"]), horizon=int(cfg["horizon"]), seed_frames=checked["seed_steps"],
                 pretrain_updates=cfg.get("pretrain_updates"), utd_ratio=float(cfg["utd_ratio"]), lr=float(cfg["lr"]),
                 enc_lr_scale=float(cfg["enc_lr_scale"]), grad_clip=float(cfg["grad_clip"]), tau=float(cfg["tau"]),

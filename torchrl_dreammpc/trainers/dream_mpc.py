@@ -61,9 +61,10 @@ __all__ = [
 
 #: Fingerprint entries that must agree between a checkpoint and the run resuming from it.
 FINGERPRINT_KEYS = ("task", "algorithm", "model_size", "obs_dim", "action_dim", "planner", "horizon",
-                    "batch_size", "buffer_capacity", "replay_across_episodes", "replay_context")
+                    "batch_size", "buffer_capacity", "replay_across_episodes", "replay_context", "replay_online")
 #: Values of fingerprint entries added after checkpoints were first written (older checkpoints lack them).
-FINGERPRINT_DEFAULTS = {"algorithm": "tdmpc2", "replay_across_episodes": False, "replay_context": False}
+FINGERPRINT_DEFAULTS = {"algorithm": "tdmpc2", "replay_across_episodes": False, "replay_context": False,
+                        "replay_online": False}
 
 
 class ConfigMismatchError(ValueError):
@@ -86,6 +87,8 @@ class UpdateParts:
             slices lie within one trajectory.
         replay_context_key: where set, each stored row keeps a latent there that replayed sequences start from
             (DreamerV3's replay context: ``replay_preprocess`` stores it, a hook writes it back); ``None``: none.
+        replay_online: DreamerV3's online queue (needs ``replay_stream_key``): every slice of new rows is sampled
+            once before the uniform ones (:class:`~torchrl_dreammpc.trainers.replay.OnlineStreamSampler`).
     """
 
     loss_module: LossModule
@@ -95,6 +98,7 @@ class UpdateParts:
     hooks: list = dataclasses.field(default_factory=list)
     replay_stream_key: NestedKey | None = None
     replay_context_key: NestedKey | None = None
+    replay_online: bool = False
 
 
 def _require_family(algorithm: str, world_model) -> None:
@@ -131,38 +135,43 @@ def _bmpc_update(world_model, *, lr, enc_lr_scale, grad_clip, tau, compile, loss
 
 
 def _dreamer_v3_update(world_model, *, lr, enc_lr_scale, grad_clip, tau, compile, loss_kwargs, policy_loss_kwargs,
-                       replay_across_episodes=False, replay_context=False):
+                       replay_across_episodes=False, replay_context=False, replay_online=False):
     """DreamerV3's update (:func:`~torchrl_dreammpc.trainers.dreamer_v3.make_dreamer_v3_update`): ``loss_kwargs``
     holds its optimizer and loss arguments; ``enc_lr_scale``, ``grad_clip`` and ``tau`` are TD-MPC2's and unused.
     ``replay_across_episodes``: replayed sequences run across episode ends, as DreamerV3's windows (the rows keep
-    ``"is_init"``, where the RSSM restarts); otherwise each lies within one episode. ``replay_context`` (needs
-    ``replay_across_episodes``): the rows also keep the posterior of their observation, where sequences start
-    (:class:`~torchrl_dreammpc.trainers.dreamer_v3.ReplayContext`, DreamerV3's ``replay_context: 1``)."""
+    ``"is_init"``, where the RSSM restarts); otherwise each lies within one episode. With it, DreamerV3's two other
+    replay settings: ``replay_context``, the rows also keep the posterior of their observation, where sequences
+    start (:class:`~torchrl_dreammpc.trainers.dreamer_v3.ReplayContext`, ``replay_context: 1``), and
+    ``replay_online``, each new slice of the stream is replayed once first
+    (:class:`~torchrl_dreammpc.trainers.replay.OnlineStreamSampler`, ``replay.online: True``)."""
     from torchrl_dreammpc.trainers.dreamer_v3 import ReplayContext, make_dreamer_v3_update
 
     _require_family("dreamer_v3", world_model)
     if policy_loss_kwargs:
         raise ValueError("algorithm='dreamer_v3' takes no policy_loss_kwargs: its actor loss arguments go in "
                          "loss_kwargs.")
-    for name, value in (("replay_across_episodes", replay_across_episodes), ("replay_context", replay_context)):
+    options = dict(replay_across_episodes=replay_across_episodes, replay_context=replay_context,
+                   replay_online=replay_online)
+    for name, value in options.items():
         if not isinstance(value, bool):
             raise ValueError(f"{name} must be true or false, got {value!r}.")
-    if replay_context and not replay_across_episodes:
-        raise ValueError("replay_context=True needs replay_across_episodes=True (DreamerV3's replay: windows across "
-                         "episode ends that start from the stored posterior of their first row).")
     if not replay_across_episodes:
+        for name in ("replay_context", "replay_online"):
+            if options[name]:
+                raise ValueError(f"{name}=True needs replay_across_episodes=True (DreamerV3's replay: windows over "
+                                 "the stream of steps, across episode ends).")
         return UpdateParts(*make_dreamer_v3_update(world_model, lr=lr, compile=compile, **loss_kwargs))
-    if not replay_context:
-        loss_module, stepper = make_dreamer_v3_update(world_model, lr=lr, compile=compile, first_key="is_init",
-                                                      **loss_kwargs)
-        return UpdateParts(loss_module, stepper, replay_keys=("is_init", STREAM_KEY),
-                           replay_preprocess=mark_one_stream, replay_stream_key=STREAM_KEY)
-    context = ReplayContext(world_model, first_key="is_init")
+    context = ReplayContext(world_model, first_key="is_init") if replay_context else None
     loss_module, stepper = make_dreamer_v3_update(world_model, lr=lr, compile=compile, first_key="is_init",
                                                   replay_context=context, **loss_kwargs)
-    return UpdateParts(loss_module, stepper, replay_keys=("is_init", STREAM_KEY, context.key),
-                       replay_preprocess=lambda rows: context.mark(mark_one_stream(rows)), hooks=[context],
-                       replay_stream_key=STREAM_KEY, replay_context_key=context.key)
+    parts = UpdateParts(loss_module, stepper, replay_keys=("is_init", STREAM_KEY), replay_preprocess=mark_one_stream,
+                        replay_stream_key=STREAM_KEY, replay_online=replay_online)
+    if context is not None:
+        parts.replay_keys += (context.key,)
+        parts.replay_preprocess = lambda rows: context.mark(mark_one_stream(rows))
+        parts.hooks.append(context)
+        parts.replay_context_key = context.key
+    return parts
 
 
 #: Per algorithm, what builds its update: ``(world_model, *, lr, enc_lr_scale, grad_clip, tau, compile, loss_kwargs,
@@ -413,8 +422,9 @@ class DreamMPCTrainer(Trainer):
             ``BMPCPolicyLoss``).
         algorithm_kwargs (dict, optional): extra arguments of its update builder (BMPC: ``reanalyze``, see
             :func:`~torchrl_dreammpc.trainers.bmpc.make_bmpc_update`; DreamerV3: ``replay_across_episodes``,
-            replayed sequences across episode ends, with ``num_workers=1``, and ``replay_context``, sequences
-            starting from the stored posterior of their first row).
+            replayed sequences across episode ends, with ``num_workers=1``, and with it ``replay_context``,
+            sequences starting from the stored posterior of their first row, and ``replay_online``, DreamerV3's
+            online queue).
         eval_interval (int): steps between evaluations (``0``: none). Default 10_000.
         eval_episodes (int): episodes per evaluation. Default 10.
         eval_actors (mapping, optional): ``{name: actor}`` evaluated each time, the first being the training
@@ -638,6 +648,7 @@ class DreamMPCTrainer(Trainer):
         # The stored rows differ (a stream id and "is_init"): a run resumes only with the replay it was written with.
         self.fingerprint["replay_across_episodes"] = update.replay_stream_key is not None
         self.fingerprint["replay_context"] = update.replay_context_key is not None
+        self.fingerprint["replay_online"] = update.replay_online
         if update.replay_stream_key is not None and (fragmented or replay_whole_episodes):
             raise ValueError("A replay across episode ends (replay_across_episodes) reads one env's steps in the order "
                              "they were collected: it needs num_workers=1 and replay_whole_episodes=False.")
@@ -649,6 +660,7 @@ class DreamMPCTrainer(Trainer):
             scratch_dir=scratch_dir,
             traj_key=update.replay_stream_key or TRAJ_KEY,
             fragmented=fragmented,
+            online=update.replay_online,
         )
 
         # -- logging ---------------------------------------------------------------------------------------

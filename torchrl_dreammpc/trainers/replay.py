@@ -7,13 +7,19 @@ from pathlib import Path
 import torch
 from tensordict import TensorDict, TensorDictBase
 from tensordict.utils import NestedKey
-from torchrl.data import LazyMemmapStorage, LazyTensorStorage, SliceSampler, TensorDictReplayBuffer
+from torchrl.data import (
+    LazyMemmapStorage,
+    LazyTensorStorage,
+    SliceSampler,
+    StreamingSliceSampler,
+    TensorDictReplayBuffer,
+)
 from torchrl.trainers import ReplayBufferTrainer, Trainer
 
 from torchrl_dreammpc._checks import MissingKeyError
 
 __all__ = ["REPLAY_KEYS", "STEP_KEY", "TRAJ_KEY", "STREAM_KEY", "EXPERT_KEY", "EXPERT_KEYS", "make_replay_buffer",
-           "SliceReplayBufferTrainer", "mark_missing_experts", "mark_one_stream"]
+           "SliceReplayBufferTrainer", "OnlineStreamSampler", "mark_missing_experts", "mark_one_stream"]
 
 #: The trajectory id every TorchRL collector writes; the sampler cuts slices where it changes.
 TRAJ_KEY: tuple[str, str] = ("collector", "traj_ids")
@@ -84,6 +90,50 @@ def mark_one_stream(rows: TensorDictBase) -> TensorDictBase:
     return rows
 
 
+class OnlineStreamSampler(StreamingSliceSampler):
+    """DreamerV3's online replay queue (``replay.online: True``, ``embodied/core/replay.py``) over one stream of
+    steps: every ``slice_len`` consecutive rows written make one window, queued once; a sample takes the queued
+    windows first (oldest first), then uniform windows (:class:`~torchrl.data.SliceSampler` over the stream). So
+    each collected step is replayed at least once soon after it is written, whatever the buffer's size.
+
+    TorchRL's :class:`~torchrl.data.StreamingSliceSampler`, whose queue, write versions (a queued window whose rows
+    were overwritten is dropped), sampling and checkpoint state are kept as they are. Only the partition of the
+    writes into windows differs: TorchRL's cuts them at episode ends (``done``, ``"is_init"``) and drops the
+    remainder of each episode, where DreamerV3 partitions its stream of steps across episode ends (the RSSM
+    restarts at an episode's first row). For a replay across episode ends (``traj_key=STREAM_KEY``, one stream).
+
+    Examples:
+        >>> rb = TensorDictReplayBuffer(storage=LazyTensorStorage(16), batch_size=6, sampler=OnlineStreamSampler(
+        ...     slice_len=3, traj_key=STREAM_KEY, init_key=None, truncated_key=None))
+        >>> done = torch.tensor([False, False, False, True, False, False, False])
+        >>> _ = rb.extend(mark_one_stream(TensorDict({"step": torch.arange(7), ("next", "done"): done}, [7])))
+        >>> rb.sample()["step"].view(2, 3)  # the stream's first two windows, across the episode end at step 3
+        tensor([[0, 1, 2],
+                [3, 4, 5]])
+    """
+
+    def mark_update(self, index: int | torch.Tensor, *, storage=None) -> None:
+        SliceSampler.mark_update(self, index, storage=storage)  # the uniform fallback's own bookkeeping
+        if storage is None:
+            return
+        if isinstance(index, tuple) or storage.ndim != 1:
+            raise RuntimeError("OnlineStreamSampler needs a one-dimensional storage.")
+        written = torch.as_tensor(index, dtype=torch.long).reshape(-1).cpu()[-storage.max_size:]
+        if not written.numel():
+            return
+        self._ensure_slot_versions(int(written.max()) + 1, storage.max_size)
+        versions = self._slot_versions[written] + 1  # one write holds each slot once (at most max_size rows)
+        self._slot_versions[written] = versions
+        rows = torch.cat([self._pending_indices, written])
+        versions = torch.cat([self._pending_versions, versions])
+        whole = rows.numel() // self.slice_len * self.slice_len
+        self._queued_slices.extend(zip(rows[:whole].view(-1, self.slice_len).unbind(0),
+                                       versions[:whole].view(-1, self.slice_len).unbind(0)))
+        self._pending_indices, self._pending_versions = rows[whole:].clone(), versions[whole:].clone()
+        while len(self._queued_slices) > storage.max_size // self.slice_len:  # older ones were overwritten
+            self._queued_slices.popleft()
+
+
 def make_replay_buffer(
     capacity: int,
     horizon: int,
@@ -94,6 +144,7 @@ def make_replay_buffer(
     traj_key: NestedKey = TRAJ_KEY,
     fragmented: bool = False,
     step_key: NestedKey = STEP_KEY,
+    online: bool = False,
 ) -> TensorDictReplayBuffer:
     """TD-MPC2's replay buffer: ``batch_size`` sub-trajectories of ``horizon`` transitions per sample.
 
@@ -128,6 +179,9 @@ def make_replay_buffer(
             multi-worker collection). Defaults to ``False``.
         step_key (NestedKey): step index within the episode (:class:`~torchrl.envs.StepCounter`'s
             ``"step_count"``); read only with ``fragmented=True``.
+        online (bool): DreamerV3's online queue (:class:`OnlineStreamSampler`): each ``horizon`` rows written
+            form a slice sampled once before the uniform ones. For one stream (``traj_key=STREAM_KEY``).
+            Defaults to ``False``.
 
     Examples:
         >>> rb = make_replay_buffer(1000, horizon=3, batch_size=4)
@@ -142,18 +196,20 @@ def make_replay_buffer(
         storage = LazyMemmapStorage(capacity, scratch_dir=None if scratch_dir is None else str(scratch_dir))
     else:
         storage = LazyTensorStorage(capacity)
-    sampler = SliceSampler(
+    if online and (fragmented or traj_key != STREAM_KEY):
+        raise ValueError("The online queue (online=True) partitions one stream of rows: it needs "
+                         f"traj_key={STREAM_KEY!r} and fragmented=False.")
+    sampler = (OnlineStreamSampler if online else SliceSampler)(
         slice_len=horizon,
         traj_key=traj_key,
         strict_length=True,
-        fragmented=fragmented,
-        step_key=step_key,
         # The boundaries are recomputed only after a write: the seed-phase pre-training (thousands of updates
         # with no write in between) samples from the cache.
         cache_values=not fragmented,
         # TDMPC2Loss reads neither an is_init nor a truncated marker: writing them would cost a copy per sample.
         truncated_key=None,
         init_key=None,
+        **({} if online else dict(fragmented=fragmented, step_key=step_key)),
     )
     return TensorDictReplayBuffer(storage=storage, sampler=sampler, batch_size=batch_size * horizon)
 
