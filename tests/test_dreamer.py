@@ -332,6 +332,8 @@ def test_replay_context_stores_acting_latents_and_writes_training_posteriors_bac
                                                              acted["latent"][[0, 1, 3, 4, 5]])
     assert context.mark(acted.select("observation"))["latent"].isnan().all()  # an actor that writes none
 
+    with pytest.raises(RuntimeError, match="no replay buffer to write to"):  # not registered: not silently skipped
+        context.write_back(TensorDict({}, [2, 3]))
     buffer = make_replay_buffer(10, horizon=3, batch_size=1)
     buffer.extend(TensorDict({"latent": torch.full((10, wm.latent_dim), float("nan")),
                               "is_init": torch.zeros(10, 1, dtype=torch.bool)}, [10]))
@@ -728,11 +730,10 @@ def _short_episode_trainer(tmp_path, across: bool = True, context: bool = False,
     return DreamMPCTrainer(
         world_model=wm, actor=wm.acting_module(PolicyActor(wm)), algorithm="dreamer_v3",
         create_env_fn=_short_episodes, total_frames=60, seed_frames=40, batch_size=4, horizon=8, utd_ratio=0.5,
-        loss_kwargs=dict(imagination_horizon=2),
         algorithm_kwargs={"replay_across_episodes": across, "replay_context": context, "replay_online": online},
         eval_interval=0, eval_at_start=False, verbose=False,
-        **{"log_dir": tmp_path / "run", "checkpoint_dir": tmp_path / "run" / "checkpoints",
-           "checkpoint_interval": 60, **kw})
+        **{"loss_kwargs": dict(imagination_horizon=2), "log_dir": tmp_path / "run",
+           "checkpoint_dir": tmp_path / "run" / "checkpoints", "checkpoint_interval": 60, **kw})
 
 
 def test_a_dreamer_run_replays_sequences_across_episode_ends(tmp_path):
@@ -801,6 +802,8 @@ def test_a_dreamer_run_with_dreamer_v3_s_replay(tmp_path):
     for option in ("context", "online"):
         with pytest.raises(ValueError, match=f"replay_{option}=True needs replay_across_episodes=True"):
             _short_episode_trainer(tmp_path, across=False, **{option: True}, log_dir=None, checkpoint_dir=None)
+    with pytest.raises(ValueError, match=r"loss_kwargs \['context_key'\] are set by replay_across_episodes"):
+        _short_episode_trainer(tmp_path, loss_kwargs=dict(context_key="latent"), log_dir=None, checkpoint_dir=None)
 
 
 def test_recipe_validation_names_dreamer_keys():
@@ -854,6 +857,10 @@ def test_recipe_validation_names_dreamer_keys():
                                   (f"dreamer.{option}=1", f"dreamer.{option} must be true or false")]:
             with pytest.raises(ConfigError, match=message):
                 validate_train_config(config("preset=dreamer_cpu", "steps=100000", override))
+    for key in ("first_key", "context_key"):  # what the replay stores follows the switches
+        with pytest.raises(ConfigError, match=f"dreamer.loss.{key} is set by the replay switches"):
+            validate_train_config(config("preset=dreamer_cpu", "steps=100000", "dreamer.replay_across_episodes=true",
+                                         f"+dreamer.loss.{key}=latent"))
     validate_train_config(config("preset=dreamer_cpu", "steps=100000", "dreamer.batch_length=501",
                                  "dreamer.replay_across_episodes=true"))
     for override in ("collector.num_workers=2", "collector.backend=ray"):

@@ -150,6 +150,9 @@ def _dreamer_v3_update(world_model, *, lr, enc_lr_scale, grad_clip, tau, compile
     if policy_loss_kwargs:
         raise ValueError("algorithm='dreamer_v3' takes no policy_loss_kwargs: its actor loss arguments go in "
                          "loss_kwargs.")
+    given = sorted({"first_key", "context_key"} & set(loss_kwargs))
+    if given:  # they name entries the replay must store: the switches set both
+        raise ValueError(f"loss_kwargs {given} are set by replay_across_episodes / replay_context, not passed.")
     options = dict(replay_across_episodes=replay_across_episodes, replay_context=replay_context,
                    replay_online=replay_online)
     for name, value in options.items():

@@ -83,8 +83,9 @@ class ReplayContext(TrainerHookBase):
         return rows
 
     def write_back(self, batch: TensorDictBase) -> None:
-        if self.replay_buffer is None:
-            return
+        if self.replay_buffer is None:  # training would go on from the acting latents alone, unnoticed
+            raise RuntimeError("The ReplayContext has no replay buffer to write to: register it as a trainer hook "
+                               "(context.register(trainer)) or set context.replay_buffer.")
         B, T = batch.shape
         features = batch.get(self.output_key)
         latent = torch.cat([features.get("state"), features.get("belief")], -1)[:, :-1].detach()
