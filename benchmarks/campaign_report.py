@@ -7,7 +7,8 @@ directory lived on an earlier machine).
 
 Files:
 - ``benchmark/planner_swap.csv``: ``task,suite,step,planner,return_mean,return_std,success_rate,episodes,
-  plan_ms_per_step`` (+ ``return_sem,run``), one row per run, snapshot step and planner;
+  plan_ms_per_step`` (+ ``return_sem,run,algorithm,success_any_rate,mean_episode_length``), one row per run,
+  snapshot step and planner;
 - ``benchmark/episodes.json``: every episode's return (and success flag) behind those rows (paired: episode i
   of every planner starts from the same initial state);
 - ``benchmark/runs.json``: per run: steps trained, wall time, machine, commands, pending swaps, earlier attempts
@@ -38,7 +39,7 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = ROOT.parent / "shared" / "reference" / "published-results"
 SWAP_COLUMNS = ["task", "suite", "step", "planner", "return_mean", "return_std", "success_rate", "episodes",
-                "plan_ms_per_step", "return_sem", "run", "algorithm", "success_any_rate"]
+                "plan_ms_per_step", "return_sem", "run", "algorithm", "success_any_rate", "mean_episode_length"]
 PLANNER_STYLE = {"policy": ("tab:blue", "policy prior"), "policy_sample": ("tab:cyan", "policy prior, sampled"),
                  "dream_mpc": ("tab:red", "Dream-MPC"),
                  "mppi": ("tab:green", "MPPI"), "dream_mpc_no_grad": ("tab:purple", "Dream-MPC, no gradient step"),
@@ -97,6 +98,7 @@ def _run_rows(run, swaps) -> tuple[list[dict], dict]:
                 "plan_ms_per_step": result["plan_ms_per_step"],
                 "return_sem": result["return_std"] / math.sqrt(n) if n > 1 else float("nan"), "run": run.id,
                 "algorithm": run.train.get("algorithm", "tdmpc2"), "success_any_rate": result.get("success_any_rate"),
+                "mean_episode_length": result.get("mean_episode_length"),
             })
             episodes.setdefault(str(step), {})[swap.name] = {
                 "returns": result.get("episode_returns"), "successes": result.get("episode_successes"),
@@ -418,6 +420,10 @@ def plot_aggregate(result: dict, path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # the markdown
 # ----------------------------------------------------------------------------------------------------------------
+#: Suites whose episodes end early (HumanoidBench: at a fall), whose swap cells show the mean episode length.
+EARLY_ENDING_SUITES = ("humanoid_bench",)
+
+
 def _fmt_cell(row: dict | None, suite: str) -> str:
     if row is None:
         return ""
@@ -428,6 +434,9 @@ def _fmt_cell(row: dict | None, suite: str) -> str:
         any_step = row.get("success_any_rate")
         any_text = f", any {float(any_step):.2f}" if any_step not in (None, "") else ""
         cell = f"{p:.2f} ± {_success_sem(p, int(row['episodes'])):.2f}{any_text} ({cell})"
+    length = row.get("mean_episode_length")
+    if suite in EARLY_ENDING_SUITES and length not in (None, ""):  # a return is read with how long it ran
+        return cell + f" <sub>n={row['episodes']}, {float(length):.0f} steps</sub>"
     return cell + f" <sub>n={row['episodes']}</sub>"
 
 
@@ -477,6 +486,8 @@ def _swap_table(record: dict, rows: list[dict], planners: list[str], episodes: d
     lines.append("| ms per step (median) | " + " | ".join(ms) + " |" + " |" * (paired + bool(prior)))
     what = ("success rate at the episode's last step, as TD-MPC2 counts it, ± binomial s.e., and at any step "
             "(return ± s.e.)" if suite == "metaworld" else "return ± standard error")
+    if suite in EARLY_ENDING_SUITES:
+        what += " (beside n, the mean episode length in steps: an episode ends at a fall)"
     note = (" *prior*: the policy prior on the states of its own evaluation episode (benchmarks/policy_prior_state.py): "
             "the fraction of action dimensions whose squashed mean is beyond ±0.99, and the mean log-std (TD-MPC2's and "
             "BMPC's range [-10, 2] and [-3, 1]; DreamerV3's std lies in [0.1, 1])."

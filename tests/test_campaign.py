@@ -252,6 +252,14 @@ def test_report_keeps_committed_rows_of_runs_whose_directory_is_gone(tmp_path, c
             in loaded["report"].read_text())
 
 
+def test_swap_cells_of_early_ending_episodes_show_their_length():
+    row = {"return_mean": 15.44, "return_sem": 0.21, "episodes": 30, "mean_episode_length": 620.9}
+    assert campaign_report._fmt_cell(row, "humanoid_bench") == "15.4 ± 0.2 <sub>n=30, 621 steps</sub>"
+    assert campaign_report._fmt_cell(row, "dmc") == "15.4 ± 0.2 <sub>n=30</sub>"  # fixed-length episodes
+    committed = {**row, "mean_episode_length": ""}  # a row of a CSV written before the column existed
+    assert campaign_report._fmt_cell(committed, "humanoid_bench") == "15.4 ± 0.2 <sub>n=30</sub>"
+
+
 def test_earlier_attempts_are_told_apart_from_a_continued_run():
     old = {"trained_step": 300, "wall_s": 90.0, "chunks": [{"start": "2026-01-01T00:00:00+00:00"}],
            "restarts": [{"started": None, "reached_step": 100, "wall_s": 30.0}]}
