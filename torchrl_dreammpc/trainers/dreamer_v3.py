@@ -18,6 +18,7 @@ from torchrl.trainers import Trainer, TrainerHookBase
 from torchrl.trainers.algorithms import DreamerV3OptimizationStepper, DreamerV3Optimizer
 
 from torchrl_dreammpc.objectives.dreamer_v3 import DreamerV3TrainingLoss, SlowCriticUpdate
+from torchrl_dreammpc.trainers.replay import write_to_rows
 from torchrl_dreammpc.trainers.stepper import check_update_finite, load_optimizer_keeping_settings
 
 __all__ = ["make_dreamer_v3_update", "OPTIMIZER_DEFAULTS", "ReplayContext"]
@@ -91,12 +92,9 @@ class ReplayContext(TrainerHookBase):
         latent = torch.cat([features.get("state"), features.get("belief")], -1)[:, :-1].detach()
         index = batch.get(self.index_key).reshape(B, T, -1)[..., 0][:, 1:]
         keep = ~batch.get(self.first_key).reshape(B, T)[:, 1:].bool()
-        rows, values = index[keep].cpu(), latent[keep]
+        rows = index[keep]
         if rows.numel():
-            device = getattr(self.replay_buffer.storage, "device", None)
-            if isinstance(device, (str, torch.device)) and device != "auto":
-                values = values.to(device)
-            self.replay_buffer[rows] = TensorDict({self.key: values}, [rows.numel()])
+            write_to_rows(self.replay_buffer, rows, TensorDict({self.key: latent[keep]}, [rows.numel()]))
             self.written += rows.numel()
 
     def state_dict(self) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.trainers import Trainer, TrainerHookBase
 
 from torchrl_dreammpc.planners.base import LatentPlannerBase
+from torchrl_dreammpc.trainers.replay import write_to_rows
 
 __all__ = ["LazyReanalyze", "CPU_STATES_PER_CALL"]
 
@@ -146,10 +147,8 @@ class LazyReanalyze(TrainerHookBase):
         expert = TensorDict({name: torch.cat([part.get(self._entry(name)) for part in parts])
                              for name in ("loc", "scale")}, [n * H])
         if self.replay_buffer is not None:
-            index = batch.get(self.index_key)[:n].reshape(n * H, -1)[:, 0].cpu()  # 1-D storage: one index per row
-            device = getattr(self.replay_buffer.storage, "device", None)
-            rows = expert.to(device) if isinstance(device, (str, torch.device)) and device != "auto" else expert
-            self.replay_buffer[index] = TensorDict({self.expert_key: rows}, [n * H])
+            index = batch.get(self.index_key)[:n].reshape(n * H, -1)[:, 0]  # 1-D storage: one index per row
+            write_to_rows(self.replay_buffer, index, TensorDict({self.expert_key: expert}, [n * H]))
         for name in ("loc", "scale"):
             value = batch.get(self._entry(name)).clone()
             value[:n] = expert.get(name).reshape(n, H, -1).to(value.device)

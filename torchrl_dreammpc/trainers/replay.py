@@ -19,7 +19,8 @@ from torchrl.trainers import ReplayBufferTrainer, Trainer
 from torchrl_dreammpc._checks import MissingKeyError
 
 __all__ = ["REPLAY_KEYS", "STEP_KEY", "TRAJ_KEY", "STREAM_KEY", "EXPERT_KEY", "EXPERT_KEYS", "make_replay_buffer",
-           "SliceReplayBufferTrainer", "OnlineStreamSampler", "mark_missing_experts", "mark_one_stream"]
+           "SliceReplayBufferTrainer", "OnlineStreamSampler", "mark_missing_experts", "mark_one_stream",
+           "write_to_rows"]
 
 #: The trajectory id every TorchRL collector writes; the sampler cuts slices where it changes.
 TRAJ_KEY: tuple[str, str] = ("collector", "traj_ids")
@@ -88,6 +89,24 @@ def mark_one_stream(rows: TensorDictBase) -> TensorDictBase:
     """
     rows.set(STREAM_KEY, torch.zeros(rows.shape, dtype=torch.int64, device=rows.device))
     return rows
+
+
+def write_to_rows(replay_buffer: TensorDictBase, index: torch.Tensor, entries: TensorDictBase) -> None:
+    """Overwrites ``entries`` (``[N]``) of the stored rows at storage ``index`` (``[N]``), moved to the storage's
+    device. Through TorchRL's ``ReplayBuffer.__setitem__``: no row is added or moved, the other entries of the rows
+    stay as they are, and the sampler's boundaries and write versions are left alone (a patch, not a write).
+
+    Examples:
+        >>> rb = make_replay_buffer(8, horizon=2, batch_size=1)
+        >>> _ = rb.extend(TensorDict({"x": torch.zeros(4), "y": torch.ones(4)}, [4]))
+        >>> write_to_rows(rb, torch.tensor([1, 3]), TensorDict({"x": torch.tensor([5.0, 6.0])}, [2]))
+        >>> rb.storage[:4]["x"].tolist(), rb.storage[:4]["y"].tolist()
+        ([0.0, 5.0, 0.0, 6.0], [1.0, 1.0, 1.0, 1.0])
+    """
+    device = getattr(replay_buffer.storage, "device", None)
+    if isinstance(device, (str, torch.device)) and device != "auto":
+        entries = entries.to(device)
+    replay_buffer[index.cpu()] = entries
 
 
 class OnlineStreamSampler(StreamingSliceSampler):
