@@ -259,8 +259,6 @@ def _check_dreamer_sequences_fit(cfg: Mapping, info) -> None:
 
 #: The ``dreamer`` node's replay switches, passed to the update as they are (``algorithm_kwargs``).
 DREAMER_REPLAY_OPTIONS = ("replay_across_episodes", "replay_context", "replay_online")
-#: ``DreamerV3TrainingLoss`` arguments that the replay switches set (with the entries the replay stores).
-DREAMER_REPLAY_LOSS_KEYS = ("first_key", "context_key")
 
 
 def _validate_dreamer(cfg: Mapping) -> None:
@@ -302,15 +300,15 @@ def _validate_dreamer(cfg: Mapping) -> None:
     import inspect
 
     from torchrl_dreammpc.objectives.dreamer_v3 import DreamerV3TrainingLoss
-    from torchrl_dreammpc.trainers.dreamer_v3 import OPTIMIZER_DEFAULTS
+    from torchrl_dreammpc.trainers.dreamer_v3 import OPTIMIZER_DEFAULTS, REPLAY_LOSS_KEYS
 
     # The replay's keys (first_key, context_key) follow the dreamer.replay_* switches, which also set what is stored.
-    replay_keys = set(DREAMER_REPLAY_LOSS_KEYS) & set(dreamer.get("loss") or {})
+    replay_keys = set(REPLAY_LOSS_KEYS) & set(dreamer.get("loss") or {})
     if replay_keys:
         raise ConfigError(f"dreamer.loss.{sorted(replay_keys)[0]} is set by the replay switches "
                           "(dreamer.replay_across_episodes, dreamer.replay_context), not in dreamer.loss.")
     known = {"loss": set(inspect.signature(DreamerV3TrainingLoss).parameters) - {"world_model"}
-             - set(DREAMER_REPLAY_LOSS_KEYS), "optimizer": set(OPTIMIZER_DEFAULTS)}
+             - set(REPLAY_LOSS_KEYS), "optimizer": set(OPTIMIZER_DEFAULTS)}
     for node, names in known.items():
         unknown = sorted(set(dreamer.get(node) or {}) - names)
         if unknown:

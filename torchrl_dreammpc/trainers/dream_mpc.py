@@ -144,14 +144,14 @@ def _dreamer_v3_update(world_model, *, lr, enc_lr_scale, grad_clip, tau, compile
     start (:class:`~torchrl_dreammpc.trainers.dreamer_v3.ReplayContext`, ``replay_context: 1``), and
     ``replay_online``, each new slice of the stream is replayed once first
     (:class:`~torchrl_dreammpc.trainers.replay.OnlineStreamSampler`, ``replay.online: True``)."""
-    from torchrl_dreammpc.trainers.dreamer_v3 import ReplayContext, make_dreamer_v3_update
+    from torchrl_dreammpc.trainers.dreamer_v3 import REPLAY_LOSS_KEYS, ReplayContext, make_dreamer_v3_update
 
     _require_family("dreamer_v3", world_model)
     if policy_loss_kwargs:
         raise ValueError("algorithm='dreamer_v3' takes no policy_loss_kwargs: its actor loss arguments go in "
                          "loss_kwargs.")
-    given = sorted({"first_key", "context_key"} & set(loss_kwargs))
-    if given:  # they name entries the replay must store: the switches set both
+    given = sorted(set(REPLAY_LOSS_KEYS) & set(loss_kwargs))
+    if given:
         raise ValueError(f"loss_kwargs {given} are set by replay_across_episodes / replay_context, not passed.")
     options = dict(replay_across_episodes=replay_across_episodes, replay_context=replay_context,
                    replay_online=replay_online)

@@ -21,7 +21,11 @@ from torchrl_dreammpc.objectives.dreamer_v3 import DreamerV3TrainingLoss, SlowCr
 from torchrl_dreammpc.trainers.replay import write_to_rows
 from torchrl_dreammpc.trainers.stepper import check_update_finite, load_optimizer_keeping_settings
 
-__all__ = ["make_dreamer_v3_update", "OPTIMIZER_DEFAULTS", "ReplayContext"]
+__all__ = ["make_dreamer_v3_update", "OPTIMIZER_DEFAULTS", "ReplayContext", "REPLAY_LOSS_KEYS"]
+
+#: ``DreamerV3TrainingLoss`` arguments that name entries the replay must store: set by the replay switches
+#: (``replay_across_episodes``, ``replay_context``), never passed by hand.
+REPLAY_LOSS_KEYS = ("first_key", "context_key")
 
 #: [DreamerV3] ``opt`` and ``slowvalue.rate``.
 OPTIMIZER_DEFAULTS: dict[str, Any] = dict(lr=4e-5, agc=0.3, eps=1e-20, beta1=0.9, beta2=0.999, warmup_steps=1000,
