@@ -12,7 +12,9 @@ Files:
 - ``benchmark/episodes.json``: every episode's return (and success flag) behind those rows (paired: episode i
   of every planner starts from the same initial state);
 - ``benchmark/runs.json``: per run: steps trained, wall time, machine, commands, pending swaps, earlier attempts
-  that started again from step 0 (``restarts``, see :func:`earlier_attempts`);
+  that started again from step 0 with the results they had (``restarts``, see :func:`earlier_attempts`);
+- ``benchmark/planner_swap_earlier_runs.csv``: those earlier attempts' swap rows (the columns above +
+  ``attempt_started,attempt_reached_step``);
 - ``benchmark/<run>.png``: the curves (policy and Dream-MPC every snapshot, MPPI where evaluated, the
   published TD-MPC2 and DreamerV3 seeds / BMPC-paper curves);
 - ``benchmark/aggregate.json`` and ``aggregate[-<algorithm>].png``: per training algorithm, the mean and IQM
@@ -131,18 +133,42 @@ def _run_record(run, campaign, rows) -> dict[str, Any]:
     }
 
 
-def earlier_attempts(committed: dict | None, record: dict) -> list[dict]:
+#: The swap-row columns that hold numbers (a committed CSV gives strings; an earlier attempt keeps them typed).
+_INT_COLUMNS, _FLOAT_COLUMNS = ("step", "episodes"), ("return_mean", "return_std", "success_rate", "plan_ms_per_step",
+                                                      "return_sem", "success_any_rate", "mean_episode_length")
+
+
+def _typed_row(row: dict) -> dict:
+    """A swap row with numbers for numbers and ``None`` for empty cells (as read back from the CSV)."""
+    out = {}
+    for key, value in row.items():
+        if value in ("", None):
+            out[key] = None
+        elif key in _INT_COLUMNS:
+            out[key] = int(float(value))
+        elif key in _FLOAT_COLUMNS:
+            out[key] = float(value)
+        else:
+            out[key] = value
+    return out
+
+
+def earlier_attempts(committed: dict | None, record: dict, rows: list[dict] = (),
+                     episodes: dict | None = None) -> list[dict]:
     """The earlier attempts of a run that started again from step 0 (its directory lost with a machine, or a
     ``--rerun``), carried from report to report so that the report keeps saying so: those of the committed record,
     plus the committed run itself when ``record`` does not continue it (another first training chunk, or fewer
-    steps).
+    steps). The committed run's evidence goes with it: its swap ``rows`` and ``episodes`` (what the committed
+    report held for it), its training-loop evaluation curve and its policy-prior diagnosis, so that a lost run
+    directory costs the compute, not the results already measured.
 
     Examples:
         >>> old = {"trained_step": 7960, "wall_s": 7920.0, "chunks": [{"start": "2026-12-01T17:02:38+00:00"}]}
         >>> earlier_attempts(old, {"trained_step": 8000, "chunks": old["chunks"] + [{"start": "later"}]})
         []
-        >>> earlier_attempts(old, {"trained_step": 5170, "chunks": [{"start": "2026-12-01T20:34:51+00:00"}]})
-        [{'started': '2026-12-01T17:02:38+00:00', 'reached_step': 7960, 'wall_s': 7920.0}]
+        >>> [attempt] = earlier_attempts(old, {"trained_step": 5170, "chunks": [{"start": "2026-12-01T20:34"}]})
+        >>> attempt["started"], attempt["reached_step"], attempt["wall_s"], attempt["swap_rows"]
+        ('2026-12-01T17:02:38+00:00', 7960, 7920.0, [])
     """
     if committed is None:
         return []
@@ -151,7 +177,10 @@ def earlier_attempts(committed: dict | None, record: dict) -> list[dict]:
     other_run = bool(old_chunks) and (not new_chunks or new_chunks[0].get("start") != old_chunks[0].get("start"))
     if other_run or committed["trained_step"] > record["trained_step"]:
         attempts.append({"started": old_chunks[0].get("start") if old_chunks else None,
-                         "reached_step": committed["trained_step"], "wall_s": committed["wall_s"]})
+                         "reached_step": committed["trained_step"], "wall_s": committed["wall_s"],
+                         "swap_rows": [_typed_row(row) for row in rows], "episodes": episodes or {},
+                         "eval_curve": committed.get("eval_curve") or [],
+                         "policy_prior": committed.get("policy_prior") or {}})
     return attempts
 
 
@@ -159,10 +188,12 @@ def _attempt_lines(record: dict) -> list[str]:
     lines = []
     for attempt in record.get("restarts") or []:
         started = f", started {attempt['started'][:16].replace('T', ' ')} UTC," if attempt.get("started") else ""
-        lines.append(f"*An earlier run of it{started} reached {attempt['reached_step']:,} steps in "
-                     f"{attempt['wall_s'] / 3600:.1f} h and was not continued (its directory was lost with a machine, "
-                     f"or it was rerun): the run below started again from step 0.*")
-    return lines + [""] if lines else []
+        kept = (" Its planner swaps are kept: dashed in the figure, and in the table after this run's."
+                if attempt.get("swap_rows") else "")
+        lines += [f"*An earlier run of it{started} reached {attempt['reached_step']:,} steps in "
+                  f"{attempt['wall_s'] / 3600:.1f} h and was not continued (its directory was lost with a machine, "
+                  f"or it was rerun): the run below started again from step 0.{kept}*", ""]
+    return lines
 
 
 def collect(campaign: dict[str, Any]) -> tuple[list[dict], dict, dict]:
@@ -174,7 +205,8 @@ def collect(campaign: dict[str, Any]) -> tuple[list[dict], dict, dict]:
         committed = [row for row in old_rows if row["run"] == run.id]
         if run.run_dir.exists() and (run_rows or not committed):
             record = _run_record(run, campaign, run_rows)
-            record["restarts"] = earlier_attempts(old_runs.get(run.id), record)
+            record["restarts"] = earlier_attempts(old_runs.get(run.id), record, committed,
+                                                  old_episodes.get(run.id, {}))
         else:  # the run lived on an earlier machine (its directory here is gone, or new and still without
             # results): keep what was committed until the directory has results of its own
             run_rows, run_episodes = committed, old_episodes.get(run.id, {})
@@ -248,6 +280,8 @@ def _metric(row: dict, suite: str) -> tuple[float, float]:
 
 
 def plot_run(run_id: str, record: dict, rows: list[dict], path: Path) -> None:
+    """The run's curves: its planner swaps (± s.e.) over snapshots, those of its earlier attempts (``restarts``
+    with swap rows) dashed and faded, and the published curves of its task."""
     suite, steps = record["suite"], record["steps"]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name, points in published_points(record["task"], suite, steps).items():
@@ -265,6 +299,19 @@ def plot_run(run_id: str, record: dict, rows: list[dict], path: Path) -> None:
         values = [_metric(r, suite) for r in mine]
         ax.errorbar(xs, [v for v, _ in values], yerr=[e for _, e in values], color=color, capsize=3,
                     fmt="o-" if len(xs) > 2 else "o", ms=4, label=f"{label} (ours, ± s.e.)")
+    for attempt in record.get("restarts") or []:
+        earlier = attempt.get("swap_rows") or []
+        for planner, (color, label) in PLANNER_STYLE.items():
+            mine = sorted((r for r in earlier if r["planner"] == planner), key=lambda r: int(r["step"]))
+            if mine:
+                values = [_metric(r, suite) for r in mine]
+                unlabelled = not any(r["planner"] == planner for r in rows)  # its colour is not in the legend yet
+                ax.errorbar([int(r["step"]) for r in mine], [v for v, _ in values], yerr=[e for _, e in values],
+                            color=color, capsize=2, fmt="o--", mfc="none", ms=3, lw=1, alpha=0.45,
+                            label=f"{label} (earlier run)" if unlabelled else None)
+        if earlier:
+            ax.plot([], [], "k--", alpha=0.45, lw=1,
+                    label=f"dashed: an earlier run of it (lost at {attempt['reached_step']:,} steps)")
     ax.set_xlabel("agent steps")
     ax.set_ylabel("success rate" if suite == "metaworld" else "episode return")
     ax.set_xlim(-0.03 * steps, 1.05 * steps)
@@ -453,7 +500,10 @@ def paired_difference(x: dict | None, y: dict | None, suite: str,
     return float(d.mean()), float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan"), n
 
 
-def _swap_table(record: dict, rows: list[dict], planners: list[str], episodes: dict | None = None) -> str:
+def _swap_table(record: dict, rows: list[dict], planners: list[str], episodes: dict | None = None,
+                explain: bool = True) -> str:
+    """The planner-swap table of one run (a row per snapshot step), after a paragraph that says how to read its
+    cells (``explain``)."""
     suite = record["suite"]
     by_key = {(int(r["step"]), r["planner"]): r for r in rows}
     steps = sorted({int(r["step"]) for r in rows})
@@ -492,6 +542,8 @@ def _swap_table(record: dict, rows: list[dict], planners: list[str], episodes: d
             "the fraction of action dimensions whose squashed mean is beyond ±0.99, and the mean log-std (TD-MPC2's and "
             "BMPC's range [-10, 2] and [-3, 1]; DreamerV3's std lies in [0.1, 1])."
             if prior else "")
+    if not explain:
+        return "\n".join(lines)
     return (f"Cells: {what} over n episodes, DETERMINISTIC mode (*policy prior, sampled*: RANDOM mode, the prior's "
             f"samples, which Dream-MPC draws its candidates from), the same initial states for every planner. ms per "
             f"step: the planner's own time, median over snapshots, measured while other jobs shared the 2 cores "
@@ -517,8 +569,18 @@ def _run_section(run_id: str, record: dict, rows: list[dict], planners: list[str
     lines += _attempt_lines(record)
     if record.get("swaps_pending"):
         lines += [f"{record['swaps_pending']} planner swap(s) not evaluated yet.", ""]
+    attempts = [attempt for attempt in record.get("restarts") or [] if attempt.get("swap_rows")]
+    if rows or attempts:
+        lines += [f"![{run_id}]({rel})", ""]
     if rows:
-        lines += [f"![{run_id}]({rel})", "", _swap_table(record, rows, planners, episodes), ""]
+        lines += [_swap_table(record, rows, planners, episodes), ""]
+    for attempt in attempts:
+        started = f", started {attempt['started'][:10]}" if attempt.get("started") else ""
+        how = "; cells as above" if rows else ""
+        lines += [f"**The earlier run{started}, lost at {attempt['reached_step']:,} steps** (the same configuration "
+                  f"and seed; its results as committed before its directory was lost{how}):", "",
+                  _swap_table({**record, "policy_prior": attempt.get("policy_prior") or {}}, attempt["swap_rows"],
+                              planners, attempt.get("episodes"), explain=not rows), ""]
     pub = published_points(record["task"], record["suite"], record["steps"])
     notes = []
     for name, points in pub.items():
@@ -593,6 +655,22 @@ def _kept_conclusion(report: Path) -> str:
     return "*Written by hand once the runs have finished.*"
 
 
+def _write_earlier_runs_csv(runs: dict, path: Path) -> None:
+    """The swap rows of the runs' earlier attempts (``restarts``), with the attempt's start and last step."""
+    columns = SWAP_COLUMNS + ["attempt_started", "attempt_reached_step"]
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=columns)
+        writer.writeheader()
+        for record in runs.values():
+            for attempt in record.get("restarts") or []:
+                for row in attempt.get("swap_rows") or []:
+                    writer.writerow({**{key: "" if row.get(key) is None else row[key] for key in SWAP_COLUMNS},
+                                     "attempt_started": attempt.get("started") or "",
+                                     "attempt_reached_step": attempt["reached_step"]})
+    os.replace(tmp, path)
+
+
 def write_report(campaign: dict[str, Any]) -> Path:
     """Rewrites the report files from the run directories (and the committed rows of runs without one)."""
     report = campaign["report"]
@@ -610,9 +688,10 @@ def write_report(campaign: dict[str, Any]) -> Path:
     os.replace(tmp, data_dir / "planner_swap.csv")
     _atomic_write(data_dir / "episodes.json", json.dumps(episodes))
     _atomic_write(data_dir / "runs.json", json.dumps(runs, indent=1))
+    _write_earlier_runs_csv(runs, data_dir / "planner_swap_earlier_runs.csv")
     for run_id, record in runs.items():
         run_rows = [r for r in rows if r["run"] == run_id]
-        if run_rows:
+        if run_rows or any(attempt.get("swap_rows") for attempt in record.get("restarts") or []):
             plot_run(run_id, record, run_rows, data_dir / f"{run_id}.png")
     algorithms = list(dict.fromkeys(run.train.get("algorithm", "tdmpc2") for run in campaign["runs"]))
     results = {algorithm: aggregate(episodes, runs, planners, algorithm) for algorithm in algorithms}
@@ -637,7 +716,9 @@ def write_report(campaign: dict[str, Any]) -> Path:
         "The MPPI column is our `MPPIPlanner`, which computes TD-MPC2's MPPI step exactly given the same random "
         "numbers (`tests/test_tdmpc2_mppi_reference.py`, `docs/results/mppi_fidelity.md`; BMPC's MPPI on BMPC's "
         "models: `tests/test_bmpc_reference.py`): it stands for TD-MPC2's planner on the same model. Raw rows: `benchmark/planner_swap.csv`, per-episode values: "
-        "`benchmark/episodes.json`, runs (commands, wall time, machine): `benchmark/runs.json`.",
+        "`benchmark/episodes.json`, runs (commands, wall time, machine): `benchmark/runs.json`; the rows of "
+        "earlier runs that started again from step 0 (a run directory lost with a machine): "
+        "`benchmark/planner_swap_earlier_runs.csv`.",
         "",
         "## Conclusion",
         "",

@@ -244,12 +244,26 @@ def test_report_keeps_committed_rows_of_runs_whose_directory_is_gone(tmp_path, c
     (campaign.swap_dir(first, 0, swap) / "results.json").write_text(json.dumps({"results": [result]}))
     for _ in range(2):  # the second report reads the first one's runs.json: the attempt is carried, not repeated
         campaign_report.write_report(loaded)
-        assert json.loads((data / "runs.json").read_text())[first.id]["restarts"] == [
-            {"started": None, "reached_step": 200, "wall_s": 60.0}]
+        [attempt] = json.loads((data / "runs.json").read_text())[first.id]["restarts"]
+        assert {key: attempt[key] for key in ("started", "reached_step", "wall_s")} == {
+            "started": None, "reached_step": 200, "wall_s": 60.0}
+        # the earlier run's results are kept with it, typed as they were measured
+        assert [(r["step"], r["planner"], r["return_mean"], r["episodes"], r["success_rate"])
+                for r in attempt["swap_rows"]] == [(200, "policy", 12.5, 2, None)]
+        assert attempt["episodes"] == {"200": {"policy": {"returns": [12, 13]}}}
     rows = list(csv.DictReader((data / "planner_swap.csv").open()))
     assert [(r["run"], r["step"], float(r["return_mean"])) for r in rows] == [(first.id, "0", 3.0)]
-    assert ("An earlier run of it reached 200 steps in 0.0 h and was not continued"
-            in loaded["report"].read_text())
+    earlier = list(csv.DictReader((data / "planner_swap_earlier_runs.csv").open()))
+    assert [(r["run"], r["step"], r["planner"], float(r["return_mean"]), r["attempt_reached_step"])
+            for r in earlier] == [(first.id, "200", "policy", 12.5, "200")]
+    text = loaded["report"].read_text()
+    assert "An earlier run of it reached 200 steps in 0.0 h and was not continued" in text
+    section = text[text.index(f"### {first.id}"):]
+    # this run's table (step 0), then the earlier run's (step 200), with the paired column from its episodes
+    assert re.search(r"\| 0 \| 3\.0 ± 0\.7 <sub>n=2</sub> \|", section)
+    earlier_table = section[section.index("**The earlier run, lost at 200 steps**"):]
+    assert re.search(r"\| 200 \| 12\.5 ± 0\.7 <sub>n=2</sub> \|", earlier_table)
+    assert (data / f"{first.id}.png").exists()
 
 
 def test_swap_cells_of_early_ending_episodes_show_their_length():
@@ -267,8 +281,13 @@ def test_earlier_attempts_are_told_apart_from_a_continued_run():
     assert campaign_report.earlier_attempts(old, continued) == old["restarts"]
     # further than the committed run, but from another first chunk: a new run (e.g. --rerun), not a continuation
     other = {"trained_step": 400, "chunks": [{"start": "2026-02-01T00:00:00+00:00"}]}
-    assert campaign_report.earlier_attempts(old, other) == old["restarts"] + [
-        {"started": "2026-01-01T00:00:00+00:00", "reached_step": 300, "wall_s": 90.0}]
+    old["eval_curve"], old["policy_prior"] = [[0, 1.0], [300, 5.0]], {"300": {"saturated": 0.5}}
+    rows = [{"step": "300", "planner": "policy", "return_mean": "5.0", "success_rate": "", "run": "r"}]
+    episodes = {"300": {"policy": {"returns": [4.0, 6.0]}}}
+    assert campaign_report.earlier_attempts(old, other, rows, episodes) == old["restarts"] + [
+        {"started": "2026-01-01T00:00:00+00:00", "reached_step": 300, "wall_s": 90.0,
+         "swap_rows": [{"step": 300, "planner": "policy", "return_mean": 5.0, "success_rate": None, "run": "r"}],
+         "episodes": episodes, "eval_curve": old["eval_curve"], "policy_prior": old["policy_prior"]}]
     assert campaign_report.earlier_attempts(None, other) == []
 
 
