@@ -426,6 +426,58 @@ def test_tiny_campaign_killed_in_the_middle_completes_on_the_next_call(tmp_path)
     assert "training" not in out and (second.run_dir / "campaign.json").read_text() == before
 
 
+def test_swaps_turn_is_one_process_s_at_a_time_and_held_tells_a_training_lane(tmp_path):
+    (run,) = campaign.load_campaign(tiny_config(tmp_path, runs=[{"task": "cartpole-swingup"}]))["runs"]
+    turn = campaign.CampaignLock.swaps_turn(run)
+    assert turn is not None and campaign.CampaignLock.swaps_turn(run) is None  # flock: per open file
+    turn.release()
+    again = campaign.CampaignLock.swaps_turn(run)
+    assert again is not None
+    again.release()
+    assert not campaign.CampaignLock.held(run)
+    claim = campaign.CampaignLock.claim(run)
+    assert campaign.CampaignLock.held(run)
+    claim.release()
+    assert not campaign.CampaignLock.held(run)
+
+
+def test_swaps_lane_refuses_options_it_does_not_do(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        campaign.main(["--config", str(tiny_config(tmp_path)), "--swaps-lane", "--report-only"])
+    assert "--swaps-lane evaluates swaps only" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_a_swaps_lane_evaluates_while_the_main_campaign_trains(tmp_path):
+    config = tiny_config(tmp_path, runs=[{"task": "cartpole-swingup"}])
+    loaded = campaign.load_campaign(config)
+    (run,) = loaded["runs"]
+    main = start_campaign(config)
+    wait_for(lambda: campaign.CampaignLock.held(run), main, timeout=300)  # the main campaign trains the run
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    lane = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "campaign.py"), "--config", str(config),
+                             "--swaps-lane", "--poll", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    main_out, _ = main.communicate(timeout=900)
+    lane_out, _ = lane.communicate(timeout=900)
+    assert main.returncode == 0, main_out[-3000:]
+    assert lane.returncode == 0, lane_out[-3000:]
+    # the lane took the swaps: the main campaign only trained (it never waited for an evaluation)
+    assert f"{run.id}: planner swaps left to the swaps lane" in main_out
+    assert not re.search(r"step \d+, (policy|dream_mpc_no_grad) \(", main_out), main_out[-3000:]
+    assert re.search(rf"{re.escape(run.id)}: step 200, dream_mpc_no_grad \(2 episodes\)", lane_out)
+    assert f"{run.id}: swaps lane done (trained 200 / 200" in lane_out
+    # everything evaluated, once, and in the report
+    assert campaign.trained_step(run) == 200
+    assert not campaign.pending_swaps(run, loaded["swaps"]) and not campaign.prior_pending(run)
+    for log in run.run_dir.glob("swaps/*/*.log"):
+        assert command_lines(log) == 1, f"{log} was evaluated twice"
+    rows = list(csv.DictReader((campaign_report._data_dir(loaded["report"]) / "planner_swap.csv").open()))
+    assert {(int(r["step"]), r["planner"]) for r in rows} == {
+        (0, "policy"), (100, "policy"), (200, "policy"), (200, "dream_mpc_no_grad")}
+
+
 def test_a_stop_signal_goes_to_the_running_child_and_nothing_new_starts(tmp_path):
     """SIGTERM while a child runs (here a stand-in for an evaluation): the child gets SIGTERM, is waited for,
     and no other child starts; outside the block the previous handler is back."""
