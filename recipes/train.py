@@ -14,8 +14,9 @@ with arguments it starts from the published config (``preset=quickstart`` adds t
 The run directory gets ``config.yaml``, ``eval.csv`` (the learning curve: ``step,return``), TensorBoard events
 (``tb/``), CSV scalars (``csv/``), rotating checkpoints (``checkpoints/``) and, at the end, ``world_model.pt``.
 With ``resume=true`` (the default) the run continues from its last complete checkpoint and stops at ``steps``.
-SIGTERM or Ctrl-C stops the run at the next step with a checkpoint of that step (exit code 143 / 130); a second
-Ctrl-C stops it at once, from the last complete checkpoint.
+SIGTERM or Ctrl-C stops the run at the next step with a checkpoint of that step (exit code 143 / 130; inside the
+seed phase's pre-training burst, after the slice of 100 updates in progress, and the resumed run does the rest);
+a second Ctrl-C stops it at once, from the last complete checkpoint.
 """
 from __future__ import annotations
 

@@ -37,6 +37,7 @@ from torchrl_dreammpc.trainers import (
     seed_steps,
     stop_on_signals,
 )
+from torchrl_dreammpc.trainers.dream_mpc import _UpdateSchedule
 from torchrl_dreammpc.trainers.hooks import _episode_metrics
 
 TINY = dict(enc_dim=32, mlp_dim=32, latent_dim=16)
@@ -450,6 +451,55 @@ def test_seed_phase_pretraining_then_utd_updates_per_step(tmp_path, utd_ratio, a
     assert updates[0] == trainer._optim_count == 10 + after_seed  # pre-training burst, then utd_ratio per step
     assert len(trainer.replay_buffer) == 100
     assert seed_steps(500) == 2500 and seed_steps(100) == 1000  # TD-MPC2: max(1000, 5 * episode_length)
+
+
+def test_a_stop_inside_the_pretraining_burst_checkpoints_and_the_resumed_run_does_the_rest(tmp_path):
+    """TD-MPC2's burst is as long as the seed phase (5,000 updates, ~10 min on a CPU core for HumanoidBench): a
+    stop request inside it ends it at the next slice, and the resumed run does what is left before anything else,
+    so that the run's update count is the uninterrupted one's."""
+    def trainer(wm, stop_at=None):
+        made = make_trainer(tmp_path, world_model=wm, total_frames=100, seed_frames=40, pretrain_updates=30)
+        made.PRETRAIN_SLICE = 8
+        updates, step = [0], made.optimization_stepper.step
+
+        def counting_step(*args):
+            updates[0] += 1
+            if updates[0] == stop_at:
+                made.request_stop("preempted")  # as SIGTERM does (stop_on_signals)
+            return step(*args)
+
+        made.optimization_stepper.step = counting_step
+        return made, updates
+
+    first, first_updates = trainer(tiny_world_model(), stop_at=10)
+    first.train()
+    assert first.collected_frames == 40  # stopped at the step whose batch ran the burst
+    assert first_updates[0] == first._optim_count == 16  # the slice in progress (8 + 8) finished, no more
+    assert first.update_schedule.pretrain_left == 14
+    run = tmp_path / "run"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-000000000040"]
+
+    second, _ = trainer(tiny_world_model(seed=3))
+    second.resume()
+    assert second.update_schedule.pretrain_left == 14 and second._optim_count == 16
+    pretraining_seen = []
+    second.optimization_stepper.step = (lambda step: lambda *args: (pretraining_seen.append(second.pretraining),
+                                                                    step(*args))[1])(second.optimization_stepper.step)
+    second.train()
+    assert second.collected_frames == 100 and second.update_schedule.pretrain_left == 0
+    # the rest of the burst (14, flagged as pre-training), then one update per step 41..100: 30 + 60 in all
+    assert pretraining_seen == [True] * 14 + [False] * 60
+    assert second._optim_count == 30 + 60
+
+
+def test_a_checkpoint_from_before_the_burst_was_recorded_infers_it_from_the_update_count():
+    schedule = _UpdateSchedule(1.0, pretrain_updates=30)
+    schedule.load_state_dict({"utd_ratio": 1.0, "credit": 0.25})  # the state an older checkpoint holds
+    assert schedule.pretrain_left is None and schedule.credit == 0.25
+    assert _UpdateSchedule.infer_pretrain_left(30, optim_count=0) == 30  # stopped before the burst
+    assert _UpdateSchedule.infer_pretrain_left(30, optim_count=31) == 0  # the old burst ran whole
+    schedule.load_state_dict(_UpdateSchedule(1.0, pretrain_updates=30).state_dict())
+    assert schedule.pretrain_left == 30
 
 
 def test_train_checkpoint_resume_restores_everything(tmp_path):

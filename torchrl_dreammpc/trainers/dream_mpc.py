@@ -324,11 +324,15 @@ def load_world_model_from_trainer_checkpoint(path: str | Path, device: str | tor
 
 
 class _UpdateSchedule(TrainerHookBase):
-    """Updates owed per collected batch: ``utd_ratio`` per frame, fractional parts carried over (checkpointed)."""
+    """Updates owed per collected batch: ``utd_ratio`` per frame, fractional parts carried over, and what is left
+    of the seed phase's pre-training burst (both checkpointed: a run stopped inside the burst does the rest of it
+    when resumed, not nothing)."""
 
-    def __init__(self, utd_ratio: float) -> None:
+    def __init__(self, utd_ratio: float, pretrain_updates: int) -> None:
         self.utd_ratio = float(utd_ratio)
         self.credit = 0.0
+        # None: read from a checkpoint written before this was recorded (the trainer infers it, optim_steps)
+        self.pretrain_left: int | None = int(pretrain_updates)
 
     def __call__(self, frames: int) -> int:
         self.credit += self.utd_ratio * frames
@@ -336,11 +340,18 @@ class _UpdateSchedule(TrainerHookBase):
         self.credit -= updates
         return updates
 
+    @staticmethod
+    def infer_pretrain_left(pretrain_updates: int, optim_count: int) -> int:
+        """The burst left by a checkpoint from before it was recorded: all of it before any update, else none."""
+        return pretrain_updates if optim_count == 0 else 0
+
     def state_dict(self) -> dict[str, Any]:
-        return {"utd_ratio": self.utd_ratio, "credit": self.credit}
+        return {"utd_ratio": self.utd_ratio, "credit": self.credit, "pretrain_left": self.pretrain_left}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         self.credit = float(state_dict["credit"])
+        left = state_dict.get("pretrain_left")
+        self.pretrain_left = None if left is None else int(left)
 
     def register(self, trainer: Trainer, name: str = "update_schedule") -> None:
         trainer.register_module(name, self)
@@ -718,7 +729,7 @@ class DreamMPCTrainer(Trainer):
         self.algorithm_hooks = list(update.hooks)  # the algorithm's own (BMPC: the lazy reanalyze)
         for hook in self.algorithm_hooks:  # registered after the replay hook: they see the [B, H] sample
             hook.register(self)
-        self.update_schedule = _UpdateSchedule(utd_ratio)
+        self.update_schedule = _UpdateSchedule(utd_ratio, self.pretrain_updates)
         self.update_schedule.register(self)
         if type(collector) is not Collector:
             # Worker processes / Ray actors hold their own copy of the planner: push the weights once before
@@ -791,24 +802,56 @@ class DreamMPCTrainer(Trainer):
         )
 
     # ------------------------------------------------------------------------------------------------------
+    #: Updates of the pre-training burst between two looks at a stop request (SIGTERM, :meth:`request_stop`):
+    #: TD-MPC2's burst is as long as the seed phase (5,000 updates on HumanoidBench, ~10 min on a CPU core), which
+    #: a preempted run cannot wait for.
+    PRETRAIN_SLICE = 100
+
     def optim_steps(self, batch: TensorDictBase) -> None:
         """TD-MPC2's update schedule: nothing during the seed phase, ``pretrain_updates`` updates once at its
-        end, then ``utd_ratio`` updates per collected step."""
+        end, then ``utd_ratio`` updates per collected step. The burst runs in slices of :attr:`PRETRAIN_SLICE`
+        and stops at a stop request; the checkpoint written then records what is left, and the resumed run does
+        it before any other update."""
         self.pretraining = False
         if self.collected_frames < self.seed_frames:
             return
-        if self._optim_count == 0 and self.pretrain_updates:
-            self.pretraining = True  # read by algorithms that skip parts of the update then (BMPC: the policy)
-            updates = self.pretrain_updates
-            if self.verbose:
-                print(f"[train] seed phase done ({self.collected_frames} random steps): pre-training with "
-                      f"{updates} updates", flush=True)
-        else:
-            frames = batch.get(("collector", "mask"), None)
-            frames = int(frames.sum()) if frames is not None else batch.numel()
-            updates = self.update_schedule(frames)
-        if updates <= 0:
-            return
+        schedule = self.update_schedule
+        if schedule.pretrain_left is None:
+            schedule.pretrain_left = schedule.infer_pretrain_left(self.pretrain_updates, self._optim_count)
+        if schedule.pretrain_left > 0:
+            resumed = schedule.pretrain_left < self.pretrain_updates
+            self._pretrain(batch)
+            if schedule.pretrain_left or not resumed:
+                return
+            # the rest of a burst stopped before: it stands in for no collected step, so this batch's own
+            # updates follow (the run's update count is then the uninterrupted run's)
+        frames = batch.get(("collector", "mask"), None)
+        frames = int(frames.sum()) if frames is not None else batch.numel()
+        updates = schedule(frames)
+        if updates > 0:
+            self._run_updates(batch, updates)
+
+    def _pretrain(self, batch: TensorDictBase) -> None:
+        """What is left of the pre-training burst, in slices, up to a stop request."""
+        schedule = self.update_schedule
+        if self.verbose:
+            resumed = schedule.pretrain_left < self.pretrain_updates
+            print(f"[train] seed phase done ({self.collected_frames} random steps): "
+                  + (f"pre-training resumed, {schedule.pretrain_left} of {self.pretrain_updates} updates left"
+                     if resumed else f"pre-training with {self.pretrain_updates} updates"), flush=True)
+        self.pretraining = True  # read by algorithms that skip parts of the update then (BMPC: the policy)
+        try:
+            while schedule.pretrain_left > 0 and not self._stop_training:
+                updates = min(self.PRETRAIN_SLICE, schedule.pretrain_left)
+                self._run_updates(batch, updates)
+                schedule.pretrain_left -= updates
+        finally:
+            self.pretraining = False
+        if schedule.pretrain_left and self.verbose:
+            print(f"[train] pre-training stopped with {schedule.pretrain_left} of {self.pretrain_updates} updates "
+                  "left (stop requested): the resumed run does them first", flush=True)
+
+    def _run_updates(self, batch: TensorDictBase, updates: int) -> None:
         self.optim_steps_per_batch = updates
         try:
             super().optim_steps(batch)
@@ -816,8 +859,6 @@ class DreamMPCTrainer(Trainer):
             # Training stops here (see TDMPC2OptimizationStepper): release the collector's workers / envs first.
             self.collector.shutdown()
             raise
-        finally:
-            self.pretraining = False
 
     def save_trainer(self, force_save: bool = False) -> None:
         """Checkpoints on multiples of ``checkpoint_interval`` (and at the end), not ``interval`` after the last."""
