@@ -565,7 +565,11 @@ def swaps_lane(campaign: dict[str, Any], runs: list[Run], poll_s: float = 30.0) 
         turn, waited = None, False
         try:
             while True:
-                turn = turn or CampaignLock.swaps_turn(run)
+                if turn is None:
+                    turn = CampaignLock.swaps_turn(run)
+                    if turn is not None:
+                        say(f"{run.id}: swaps lane holds the run's planner swaps")
+                        waited = False
                 if turn is not None:
                     evaluate_pending(campaign, run)
                 training = CampaignLock.held(run)

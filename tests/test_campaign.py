@@ -467,6 +467,7 @@ def test_a_swaps_lane_evaluates_while_the_main_campaign_trains(tmp_path):
     assert f"{run.id}: planner swaps left to the swaps lane" in main_out
     assert not re.search(r"step \d+, (policy|dream_mpc_no_grad) \(", main_out), main_out[-3000:]
     assert re.search(rf"{re.escape(run.id)}: step 200, dream_mpc_no_grad \(2 episodes\)", lane_out)
+    assert f"{run.id}: swaps lane holds the run's planner swaps" in lane_out
     assert f"{run.id}: swaps lane done (trained 200 / 200" in lane_out
     # everything evaluated, once, and in the report
     assert campaign.trained_step(run) == 200
