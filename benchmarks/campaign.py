@@ -618,8 +618,13 @@ def print_status(campaign: dict[str, Any]) -> None:
     committed = read_committed_runs(campaign["report"])
     for run in campaign["runs"]:
         if run.run_dir.exists():
+            turn = CampaignLock.swaps_turn(run)  # held for a moment: a lane that asks then waits one poll
+            if turn is not None:
+                turn.release()
+            lanes = [name for name, busy in (("training", CampaignLock.held(run)), ("swaps", turn is None)) if busy]
             print(f"{run.id:<50} trained {trained_step(run):>7}/{run.steps}  snapshots {len(snapshots(run)):>3}  "
-                  f"swaps pending {len(pending_swaps(run, campaign['swaps']))}")
+                  f"swaps pending {len(pending_swaps(run, campaign['swaps']))}"
+                  + (f"  (held now: {', '.join(lanes)})" if lanes else ""))
             continue
         record = committed.get(run.id)
         if record is None:

@@ -426,11 +426,17 @@ def test_tiny_campaign_killed_in_the_middle_completes_on_the_next_call(tmp_path)
     assert "training" not in out and (second.run_dir / "campaign.json").read_text() == before
 
 
-def test_swaps_turn_is_one_process_s_at_a_time_and_held_tells_a_training_lane(tmp_path):
-    (run,) = campaign.load_campaign(tiny_config(tmp_path, runs=[{"task": "cartpole-swingup"}]))["runs"]
+def test_swaps_turn_is_one_process_s_at_a_time_and_held_tells_a_training_lane(tmp_path, capsys):
+    loaded = campaign.load_campaign(tiny_config(tmp_path, runs=[{"task": "cartpole-swingup"}]))
+    (run,) = loaded["runs"]
+    run.run_dir.mkdir(parents=True)
     turn = campaign.CampaignLock.swaps_turn(run)
     assert turn is not None and campaign.CampaignLock.swaps_turn(run) is None  # flock: per open file
+    campaign.print_status(loaded)
+    assert capsys.readouterr().out.rstrip().endswith("swaps pending 0  (held now: swaps)")
     turn.release()
+    campaign.print_status(loaded)
+    assert capsys.readouterr().out.rstrip().endswith("swaps pending 0")
     again = campaign.CampaignLock.swaps_turn(run)
     assert again is not None
     again.release()
