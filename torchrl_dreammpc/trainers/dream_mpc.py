@@ -373,7 +373,8 @@ class DreamMPCTrainer(Trainer):
       hook after every batch.
     - **seed phase** (TD-MPC2's ``seed_steps``): ``seed_frames`` steps of uniformly random actions
       (the collector's ``init_random_frames``), then ``pretrain_updates`` updates at once (TD-MPC2: as many as
-      seed steps), then ``utd_ratio`` updates per collected step (1).
+      seed steps; in slices of :attr:`PRETRAIN_SLICE` that a stop request ends, the rest done on resume), then
+      ``utd_ratio`` updates per collected step (1).
     - **replay**: :class:`~torchrl.data.TensorDictReplayBuffer` over a
       :class:`~torchrl.data.LazyTensorStorage` (or memmap), :class:`~torchrl.data.SliceSampler` slices of
       ``horizon`` transitions (``horizon + 1`` observations) that never cross an episode end, reshaped to
