@@ -453,43 +453,70 @@ def test_seed_phase_pretraining_then_utd_updates_per_step(tmp_path, utd_ratio, a
     assert seed_steps(500) == 2500 and seed_steps(100) == 1000  # TD-MPC2: max(1000, 5 * episode_length)
 
 
-def test_a_stop_inside_the_pretraining_burst_checkpoints_and_the_resumed_run_does_the_rest(tmp_path):
+@pytest.mark.parametrize("stops, done_before_last_resume", [
+    ([("update", 10)], 16),  # inside the burst: the slice in progress (8 + 8) finishes, no more
+    ([("step", 40)], 0),  # requested while the seed phase's last step is collected: the burst never starts
+    ([("update", 10), ("update", 5)], 24),  # and again inside the resumed rest (16 + 8)
+])
+def test_a_stop_inside_the_pretraining_burst_checkpoints_and_the_resumed_run_does_the_rest(
+        tmp_path, stops, done_before_last_resume):
     """TD-MPC2's burst is as long as the seed phase (5,000 updates, ~10 min on a CPU core for HumanoidBench): a
     stop request inside it ends it at the next slice, and the resumed run does what is left before anything else,
-    so that the run's update count is the uninterrupted one's."""
-    def trainer(wm, stop_at=None):
-        made = make_trainer(tmp_path, world_model=wm, total_frames=100, seed_frames=40, pretrain_updates=30)
+    with the updates of the steps it stopped at, so that the run's update count is the uninterrupted one's. The
+    burst's losses are logged once; no evaluation or snapshot is taken of the half pre-trained model."""
+    def trainer(seed, stop=None):
+        wm = tiny_world_model(seed=seed)
+        made = make_trainer(tmp_path, world_model=wm, total_frames=100, seed_frames=40, pretrain_updates=30,
+                            eval_interval=40, eval_episodes=1, eval_actors={"policy": PolicyActor(wm)},
+                            snapshot_interval=40, log_interval=1)
         made.PRETRAIN_SLICE = 8
-        updates, step = [0], made.optimization_stepper.step
+        step, flags = made.optimization_stepper.step, []
 
         def counting_step(*args):
-            updates[0] += 1
-            if updates[0] == stop_at:
+            flags.append(made.pretraining)
+            if stop == ("update", len(flags)):
                 made.request_stop("preempted")  # as SIGTERM does (stop_on_signals)
             return step(*args)
 
+        def stop_at_step(batch):
+            if stop == ("step", made.collected_frames):
+                made.request_stop("preempted")
+
         made.optimization_stepper.step = counting_step
-        return made, updates
+        made.register_op("pre_steps_log", stop_at_step)  # after the step is counted, before its updates
+        return made, flags
 
-    first, first_updates = trainer(tiny_world_model(), stop_at=10)
-    first.train()
-    assert first.collected_frames == 40  # stopped at the step whose batch ran the burst
-    assert first_updates[0] == first._optim_count == 16  # the slice in progress (8 + 8) finished, no more
-    assert first.update_schedule.pretrain_left == 14
     run = tmp_path / "run"
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-000000000040"]
+    for i, stop in enumerate(stops):
+        stopped, _ = trainer(i, stop)
+        stopped.resume()
+        stopped.train()
+        assert stopped.collected_frames in (40, 41) and stopped.pretrain_pending
+        assert stopped.update_schedule.pretrain_left > 0
+    assert stopped._optim_count == done_before_last_resume
+    assert stopped.update_schedule.pretrain_left == 30 - done_before_last_resume
+    # nothing of the half pre-trained model: no evaluation row, no snapshot at the seed phase's end
+    assert not (run / "eval.csv").exists() or [s for s, _ in read_eval_csv(run / "eval.csv")] == []
+    assert not list((run / "snapshots").glob("step_*.pt")) or sorted(
+        p.name for p in (run / "snapshots").glob("step_*.pt")) == ["step_00000000.pt"]
 
-    second, _ = trainer(tiny_world_model(seed=3))
-    second.resume()
-    assert second.update_schedule.pretrain_left == 14 and second._optim_count == 16
-    pretraining_seen = []
-    second.optimization_stepper.step = (lambda step: lambda *args: (pretraining_seen.append(second.pretraining),
-                                                                    step(*args))[1])(second.optimization_stepper.step)
-    second.train()
-    assert second.collected_frames == 100 and second.update_schedule.pretrain_left == 0
-    # the rest of the burst (14, flagged as pre-training), then one update per step 41..100: 30 + 60 in all
-    assert pretraining_seen == [True] * 14 + [False] * 60
-    assert second._optim_count == 30 + 60
+    last, flags = trainer(9)
+    last.resume()
+    assert last.update_schedule.pretrain_left == 30 - done_before_last_resume
+    last.train()
+    assert last.collected_frames == 100 and last.update_schedule.pretrain_left == 0
+    # the rest of the burst (flagged as pre-training) first, then one update per step after the seed phase
+    assert flags == [True] * (30 - done_before_last_resume) + [False] * 60
+    assert last._optim_count == 30 + 60
+    # the evaluation and the snapshot waited for the burst's end: at the first step after it, named by it
+    first_after = 41 + (len(stops) - 1)
+    assert [s for s, _ in read_eval_csv(run / "eval.csv")] == [first_after, 80, 100]
+    assert sorted(int(p.stem.split("_")[1]) for p in (run / "snapshots").glob("step_*.pt")) == [0, first_after, 80]
+    # the burst's losses: one log entry, with its update count (TorchRL logs each optim_steps call, and keeps one
+    # entry per log_interval: the slices, all at one step, would have logged the first slice's alone)
+    first_log = (run / "csv" / "scalars" / "optim_steps.csv").read_text().split()[0]
+    assert first_log == ("40,16.0" if stops[0][0] == "update" else "41,30.0")
+    assert (run / "csv" / "scalars" / "loss_pi.csv").read_text().split()[0].startswith(first_log.split(",")[0] + ",")
 
 
 def test_a_checkpoint_from_before_the_burst_was_recorded_infers_it_from_the_update_count():

@@ -328,7 +328,7 @@ class _UpdateSchedule(TrainerHookBase):
     of the seed phase's pre-training burst (both checkpointed: a run stopped inside the burst does the rest of it
     when resumed, not nothing)."""
 
-    def __init__(self, utd_ratio: float, pretrain_updates: int) -> None:
+    def __init__(self, utd_ratio: float, pretrain_updates: int = 0) -> None:
         self.utd_ratio = float(utd_ratio)
         self.credit = 0.0
         # None: read from a checkpoint written before this was recorded (the trainer infers it, optim_steps)
@@ -612,6 +612,7 @@ class DreamMPCTrainer(Trainer):
             raise ValueError(f"pretrain_updates must be >= 0, got {pretrain_updates}.")
         self.episode_length = episode_length
         self.pretraining = False  # True during the seed-phase pre-training burst (optim_steps)
+        self._slice_losses: list | None = None  # (updates, mean losses) of each burst slice, while in one
         self.horizon = int(horizon)
         self.world_model = world_model
         self.actor = actor
@@ -811,36 +812,46 @@ class DreamMPCTrainer(Trainer):
     def optim_steps(self, batch: TensorDictBase) -> None:
         """TD-MPC2's update schedule: nothing during the seed phase, ``pretrain_updates`` updates once at its
         end, then ``utd_ratio`` updates per collected step. The burst runs in slices of :attr:`PRETRAIN_SLICE`
-        and stops at a stop request; the checkpoint written then records what is left, and the resumed run does
-        it before any other update."""
+        and stops at a stop request; the checkpoint written then records what is left (and the updates the
+        stopped batch owes, in the schedule's credit), and the resumed run does the rest of the burst before any
+        other update: the run's update count is the uninterrupted run's."""
         self.pretraining = False
         if self.collected_frames < self.seed_frames:
             return
         schedule = self.update_schedule
         if schedule.pretrain_left is None:
             schedule.pretrain_left = schedule.infer_pretrain_left(self.pretrain_updates, self._optim_count)
-        if schedule.pretrain_left > 0:
-            resumed = schedule.pretrain_left < self.pretrain_updates
-            self._pretrain(batch)
-            if schedule.pretrain_left or not resumed:
-                return
-            # the rest of a burst stopped before: it stands in for no collected step, so this batch's own
-            # updates follow (the run's update count is then the uninterrupted run's)
         frames = batch.get(("collector", "mask"), None)
         frames = int(frames.sum()) if frames is not None else batch.numel()
-        updates = schedule(frames)
-        if updates > 0:
-            self._run_updates(batch, updates)
+        # The batch that ends the seed phase owes the burst alone (TD-MPC2); a later one that finds a burst left
+        # (a resumed run) owes its own updates too.
+        ends_seed_phase = self.collected_frames - frames < self.seed_frames
+        owed = 0 if ends_seed_phase and schedule.pretrain_left > 0 else schedule(frames)
+        if schedule.pretrain_left > 0:
+            self._pretrain(batch)
+            if schedule.pretrain_left:  # stopped: this batch's updates wait in the (checkpointed) credit
+                schedule.credit += owed
+                return
+        if owed > 0:
+            self._run_updates(batch, owed)
+
+    @property
+    def pretrain_pending(self) -> bool:
+        """Whether the seed phase is over but its pre-training burst is not (stopped inside it): the model is
+        half pre-trained, and the evaluation and snapshot hooks wait for the burst's end."""
+        left = self.update_schedule.pretrain_left
+        return self.collected_frames >= self.seed_frames and bool(left)
 
     def _pretrain(self, batch: TensorDictBase) -> None:
-        """What is left of the pre-training burst, in slices, up to a stop request."""
+        """What is left of the pre-training burst, in slices, up to a stop request; its losses logged once."""
         schedule = self.update_schedule
         if self.verbose:
             resumed = schedule.pretrain_left < self.pretrain_updates
-            print(f"[train] seed phase done ({self.collected_frames} random steps): "
+            print(f"[train] seed phase done ({self.collected_frames} steps): "
                   + (f"pre-training resumed, {schedule.pretrain_left} of {self.pretrain_updates} updates left"
                      if resumed else f"pre-training with {self.pretrain_updates} updates"), flush=True)
         self.pretraining = True  # read by algorithms that skip parts of the update then (BMPC: the policy)
+        self._slice_losses = []
         try:
             while schedule.pretrain_left > 0 and not self._stop_training:
                 updates = min(self.PRETRAIN_SLICE, schedule.pretrain_left)
@@ -848,9 +859,24 @@ class DreamMPCTrainer(Trainer):
                 schedule.pretrain_left -= updates
         finally:
             self.pretraining = False
+            slices, self._slice_losses = self._slice_losses, None
+        if slices:  # one log entry for the burst, as when it was one optim_steps call: the slices' mean
+            total = sum(n for n, _ in slices)
+            mean = sum((losses * (n / total) for n, losses in slices[1:]), slices[0][1] * (slices[0][0] / total))
+            super()._post_optim_complete_log_hook(self._optim_count, mean)
         if schedule.pretrain_left and self.verbose:
             print(f"[train] pre-training stopped with {schedule.pretrain_left} of {self.pretrain_updates} updates "
                   "left (stop requested): the resumed run does them first", flush=True)
+
+    def _post_optim_complete_log_hook(self, optim_steps: int, average_losses: TensorDictBase | None) -> None:
+        # TorchRL logs each optim_steps call's mean losses here; a burst slice's are kept for one log at its end
+        # (Trainer._log skips entries within log_interval frames of its last: of the slices, all at one step,
+        # only the first would be logged).
+        if self._slice_losses is not None:
+            if average_losses is not None:
+                self._slice_losses.append((self.optim_steps_per_batch, average_losses))
+            return
+        super()._post_optim_complete_log_hook(optim_steps, average_losses)
 
     def _run_updates(self, batch: TensorDictBase, updates: int) -> None:
         self.optim_steps_per_batch = updates

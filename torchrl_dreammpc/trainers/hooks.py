@@ -692,6 +692,8 @@ class EvaluationHook(TrainerHookBase):
         trainer = self._trainer
         if trainer is None:
             return
+        if getattr(trainer, "pretrain_pending", False):  # stopped inside the pre-training burst: a half-trained
+            return  # model; the resumed run evaluates at its first step after the burst (next_eval is kept)
         frames = trainer.collected_frames
         # The last step is evaluated here, before the Trainer's final checkpoint, so that the checkpoint records
         # it (a resumed finished run does not evaluate it twice).
@@ -793,6 +795,8 @@ class WorldModelSnapshots(TrainerHookBase):
         trainer = self._trainer
         if trainer is None:
             return
+        if getattr(trainer, "pretrain_pending", False):  # a half pre-trained model (see initial)
+            return
         # A batch adds frames_per_batch x workers steps: the count may jump over the multiple (`%` would miss it).
         step = trainer.collected_frames
         last = self._last_step if self._last_step is not None else step - 1
@@ -805,6 +809,10 @@ class WorldModelSnapshots(TrainerHookBase):
         if trainer is None:
             return
         self._last_step = trainer.collected_frames  # (a resumed run: the step it resumed at)
+        if getattr(trainer, "pretrain_pending", False):
+            # resumed inside the pre-training burst: the steps since the seed phase's end had no snapshot (a half
+            # pre-trained model); one due among them is taken at the first step after the burst, named by it
+            self._last_step = min(self._last_step, trainer.seed_frames - 1)
         if trainer.collected_frames == 0:
             self.save(0)
 
