@@ -385,12 +385,12 @@ def say(message: str) -> None:
 
 
 def _record_chunk(run: Run, record: dict[str, Any]) -> None:
+    from torchrl_dreammpc.checkpoints import write_text_atomic
+
     path = run.run_dir / "campaign.json"
     state = json.loads(path.read_text()) if path.exists() else {"run": run.id, "chunks": []}
     state["chunks"].append(record)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(state, indent=2))
 
 
 def train_chunk(run: Run, until: int, threads: int) -> None:
@@ -425,46 +425,61 @@ def evaluate_swap(run: Run, step: int, swap: Swap, eval_seed: int, threads: int)
 # ----------------------------------------------------------------------------------------------------------------
 class CampaignLock:
     """An exclusive lock on ``<runs_root>/<name>`` (released by the OS when the process dies): by default the
-    whole runs root (the main campaign); :meth:`claim` takes one run's."""
+    whole runs root (the main campaign); :meth:`claim` takes one run's.
 
-    def __init__(self, runs_root: Path, name: str = ".campaign.lock", what: str | None = None) -> None:
+    ``wait_s``: how long a held lock is retried. The probes (:meth:`held`, ``--status``, the swaps lane) take a
+    free lock for a moment to see that it is free, so a real owner retries briefly rather than mistake a probe for
+    another campaign (the main campaign would otherwise skip a run, out of the YAML's order)."""
+
+    def __init__(self, runs_root: Path, name: str = ".campaign.lock", what: str | None = None,
+                 wait_s: float = 0.5) -> None:
         runs_root.mkdir(parents=True, exist_ok=True)
         self.path = runs_root / name
         self.file = self.path.open("a+")
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "another process"
-            self.file.close()
-            raise CampaignError(f"{what or runs_root} is in use by another campaign ({holder}); wait for it or "
-                                "stop it.")
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.02)
+                    continue
+                self.file.seek(0)
+                holder = self.file.read().strip() or "another process"
+                self.file.close()
+                raise CampaignError(f"{what or runs_root} is in use by another campaign ({holder}); wait for it "
+                                    "or stop it.") from None
         self.file.seek(0)
         self.file.truncate()
         self.file.write(f"pid {os.getpid()}")
         self.file.flush()
 
     @classmethod
-    def claim(cls, run: Run) -> "CampaignLock":
+    def claim(cls, run: Run, wait_s: float = 0.5) -> "CampaignLock":
         """This process's claim on ``run`` (CampaignError if another campaign holds it)."""
-        return cls(run.run_dir.parent, f".campaign-{run.id}.lock", what=run.id)
+        return cls(run.run_dir.parent, f".campaign-{run.id}.lock", what=run.id, wait_s=wait_s)
 
     @classmethod
-    def swaps_turn(cls, run: Run) -> "CampaignLock | None":
+    def swaps_turn(cls, run: Run, wait_s: float = 0.5) -> "CampaignLock | None":
         """This process's turn at evaluating ``run``'s planner swaps (and its policy-prior diagnosis), or ``None``
         while another process has it (a swaps lane, or the lane training the run between two chunks)."""
         try:
-            return cls(run.run_dir.parent, f".campaign-{run.id}.swaps.lock", what=f"{run.id}'s planner swaps")
+            return cls(run.run_dir.parent, f".campaign-{run.id}.swaps.lock", what=f"{run.id}'s planner swaps",
+                       wait_s=wait_s)
         except CampaignError:
             return None
 
     @staticmethod
-    def held(run: Run) -> bool:
-        """Whether some campaign process holds its claim on ``run`` (is training it) now."""
+    def held(run: Run | None = None, runs_root: Path | None = None) -> bool:
+        """Whether some campaign process holds its claim on ``run`` (is training it) now, or, with ``runs_root``,
+        whether the main campaign runs there (a probe: the lock taken for a moment when it is free)."""
         try:
-            CampaignLock.claim(run).release()
+            probe = (CampaignLock.claim(run, wait_s=0.0) if run is not None
+                     else CampaignLock(runs_root, wait_s=0.0))
         except CampaignError:
             return True
+        probe.release()
         return False
 
     def release(self) -> None:
@@ -481,10 +496,17 @@ def report_turn(runs_root: Path):
 
 
 def rewrite_report(campaign: dict[str, Any]) -> Path:
+    """The report, from the campaign YAML as it is now: a lane that runs for days keeps the runs added to the
+    YAML since it started (their committed rows and records), which the YAML it read at its start lacks."""
     from campaign_report import write_report
 
+    try:
+        current = load_campaign(campaign["path"])
+    except CampaignError as err:
+        say(f"report: {err}; written for the runs this process started with")
+        current = campaign
     with report_turn(campaign["runs_root"]):
-        return write_report(campaign)
+        return write_report(current)
 
 
 def work_through(campaign: dict[str, Any], runs: list[Run], rerun: list[str]) -> None:
@@ -545,51 +567,60 @@ def continue_run(campaign: dict[str, Any], run: Run, rerun: bool) -> None:
         rewrite_report(campaign)
 
 
-def evaluate_pending(campaign: dict[str, Any], run: Run) -> None:
-    """Every pending planner swap of ``run``'s snapshots, then its policy-prior diagnosis; the report after each."""
-    for step, swap in pending_swaps(run, campaign["swaps"]):
+def evaluate_pending(campaign: dict[str, Any], run: Run) -> bool:
+    """Every pending planner swap of ``run``'s snapshots, then its policy-prior diagnosis; the report after each.
+    Returns whether there was any."""
+    pending = pending_swaps(run, campaign["swaps"])
+    for step, swap in pending:
         evaluate_swap(run, step, swap, campaign["eval_seed"], campaign["threads"])
         rewrite_report(campaign)
-    if prior_pending(run):
+    diagnose = prior_pending(run)
+    if diagnose:
         diagnose_prior(run, campaign["eval_seed"], campaign["threads"])
         rewrite_report(campaign)
+    return bool(pending) or diagnose
 
 
 def swaps_lane(campaign: dict[str, Any], runs: list[Run], poll_s: float = 30.0) -> None:
-    """The planner swaps of ``runs`` on this core while another lane trains them on the other: per run, takes the
-    swaps turn (waiting while the training lane evaluates between two chunks), evaluates every pending swap as
-    its snapshot appears, and moves on once no process trains the run and nothing is pending. Training and
-    evaluation then overlap instead of taking turns: on humanoid_h1hand-stand-v0 a snapshot's prior, sampled-prior
-    and Dream-MPC swaps took ~15 min beside a 10k-step training chunk of 35-60 min, and MPPI's (at 50k and 100k)
-    ~0.5 s per agent step."""
-    for run in runs:
-        turn, waited = None, False
-        try:
-            while True:
-                if turn is None:
-                    turn = CampaignLock.swaps_turn(run)
-                    if turn is not None:
-                        say(f"{run.id}: swaps lane holds the run's planner swaps")
-                        waited = False
-                if turn is not None:
-                    evaluate_pending(campaign, run)
+    """The planner swaps of ``runs`` on this core while other lanes train them on the other.
+
+    Every ``poll_s`` seconds, for each run that a campaign process is training (its claim held) or that has
+    swaps pending: take its swaps turn (waiting while its training lane evaluates between two chunks), hold it
+    while the run trains (its training lane then leaves the swaps to this lane and trains on), and evaluate every
+    pending swap as its snapshot appears; a run nobody trains is finished off and its turn released. The lane
+    ends when no run is trained and the main campaign is gone (so start it after the main campaign). Training
+    and evaluation then overlap instead of taking turns: on humanoid_h1hand-stand-v0 a snapshot's prior,
+    sampled-prior and Dream-MPC swaps took ~15 min beside a 10k-step training chunk of 35-60 min, and MPPI's
+    (at 50k and 100k) ~0.5 s per agent step."""
+    turns: dict[str, CampaignLock] = {}
+    waiting = False
+    try:
+        while True:
+            trained = False
+            for run in runs:
                 training = CampaignLock.held(run)
-                if turn is not None and not training and not pending_swaps(run, campaign["swaps"]) \
-                        and not prior_pending(run):
-                    say(f"{run.id}: swaps lane done (trained {trained_step(run)} / {run.steps}, nothing pending, "
-                        "no lane training it)")
-                    break
-                if turn is None and not training:
-                    say(f"{run.id}: swaps lane: another process holds its swaps and none trains it; skipped")
-                    break
-                if not waited:
-                    say(f"{run.id}: swaps lane waiting for "
-                        + ("the next snapshot" if turn is not None else "the training lane's evaluations to end"))
-                    waited = True
-                _sleep(poll_s)
-        finally:
-            if turn is not None:
-                turn.release()
+                trained |= training
+                if run.id not in turns and (training or pending_swaps(run, campaign["swaps"]) or prior_pending(run)):
+                    turn = CampaignLock.swaps_turn(run)
+                    if turn is None:
+                        continue  # its training lane is evaluating now, or another swaps lane holds it
+                    turns[run.id] = turn
+                    say(f"{run.id}: swaps lane holds the run's planner swaps")
+                if run.id in turns:
+                    if evaluate_pending(campaign, run):
+                        waiting = False
+                    if not training:  # nobody trains it: everything due is evaluated
+                        turns.pop(run.id).release()
+            if not trained and not CampaignLock.held(runs_root=campaign["runs_root"]):
+                say("swaps lane done: no run is being trained and no main campaign runs")
+                return
+            if not waiting:
+                say("swaps lane waiting for the next snapshot")
+                waiting = True
+            _sleep(poll_s)
+    finally:
+        for turn in turns.values():
+            turn.release()
 
 
 def _sleep(seconds: float) -> None:
@@ -618,7 +649,7 @@ def print_status(campaign: dict[str, Any]) -> None:
     committed = read_committed_runs(campaign["report"])
     for run in campaign["runs"]:
         if run.run_dir.exists():
-            turn = CampaignLock.swaps_turn(run)  # held for a moment: a lane that asks then waits one poll
+            turn = CampaignLock.swaps_turn(run, wait_s=0.0)  # a probe (see CampaignLock)
             if turn is not None:
                 turn.release()
             lanes = [name for name, busy in (("training", CampaignLock.held(run)), ("swaps", turn is None)) if busy]
@@ -665,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
         lock = None if lane else CampaignLock(campaign["runs_root"])  # noqa: F841
         if args.swaps_lane:
             with stop_on_signals():
-                swaps_lane(campaign, [run for run in runs if run.run_dir.exists()], args.poll)
+                swaps_lane(campaign, runs, args.poll)
         elif not args.report_only:
             with stop_on_signals():
                 work_through(campaign, runs, args.rerun)

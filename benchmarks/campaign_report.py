@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import io
 import json
 import math
 import os
@@ -37,6 +38,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from torchrl_dreammpc.checkpoints import write_text_atomic  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = ROOT.parent / "shared" / "reference" / "published-results"
@@ -55,11 +58,6 @@ def _data_dir(report: Path) -> Path:
     return report.with_suffix("")
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -657,18 +655,16 @@ def _kept_conclusion(report: Path) -> str:
 
 def _write_earlier_runs_csv(runs: dict, path: Path) -> None:
     """The swap rows of the runs' earlier attempts (``restarts``), with the attempt's start and last step."""
-    columns = SWAP_COLUMNS + ["attempt_started", "attempt_reached_step"]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=columns)
-        writer.writeheader()
-        for record in runs.values():
-            for attempt in record.get("restarts") or []:
-                for row in attempt.get("swap_rows") or []:
-                    writer.writerow({**{key: "" if row.get(key) is None else row[key] for key in SWAP_COLUMNS},
-                                     "attempt_started": attempt.get("started") or "",
-                                     "attempt_reached_step": attempt["reached_step"]})
-    os.replace(tmp, path)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=SWAP_COLUMNS + ["attempt_started", "attempt_reached_step"])
+    writer.writeheader()
+    for record in runs.values():
+        for attempt in record.get("restarts") or []:
+            for row in attempt.get("swap_rows") or []:
+                writer.writerow({**{key: "" if row.get(key) is None else row[key] for key in SWAP_COLUMNS},
+                                 "attempt_started": attempt.get("started") or "",
+                                 "attempt_reached_step": attempt["reached_step"]})
+    write_text_atomic(path, table.getvalue())
 
 
 def write_report(campaign: dict[str, Any]) -> Path:
@@ -678,16 +674,15 @@ def write_report(campaign: dict[str, Any]) -> Path:
     planners = [swap.name for swap in campaign["swaps"]]
     rows, episodes, runs = collect(campaign)
     data_dir.mkdir(parents=True, exist_ok=True)
-    tmp = data_dir / ".planner_swap.csv.tmp"
-    with tmp.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=SWAP_COLUMNS)
-        writer.writeheader()
-        for row in sorted(rows, key=lambda r: (r["run"], int(r["step"]), planners.index(r["planner"])
-                                               if r["planner"] in planners else 99)):
-            writer.writerow({key: ("" if row.get(key) is None else row[key]) for key in SWAP_COLUMNS})
-    os.replace(tmp, data_dir / "planner_swap.csv")
-    _atomic_write(data_dir / "episodes.json", json.dumps(episodes))
-    _atomic_write(data_dir / "runs.json", json.dumps(runs, indent=1))
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=SWAP_COLUMNS)
+    writer.writeheader()
+    for row in sorted(rows, key=lambda r: (r["run"], int(r["step"]), planners.index(r["planner"])
+                                           if r["planner"] in planners else 99)):
+        writer.writerow({key: ("" if row.get(key) is None else row[key]) for key in SWAP_COLUMNS})
+    write_text_atomic(data_dir / "planner_swap.csv", table.getvalue())
+    write_text_atomic(data_dir / "episodes.json", json.dumps(episodes))
+    write_text_atomic(data_dir / "runs.json", json.dumps(runs, indent=1))
     _write_earlier_runs_csv(runs, data_dir / "planner_swap_earlier_runs.csv")
     for run_id, record in runs.items():
         run_rows = [r for r in rows if r["run"] == run_id]
@@ -695,7 +690,7 @@ def write_report(campaign: dict[str, Any]) -> Path:
             plot_run(run_id, record, run_rows, data_dir / f"{run_id}.png")
     algorithms = list(dict.fromkeys(run.train.get("algorithm", "tdmpc2") for run in campaign["runs"]))
     results = {algorithm: aggregate(episodes, runs, planners, algorithm) for algorithm in algorithms}
-    _atomic_write(data_dir / "aggregate.json", json.dumps(results, indent=1))
+    write_text_atomic(data_dir / "aggregate.json", json.dumps(results, indent=1))
     for algorithm, result in results.items():
         if result is not None:
             plot_aggregate(result, data_dir / _aggregate_png(algorithm))
@@ -745,5 +740,5 @@ def write_report(campaign: dict[str, Any]) -> Path:
     for run_id, record in runs.items():
         lines.append(_run_section(run_id, record, [r for r in rows if r["run"] == run_id], planners, data_dir,
                                   report, episodes.get(run_id)))
-    _atomic_write(report, "\n".join(lines).rstrip() + "\n")
+    write_text_atomic(report, "\n".join(lines).rstrip() + "\n")
     return report

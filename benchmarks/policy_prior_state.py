@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="default: <run dir>/policy_prior.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    from torchrl_dreammpc.checkpoints import load_world_model
+    from torchrl_dreammpc.checkpoints import load_world_model, write_text_atomic
 
     out = args.json or args.run_dir / "policy_prior.json"
     rows = json.loads(out.read_text())["snapshots"] if out.exists() else {}
@@ -81,9 +81,8 @@ def main() -> None:
               flush=True)
     if not rows:
         raise SystemExit(f"no snapshots in {args.run_dir / 'snapshots'}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"task": args.task, "seed": args.seed, "command": " ".join(["python", *sys.argv]),
-                               "snapshots": rows}, indent=1))
+    write_text_atomic(out, json.dumps({"task": args.task, "seed": args.seed,  # atomic: the campaign report reads it
+                                       "command": " ".join(["python", *sys.argv]), "snapshots": rows}, indent=1))
     print(f"wrote {out}")
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import json
 import os
 import time
@@ -37,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 from torchrl.envs.utils import ExplorationType
 
-from torchrl_dreammpc.checkpoints import CheckpointError
+from torchrl_dreammpc.checkpoints import CheckpointError, write_text_atomic
 from torchrl_dreammpc.planners import NonFiniteActionError
 from torchrl_dreammpc.trainers import (
     ConfigMismatchError,
@@ -211,13 +212,14 @@ def record_video(create_env, actor, path: Path, seed: int, size: tuple[int, int]
 
 def write_results(out_dir: Path, header: dict, rows: list[dict]) -> None:
     """``results.json`` (``header`` + the rows) and ``results.csv`` (the rows without the per-episode lists)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps({**header, "results": rows}, indent=2))
-    with (out_dir / "results.csv").open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=[key for key in dict.fromkeys(k for row in rows for k in row)
-                                                  if not key.startswith("episode_")], extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    # atomic: another process (the benchmark campaign's report) may read them while they are written
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=[key for key in dict.fromkeys(k for row in rows for k in row)
+                                               if not key.startswith("episode_")], extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(out_dir / "results.csv", table.getvalue())
+    write_text_atomic(out_dir / "results.json", json.dumps({**header, "results": rows}, indent=2))
 
 
 def table_header(with_success: bool) -> str:

@@ -447,6 +447,53 @@ def test_swaps_turn_is_one_process_s_at_a_time_and_held_tells_a_training_lane(tm
     assert not campaign.CampaignLock.held(run)
 
 
+def test_swaps_lane_ends_when_nothing_is_trained_and_no_main_campaign_runs(tmp_path, capsys):
+    loaded = campaign.load_campaign(tiny_config(tmp_path))
+    with campaign.stop_on_signals():
+        campaign.swaps_lane(loaded, loaded["runs"], poll_s=0.01)
+    assert "swaps lane done: no run is being trained" in capsys.readouterr().out
+    # ... but waits while the main campaign runs (here: holds the runs root), even between two runs' claims
+    main = campaign.CampaignLock(loaded["runs_root"])
+    threading.Timer(1.0, main.release).start()
+    started = time.monotonic()
+    with campaign.stop_on_signals():
+        campaign.swaps_lane(loaded, loaded["runs"], poll_s=0.05)
+    assert time.monotonic() - started >= 0.9
+    assert capsys.readouterr().out.count("swaps lane waiting for the next snapshot") == 1
+
+
+def test_a_probe_of_a_lock_does_not_make_its_owner_give_up(tmp_path):
+    (run,) = campaign.load_campaign(tiny_config(tmp_path, runs=[{"task": "cartpole-swingup"}]))["runs"]
+    probe = campaign.CampaignLock.claim(run, wait_s=0.0)  # as held() / --status take it, for a moment
+    threading.Timer(0.1, probe.release).start()
+    owner = campaign.CampaignLock.claim(run)  # retries for up to wait_s instead of skipping the run
+    assert campaign.CampaignLock.held(run)
+    owner.release()
+    with pytest.raises(campaign.CampaignError, match="in use by another campaign"):
+        held = campaign.CampaignLock.claim(run)
+        try:
+            campaign.CampaignLock.claim(run, wait_s=0.1)
+        finally:
+            held.release()
+
+
+def test_report_rewrites_read_the_campaign_yaml_as_it_is_now(tmp_path):
+    config = tiny_config(tmp_path, runs=[{"task": "cartpole-swingup"}])
+    loaded = campaign.load_campaign(config)  # a long-lived lane's view
+    (loaded["runs"][0].run_dir).mkdir(parents=True)
+    raw = yaml.safe_load(config.read_text())
+    raw["runs"].append({"task": "mw-reach"})  # a run appended to the YAML later, committed elsewhere
+    config.write_text(yaml.safe_dump(raw))
+    added = campaign.load_campaign(config)["runs"][1]
+    data = campaign_report._data_dir(loaded["report"])
+    data.mkdir(parents=True)
+    record = {"task": added.task, "suite": "metaworld", "steps": 200, "trained_step": 200, "train": TINY_TRAIN,
+              "score_scale": None, "wall_s": 1.0, "chunks": [], "swaps_pending": 0, "swap_rows": 0, "eval_curve": []}
+    (data / "runs.json").write_text(json.dumps({added.id: record}))
+    campaign.rewrite_report(loaded)
+    assert added.id in json.loads((data / "runs.json").read_text())  # not dropped by the old view
+
+
 def test_swaps_lane_refuses_options_it_does_not_do(tmp_path, capsys):
     with pytest.raises(SystemExit):
         campaign.main(["--config", str(tiny_config(tmp_path)), "--swaps-lane", "--report-only"])
@@ -474,7 +521,7 @@ def test_a_swaps_lane_evaluates_while_the_main_campaign_trains(tmp_path):
     assert not re.search(r"step \d+, (policy|dream_mpc_no_grad) \(", main_out), main_out[-3000:]
     assert re.search(rf"{re.escape(run.id)}: step 200, dream_mpc_no_grad \(2 episodes\)", lane_out)
     assert f"{run.id}: swaps lane holds the run's planner swaps" in lane_out
-    assert f"{run.id}: swaps lane done (trained 200 / 200" in lane_out
+    assert "swaps lane done: no run is being trained and no main campaign runs" in lane_out
     # everything evaluated, once, and in the report
     assert campaign.trained_step(run) == 200
     assert not campaign.pending_swaps(run, loaded["swaps"]) and not campaign.prior_pending(run)

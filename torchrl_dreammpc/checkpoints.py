@@ -51,6 +51,7 @@ from torchrl_dreammpc.modules.world_model import (
 
 __all__ = [
     "CheckpointError",
+    "write_text_atomic",
     "FORMAT",
     "check_finite_state",
     "FORMAT_VERSION",
@@ -629,12 +630,22 @@ def save_tdmpc2_checkpoint(model: TDMPC2WorldModel, path: str | os.PathLike) -> 
 def _atomic_save(payload: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file in the same directory, then ``os.replace``: an interrupted save never
     leaves a truncated file (an existing file at ``path`` stays intact until the new one is complete)."""
+    return _atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """``text`` written to ``path`` as :func:`save_world_model` writes a checkpoint (a temporary file, then
+    ``os.replace``): a reader in another process sees the old file or the whole new one, never half of it."""
+    return _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def _atomic_write(path: str | os.PathLike, write) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
