@@ -24,6 +24,7 @@ from torchrl_dreammpc.checkpoints import (
     load_any,
     load_world_model,
     save_world_model,
+    write_text_atomic,
 )
 from torchrl_dreammpc.modules import TDMPC2Config, TDMPC2WorldModel
 
@@ -556,3 +557,16 @@ def test_export_loads_into_tdmpc2_and_reproduces_our_outputs(tdmpc2_peer, tmp_pa
         if model.config.episodic:
             torch.testing.assert_close(ref.termination(z, None, unnormalized=True), model.termination_logits(z),
                                        **close)
+
+
+def test_write_text_atomic_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
+    path = tmp_path / "sub" / "results.json"
+    assert write_text_atomic(path, '{"a": 1}') == path and path.read_text() == '{"a": 1}'
+
+    def interrupted_replace(src, dst):  # a kill between the write and the rename
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted_replace)
+    with pytest.raises(KeyboardInterrupt):
+        write_text_atomic(path, '{"a": 2, "b": "a longer text"}')
+    assert path.read_text() == '{"a": 1}' and sorted(p.name for p in path.parent.iterdir()) == ["results.json"]
