@@ -502,8 +502,12 @@ def rewrite_report(campaign: dict[str, Any]) -> Path:
 
     try:
         current = load_campaign(campaign["path"])
-    except CampaignError as err:
-        say(f"report: {err}; written for the runs this process started with")
+    except Exception as err:  # noqa: BLE001 (a YAML being edited must not stop a running lane)
+        say(f"report: the campaign file does not load now ({type(err).__name__}: {err}); written for the runs "
+            "this process started with")
+        current = campaign
+    if (current["runs_root"], current["report"]) != (campaign["runs_root"], campaign["report"]):
+        say("report: the campaign file names another runs_root or report now; this process keeps its own")
         current = campaign
     with report_turn(campaign["runs_root"]):
         return write_report(current)

@@ -477,7 +477,7 @@ def test_a_probe_of_a_lock_does_not_make_its_owner_give_up(tmp_path):
             held.release()
 
 
-def test_report_rewrites_read_the_campaign_yaml_as_it_is_now(tmp_path):
+def test_report_rewrites_read_the_campaign_yaml_as_it_is_now(tmp_path, capsys):
     config = tiny_config(tmp_path, runs=[{"task": "cartpole-swingup"}])
     loaded = campaign.load_campaign(config)  # a long-lived lane's view
     (loaded["runs"][0].run_dir).mkdir(parents=True)
@@ -492,6 +492,11 @@ def test_report_rewrites_read_the_campaign_yaml_as_it_is_now(tmp_path):
     (data / "runs.json").write_text(json.dumps({added.id: record}))
     campaign.rewrite_report(loaded)
     assert added.id in json.loads((data / "runs.json").read_text())  # not dropped by the old view
+    # a YAML caught mid-edit (an empty swaps entry) does not stop the lane: the report uses its start-up view
+    config.write_text(config.read_text().replace("swaps:", "swaps:\nold_swaps:"))
+    campaign.rewrite_report(loaded)
+    assert "the campaign file does not load now (AttributeError" in capsys.readouterr().out
+    assert loaded["report"].exists()
 
 
 def test_swaps_lane_refuses_options_it_does_not_do(tmp_path, capsys):

@@ -519,6 +519,37 @@ def test_a_stop_inside_the_pretraining_burst_checkpoints_and_the_resumed_run_doe
     assert (run / "csv" / "scalars" / "loss_pi.csv").read_text().split()[0].startswith(first_log.split(",")[0] + ",")
 
 
+def test_a_snapshot_due_when_a_batch_ended_the_seed_phase_is_taken_after_a_stopped_burst(tmp_path):
+    """Batches of 6 steps: the one that ends the seed phase (36 -> 42) crosses the multiple 38 of the snapshot
+    interval; stopped inside its burst, the resumed run takes that snapshot at its first step after the burst."""
+    def trainer(name, stop_at=None):
+        made = make_trainer(tmp_path / name, total_frames=66, seed_frames=40, pretrain_updates=30,
+                            frames_per_batch=6, snapshot_interval=19)
+        made.PRETRAIN_SLICE, step, count = 8, made.optimization_stepper.step, [0]
+
+        def counting_step(*args):
+            count[0] += 1
+            if count[0] == stop_at:
+                made.request_stop("preempted")
+            return step(*args)
+
+        made.optimization_stepper.step = counting_step
+        return made
+
+    def taken(name):
+        return sorted(int(p.stem.split("_")[1]) for p in (tmp_path / name / "run" / "snapshots").glob("step_*.pt"))
+
+    trainer("whole").train()
+    assert taken("whole") == [0, 24, 42, 60]
+    stopped = trainer("stopped", stop_at=10)
+    stopped.train()
+    assert stopped.collected_frames == 42 and taken("stopped") == [0, 24]
+    resumed = trainer("stopped")
+    resumed.resume()
+    resumed.train()
+    assert taken("stopped") == [0, 24, 48, 60]
+
+
 def test_a_checkpoint_from_before_the_burst_was_recorded_infers_it_from_the_update_count():
     schedule = _UpdateSchedule(1.0, pretrain_updates=30)
     schedule.load_state_dict({"utd_ratio": 1.0, "credit": 0.25})  # the state an older checkpoint holds

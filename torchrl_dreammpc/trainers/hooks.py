@@ -715,7 +715,7 @@ class EvaluationHook(TrainerHookBase):
         no evaluation step, and a preempted process has seconds left, not an evaluation's minutes."""
         trainer = self._trainer
         # TorchRL keeps the stop request in a private flag (no public getter in 0.14.1)
-        if trainer is None or getattr(trainer, "_stop_training", False):
+        if trainer is None or getattr(trainer, "_stop_training", False) or getattr(trainer, "pretrain_pending", False):
             return
         if self.interval and trainer.collected_frames != self.last_eval_step:
             self.evaluate(trainer.collected_frames)
@@ -810,9 +810,11 @@ class WorldModelSnapshots(TrainerHookBase):
             return
         self._last_step = trainer.collected_frames  # (a resumed run: the step it resumed at)
         if getattr(trainer, "pretrain_pending", False):
-            # resumed inside the pre-training burst: the steps since the seed phase's end had no snapshot (a half
-            # pre-trained model); one due among them is taken at the first step after the burst, named by it
-            self._last_step = min(self._last_step, trainer.seed_frames - 1)
+            # resumed inside the pre-training burst: the batch that ended the seed phase took no snapshot (a half
+            # pre-trained model). Counted from the newest snapshot on disk, one due then is taken at the first
+            # step after the burst, named by it.
+            taken = [int(path.stem.split("_")[1]) for path in Path(self.directory).glob("step_*.pt")]
+            self._last_step = max(taken, default=-1)
         if trainer.collected_frames == 0:
             self.save(0)
 
