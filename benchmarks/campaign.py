@@ -431,7 +431,9 @@ class CampaignLock:
     free lock for a moment to see that it is free, so a real owner retries briefly rather than mistake a probe for
     another campaign (the main campaign would otherwise skip a run, out of the YAML's order)."""
 
-    def __init__(self, runs_root: Path, name: str = ".campaign.lock", what: str | None = None,
+    MAIN = ".campaign.lock"  # the main campaign's, on the whole runs root
+
+    def __init__(self, runs_root: Path, name: str = MAIN, what: str | None = None,
                  wait_s: float = 0.5) -> None:
         runs_root.mkdir(parents=True, exist_ok=True)
         self.path = runs_root / name
@@ -455,32 +457,42 @@ class CampaignLock:
         self.file.write(f"pid {os.getpid()}")
         self.file.flush()
 
+    @staticmethod
+    def claim_name(run: Run) -> str:
+        return f".campaign-{run.id}.lock"
+
+    @staticmethod
+    def swaps_name(run: Run) -> str:
+        return f".campaign-{run.id}.swaps.lock"
+
     @classmethod
     def claim(cls, run: Run, wait_s: float = 0.5) -> "CampaignLock":
         """This process's claim on ``run`` (CampaignError if another campaign holds it)."""
-        return cls(run.run_dir.parent, f".campaign-{run.id}.lock", what=run.id, wait_s=wait_s)
+        return cls(run.run_dir.parent, cls.claim_name(run), what=run.id, wait_s=wait_s)
 
     @classmethod
-    def swaps_turn(cls, run: Run, wait_s: float = 0.5) -> "CampaignLock | None":
+    def swaps_turn(cls, run: Run) -> "CampaignLock | None":
         """This process's turn at evaluating ``run``'s planner swaps (and its policy-prior diagnosis), or ``None``
         while another process has it (a swaps lane, or the lane training the run between two chunks)."""
         try:
-            return cls(run.run_dir.parent, f".campaign-{run.id}.swaps.lock", what=f"{run.id}'s planner swaps",
-                       wait_s=wait_s)
+            return cls(run.run_dir.parent, cls.swaps_name(run), what=f"{run.id}'s planner swaps")
         except CampaignError:
             return None
 
-    @staticmethod
-    def held(run: Run | None = None, runs_root: Path | None = None) -> bool:
-        """Whether some campaign process holds its claim on ``run`` (is training it) now, or, with ``runs_root``,
-        whether the main campaign runs there (a probe: the lock taken for a moment when it is free)."""
+    @classmethod
+    def held(cls, runs_root: Path, name: str) -> bool:
+        """Whether some process holds the lock ``runs_root / name`` now (a probe: the lock taken for a moment when
+        it is free), e.g. ``held(run.run_dir.parent, CampaignLock.claim_name(run))``: is the run being trained."""
         try:
-            probe = (CampaignLock.claim(run, wait_s=0.0) if run is not None
-                     else CampaignLock(runs_root, wait_s=0.0))
+            cls(runs_root, name, wait_s=0.0).release()
         except CampaignError:
             return True
-        probe.release()
         return False
+
+    @classmethod
+    def training(cls, run: Run) -> bool:
+        """Whether some campaign process holds its claim on ``run`` (is training it) now."""
+        return cls.held(run.run_dir.parent, cls.claim_name(run))
 
     def release(self) -> None:
         self.file.close()  # closing the file drops the flock
@@ -602,7 +614,7 @@ def swaps_lane(campaign: dict[str, Any], runs: list[Run], poll_s: float = 30.0) 
         while True:
             trained = False
             for run in runs:
-                training = CampaignLock.held(run)
+                training = CampaignLock.training(run)
                 trained |= training
                 if run.id not in turns and (training or pending_swaps(run, campaign["swaps"]) or prior_pending(run)):
                     turn = CampaignLock.swaps_turn(run)
@@ -615,7 +627,7 @@ def swaps_lane(campaign: dict[str, Any], runs: list[Run], poll_s: float = 30.0) 
                         waiting = False
                     if not training:  # nobody trains it: everything due is evaluated
                         turns.pop(run.id).release()
-            if not trained and not CampaignLock.held(runs_root=campaign["runs_root"]):
+            if not trained and not CampaignLock.held(campaign["runs_root"], CampaignLock.MAIN):
                 say("swaps lane done: no run is being trained and no main campaign runs")
                 return
             if not waiting:
@@ -653,10 +665,8 @@ def print_status(campaign: dict[str, Any]) -> None:
     committed = read_committed_runs(campaign["report"])
     for run in campaign["runs"]:
         if run.run_dir.exists():
-            turn = CampaignLock.swaps_turn(run, wait_s=0.0)  # a probe (see CampaignLock)
-            if turn is not None:
-                turn.release()
-            lanes = [name for name, busy in (("training", CampaignLock.held(run)), ("swaps", turn is None)) if busy]
+            swaps_held = CampaignLock.held(run.run_dir.parent, CampaignLock.swaps_name(run))
+            lanes = [name for name, busy in (("training", CampaignLock.training(run)), ("swaps", swaps_held)) if busy]
             print(f"{run.id:<50} trained {trained_step(run):>7}/{run.steps}  snapshots {len(snapshots(run)):>3}  "
                   f"swaps pending {len(pending_swaps(run, campaign['swaps']))}"
                   + (f"  (held now: {', '.join(lanes)})" if lanes else ""))

@@ -655,16 +655,20 @@ def _kept_conclusion(report: Path) -> str:
 
 def _write_earlier_runs_csv(runs: dict, path: Path) -> None:
     """The swap rows of the runs' earlier attempts (``restarts``), with the attempt's start and last step."""
+    rows = [{**row, "attempt_started": attempt.get("started"), "attempt_reached_step": attempt["reached_step"]}
+            for record in runs.values() for attempt in record.get("restarts") or []
+            for row in attempt.get("swap_rows") or []]
+    write_text_atomic(path, _csv_text(SWAP_COLUMNS + ["attempt_started", "attempt_reached_step"], rows))
+
+
+def _csv_text(columns: list[str], rows) -> str:
+    """``rows`` as CSV text with ``columns`` (``None`` and missing entries written as empty cells)."""
     table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=SWAP_COLUMNS + ["attempt_started", "attempt_reached_step"])
+    writer = csv.DictWriter(table, fieldnames=columns)
     writer.writeheader()
-    for record in runs.values():
-        for attempt in record.get("restarts") or []:
-            for row in attempt.get("swap_rows") or []:
-                writer.writerow({**{key: "" if row.get(key) is None else row[key] for key in SWAP_COLUMNS},
-                                 "attempt_started": attempt.get("started") or "",
-                                 "attempt_reached_step": attempt["reached_step"]})
-    write_text_atomic(path, table.getvalue())
+    for row in rows:
+        writer.writerow({key: "" if row.get(key) is None else row[key] for key in columns})
+    return table.getvalue()
 
 
 def write_report(campaign: dict[str, Any]) -> Path:
@@ -674,13 +678,9 @@ def write_report(campaign: dict[str, Any]) -> Path:
     planners = [swap.name for swap in campaign["swaps"]]
     rows, episodes, runs = collect(campaign)
     data_dir.mkdir(parents=True, exist_ok=True)
-    table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=SWAP_COLUMNS)
-    writer.writeheader()
-    for row in sorted(rows, key=lambda r: (r["run"], int(r["step"]), planners.index(r["planner"])
-                                           if r["planner"] in planners else 99)):
-        writer.writerow({key: ("" if row.get(key) is None else row[key]) for key in SWAP_COLUMNS})
-    write_text_atomic(data_dir / "planner_swap.csv", table.getvalue())
+    ordered = sorted(rows, key=lambda r: (r["run"], int(r["step"]), planners.index(r["planner"])
+                                          if r["planner"] in planners else 99))
+    write_text_atomic(data_dir / "planner_swap.csv", _csv_text(SWAP_COLUMNS, ordered))
     write_text_atomic(data_dir / "episodes.json", json.dumps(episodes))
     write_text_atomic(data_dir / "runs.json", json.dumps(runs, indent=1))
     _write_earlier_runs_csv(runs, data_dir / "planner_swap_earlier_runs.csv")

@@ -440,11 +440,11 @@ def test_swaps_turn_is_one_process_s_at_a_time_and_held_tells_a_training_lane(tm
     again = campaign.CampaignLock.swaps_turn(run)
     assert again is not None
     again.release()
-    assert not campaign.CampaignLock.held(run)
+    assert not campaign.CampaignLock.training(run)
     claim = campaign.CampaignLock.claim(run)
-    assert campaign.CampaignLock.held(run)
+    assert campaign.CampaignLock.training(run)
     claim.release()
-    assert not campaign.CampaignLock.held(run)
+    assert not campaign.CampaignLock.training(run)
 
 
 def test_swaps_lane_ends_when_nothing_is_trained_and_no_main_campaign_runs(tmp_path, capsys):
@@ -464,10 +464,10 @@ def test_swaps_lane_ends_when_nothing_is_trained_and_no_main_campaign_runs(tmp_p
 
 def test_a_probe_of_a_lock_does_not_make_its_owner_give_up(tmp_path):
     (run,) = campaign.load_campaign(tiny_config(tmp_path, runs=[{"task": "cartpole-swingup"}]))["runs"]
-    probe = campaign.CampaignLock.claim(run, wait_s=0.0)  # as held() / --status take it, for a moment
+    probe = campaign.CampaignLock.claim(run, wait_s=0.0)  # as training() / --status take it, for a moment
     threading.Timer(0.1, probe.release).start()
     owner = campaign.CampaignLock.claim(run)  # retries for up to wait_s instead of skipping the run
-    assert campaign.CampaignLock.held(run)
+    assert campaign.CampaignLock.training(run)
     owner.release()
     with pytest.raises(campaign.CampaignError, match="in use by another campaign"):
         held = campaign.CampaignLock.claim(run)
@@ -512,7 +512,7 @@ def test_a_swaps_lane_evaluates_while_the_main_campaign_trains(tmp_path):
     loaded = campaign.load_campaign(config)
     (run,) = loaded["runs"]
     main = start_campaign(config)
-    wait_for(lambda: campaign.CampaignLock.held(run), main, timeout=300)  # the main campaign trains the run
+    wait_for(lambda: campaign.CampaignLock.training(run), main, timeout=300)  # the main campaign trains the run
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     lane = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "campaign.py"), "--config", str(config),
                              "--swaps-lane", "--poll", "1"],
