@@ -463,7 +463,9 @@ def test_a_stop_inside_the_pretraining_burst_checkpoints_and_the_resumed_run_doe
     """TD-MPC2's burst is as long as the seed phase (5,000 updates, ~10 min on a CPU core for HumanoidBench): a
     stop request inside it ends it at the next slice, and the resumed run does what is left before anything else,
     with the updates of the steps it stopped at, so that the run's update count is the uninterrupted one's. The
-    burst's losses are logged once; no evaluation or snapshot is taken of the half pre-trained model."""
+    resumed run finishes the burst before it collects a step, and takes the evaluation and snapshot then, named
+    by the step that ended the seed phase, as the uninterrupted run does. No evaluation or snapshot is taken of
+    the half pre-trained model."""
     def trainer(seed, stop=None):
         wm = tiny_world_model(seed=seed)
         made = make_trainer(tmp_path, world_model=wm, total_frames=100, seed_frames=40, pretrain_updates=30,
@@ -484,6 +486,10 @@ def test_a_stop_inside_the_pretraining_burst_checkpoints_and_the_resumed_run_doe
 
         made.optimization_stepper.step = counting_step
         made.register_op("pre_steps_log", stop_at_step)  # after the step is counted, before its updates
+        # the burst's updates left whenever the planner acts (after the seed phase: the collector's steps)
+        made.acted_with_left = []
+        made.actor.register_forward_pre_hook(
+            lambda *args: made.acted_with_left.append(made.update_schedule.pretrain_left))
         return made, flags
 
     run = tmp_path / "run"
@@ -508,20 +514,27 @@ def test_a_stop_inside_the_pretraining_burst_checkpoints_and_the_resumed_run_doe
     # the rest of the burst (flagged as pre-training) first, then one update per step after the seed phase
     assert flags == [True] * (30 - done_before_last_resume) + [False] * 60
     assert last._optim_count == 30 + 60
-    # the evaluation and the snapshot waited for the burst's end: at the first step after it, named by it
-    first_after = 41 + (len(stops) - 1)
-    assert [s for s, _ in read_eval_csv(run / "eval.csv")] == [first_after, 80, 100]
-    assert sorted(int(p.stem.split("_")[1]) for p in (run / "snapshots").glob("step_*.pt")) == [0, first_after, 80]
+    # every step the resumed run collected was collected by the pre-trained model (its training steps; the
+    # evaluations' planner calls come after the burst too)
+    assert last.acted_with_left and set(last.acted_with_left) == {0}
+    # the evaluation and the snapshot waited for the burst's end and are named by the step that ended the seed
+    # phase (40), as in the uninterrupted run; stopped twice, the second stop's run had collected step 41
+    # (TorchRL's loop collects before it looks at a stop request) before the burst was done
+    done_at = 40 if len(stops) == 1 else 41
+    assert [s for s, _ in read_eval_csv(run / "eval.csv")] == [done_at, 80, 100]
+    assert sorted(int(p.stem.split("_")[1]) for p in (run / "snapshots").glob("step_*.pt")) == [0, done_at, 80]
     # the burst's losses: one log entry, with its update count (TorchRL logs each optim_steps call, and keeps one
-    # entry per log_interval: the slices, all at one step, would have logged the first slice's alone)
-    first_log = (run / "csv" / "scalars" / "optim_steps.csv").read_text().split()[0]
-    assert first_log == ("40,16.0" if stops[0][0] == "update" else "41,30.0")
-    assert (run / "csv" / "scalars" / "loss_pi.csv").read_text().split()[0].startswith(first_log.split(",")[0] + ",")
+    # entry per key and log_interval: the slices, all at one step, would have logged the first slice's alone);
+    # stopped inside the burst, the entry of the part done before the stop (the rest, at the same step, is gated)
+    logged = [row.split(",") for row in (run / "csv" / "scalars" / "optim_steps.csv").read_text().split()]
+    assert logged[0] == (["40", "16.0"] if stops[0][0] == "update" else ["40", "30.0"]) and logged[1][0] != "40"
+    assert (run / "csv" / "scalars" / "loss_pi.csv").read_text().split()[0].startswith("40,")
 
 
 def test_a_snapshot_due_when_a_batch_ended_the_seed_phase_is_taken_after_a_stopped_burst(tmp_path):
     """Batches of 6 steps: the one that ends the seed phase (36 -> 42) crosses the multiple 38 of the snapshot
-    interval; stopped inside its burst, the resumed run takes that snapshot at its first step after the burst."""
+    interval; stopped inside its burst, the resumed run finishes the burst and takes that snapshot, named 42 as in
+    the uninterrupted run, before it collects its next batch."""
     def trainer(name, stop_at=None):
         made = make_trainer(tmp_path / name, total_frames=66, seed_frames=40, pretrain_updates=30,
                             frames_per_batch=6, snapshot_interval=19)
@@ -547,7 +560,7 @@ def test_a_snapshot_due_when_a_batch_ended_the_seed_phase_is_taken_after_a_stopp
     resumed = trainer("stopped")
     resumed.resume()
     resumed.train()
-    assert taken("stopped") == [0, 24, 48, 60]
+    assert taken("stopped") == taken("whole")  # the burst finished before the next batch: the snapshot of step 42
 
 
 def test_a_checkpoint_from_before_the_burst_was_recorded_infers_it_from_the_update_count():

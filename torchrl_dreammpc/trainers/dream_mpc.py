@@ -742,9 +742,11 @@ class DreamMPCTrainer(Trainer):
         EpisodeReturnLogger().register(self)
         if getattr(actor, "diagnostics", False):  # planner.diagnostics=true: its entries logged as planner/<name>
             PlannerDiagnosticsLogger(int(log_interval)).register(self)
+        self.snapshots = None
         if snapshot_interval:
             # Registered before the evaluation hook: the snapshot of step N is the model evaluated at step N.
-            WorldModelSnapshots(world_model, self.log_dir / "snapshots", int(snapshot_interval)).register(self)
+            self.snapshots = WorldModelSnapshots(world_model, self.log_dir / "snapshots", int(snapshot_interval))
+            self.snapshots.register(self)
         self.evaluation = None
         if eval_interval or eval_actors:
             eval_actors = dict(eval_actors) if eval_actors else {planner_name: actor}
@@ -761,6 +763,8 @@ class DreamMPCTrainer(Trainer):
             self.evaluation.register(self)
         self.register_op("post_steps_log", self._log_throughput)
         self.register_op("setup", self._progress_bar_from_resumed_step)
+        # Last of the setup ops: the snapshot and evaluation hooks have read their resumed state by then.
+        self.register_op("setup", self._finish_stopped_pretraining)
         self.register_op("shutdown", self._on_shutdown)
         self._throughput_mark: tuple[float, int] | None = None
 
@@ -842,7 +846,25 @@ class DreamMPCTrainer(Trainer):
         left = self.update_schedule.pretrain_left
         return self.collected_frames >= self.seed_frames and bool(left)
 
-    def _pretrain(self, batch: TensorDictBase) -> None:
+    def _finish_stopped_pretraining(self) -> None:
+        """Setup op of a run resumed inside the pre-training burst: the rest of the burst before anything is
+        collected, then what the step that ended the seed phase put off until the burst's end (its snapshot and
+        evaluation, if due, and the weights pushed to collector workers). The resumed run so collects its next
+        step with the pre-trained model and names the snapshot and evaluation by the step the uninterrupted run
+        names them by. The rest of that step's post-steps stage is not run again: it ran before the stop. (A run
+        stopped again inside this rest collects one step before it stops: TorchRL's loop collects first.)"""
+        if not self.pretrain_pending:
+            return
+        self._pretrain(None)  # the updates sample from the replay buffer: no collected batch is read
+        if self.pretrain_pending:
+            return
+        if type(self.collector) is not Collector:
+            self.collector.update_policy_weights_(self.actor)
+        for deferred in (self.snapshots, self.evaluation):
+            if deferred is not None:
+                deferred()
+
+    def _pretrain(self, batch: TensorDictBase | None) -> None:
         """What is left of the pre-training burst, in slices, up to a stop request; its losses logged once."""
         schedule = self.update_schedule
         if self.verbose:

@@ -693,7 +693,7 @@ class EvaluationHook(TrainerHookBase):
         if trainer is None:
             return
         if getattr(trainer, "pretrain_pending", False):  # stopped inside the pre-training burst: a half-trained
-            return  # model; the resumed run evaluates at its first step after the burst (next_eval is kept)
+            return  # model; the resumed run evaluates once it has finished the burst (next_eval is kept)
         frames = trainer.collected_frames
         # The last step is evaluated here, before the Trainer's final checkpoint, so that the checkpoint records
         # it (a resumed finished run does not evaluate it twice).
@@ -811,8 +811,8 @@ class WorldModelSnapshots(TrainerHookBase):
         self._last_step = trainer.collected_frames  # (a resumed run: the step it resumed at)
         if getattr(trainer, "pretrain_pending", False):
             # resumed inside the pre-training burst: the batch that ended the seed phase took no snapshot (a half
-            # pre-trained model). Counted from the newest snapshot on disk, one due then is taken at the first
-            # step after the burst, named by it.
+            # pre-trained model). Counted from the newest snapshot on disk, one due then is taken once the burst
+            # is finished (DreamMPCTrainer does it before collecting), named by the step reached then.
             taken = [int(path.stem.split("_")[1]) for path in Path(self.directory).glob("step_*.pt")]
             self._last_step = max(taken, default=-1)
         if trainer.collected_frames == 0:
