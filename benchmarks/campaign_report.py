@@ -498,6 +498,45 @@ def paired_difference(x: dict | None, y: dict | None, suite: str,
     return float(d.mean()), float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan"), n
 
 
+def _paired_cell(at: dict, suite: str, other: str = "policy") -> str:
+    """Dream-MPC − ``other`` on the same initial states (``at``: one step's episodes by planner), ± its s.e.;
+    on Meta-World the success difference with the return difference in brackets; empty without both."""
+    diff = paired_difference(at.get("dream_mpc"), at.get(other), suite)
+    if not diff:
+        return ""
+    digits = 2 if suite == "metaworld" else 1
+    cell = f"{diff[0]:+.{digits}f} ± {diff[1]:.{digits}f}"
+    returns = paired_difference(at.get("dream_mpc"), at.get(other), suite, key="returns")
+    if suite == "metaworld" and returns:  # the return difference beside the success one
+        cell += f" (return {returns[0]:+.1f} ± {returns[1]:.1f})"
+    return cell
+
+
+def _across_runs_table(record: dict, rows: list[dict], episodes: dict | None) -> str:
+    """Dream-MPC's paired differences with its prior's mean and with the prior's samples at each snapshot, one
+    column per training run of the configuration (its earlier attempts with swap rows, then this run): whether a
+    lift repeats when the same configuration and seed are trained again. Empty with fewer than two such runs."""
+    runs = [(f"run started {a['started'][:16].replace('T', ' ')}, lost at {a['reached_step']:,}"
+             if a.get("started") else f"earlier run, lost at {a['reached_step']:,}", a.get("episodes") or {})
+            for a in record.get("restarts") or [] if a.get("swap_rows")]
+    if rows:
+        runs.append(("this run", episodes or {}))
+    if len(runs) < 2:
+        return ""
+    steps = sorted({int(step) for _, eps in runs for step in eps})
+    lines = ["| step | " + " | ".join(name for name, _ in runs) + " |", "|---:|" + "---:|" * len(runs)]
+    for step in steps:
+        cells = []
+        for _, eps in runs:
+            at = eps.get(str(step), {})
+            prior, sampled = _paired_cell(at, record["suite"]), _paired_cell(at, record["suite"], "policy_sample")
+            cells.append(prior + (f" <sub>samples {sampled}</sub>" if sampled else ""))
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    return ("**Dream-MPC − prior, paired, in each training run of this configuration** (± s.e.; small: Dream-MPC − "
+            "the prior's samples, paired; the same initial states in every run, the model of each run's own "
+            "training):\n\n" + "\n".join(lines))
+
+
 def _swap_table(record: dict, rows: list[dict], planners: list[str], episodes: dict | None = None,
                 explain: bool = True) -> str:
     """The planner-swap table of one run (a row per snapshot step), after a paragraph that says how to read its
@@ -515,14 +554,7 @@ def _swap_table(record: dict, rows: list[dict], planners: list[str], episodes: d
     for step in steps:
         cells = [_fmt_cell(by_key.get((step, p)), suite) for p in present]
         if paired:
-            at = episodes.get(str(step), {})
-            diff = paired_difference(at.get("dream_mpc"), at.get("policy"), suite)
-            digits = 2 if suite == "metaworld" else 1
-            cell = f"{diff[0]:+.{digits}f} ± {diff[1]:.{digits}f}" if diff else ""
-            returns = paired_difference(at.get("dream_mpc"), at.get("policy"), suite, key="returns")
-            if diff and suite == "metaworld" and returns:  # the return difference beside the success one
-                cell += f" (return {returns[0]:+.1f} ± {returns[1]:.1f})"
-            cells.append(cell)
+            cells.append(_paired_cell(episodes.get(str(step), {}), suite))
         if prior:
             state = prior.get(str(step))
             cells.append(f"{state['saturated']:.2f}, {state['mean_log_std']:+.2f}" if state else "")
@@ -579,6 +611,9 @@ def _run_section(run_id: str, record: dict, rows: list[dict], planners: list[str
                   f"and seed; its results as committed before its directory was lost{how}):", "",
                   _swap_table({**record, "policy_prior": attempt.get("policy_prior") or {}}, attempt["swap_rows"],
                               planners, attempt.get("episodes"), explain=not rows), ""]
+    across = _across_runs_table(record, rows, episodes)
+    if across:
+        lines += [across, ""]
     pub = published_points(record["task"], record["suite"], record["steps"])
     notes = []
     for name, points in pub.items():

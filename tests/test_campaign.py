@@ -274,6 +274,32 @@ def test_swap_cells_of_early_ending_episodes_show_their_length():
     assert campaign_report._fmt_cell(committed, "humanoid_bench") == "15.4 ± 0.2 <sub>n=30</sub>"
 
 
+def test_dream_mpc_minus_prior_is_tabled_across_the_training_runs_of_a_configuration():
+    """One column per training run (earlier attempts with results, then this run): the paired differences with
+    the prior's mean and with its samples at each snapshot, computed from each run's own episodes."""
+    def episodes(dream, prior, sample=None):
+        at = {"dream_mpc": {"returns": dream}, "policy": {"returns": prior}}
+        return {**at, "policy_sample": {"returns": sample}} if sample else at
+
+    lost = {"started": "2026-12-01T20:34:48+00:00", "reached_step": 85984, "swap_rows": [{"step": 0}],
+            "episodes": {"0": episodes([3.0, 5.0], [1.0, 2.0], [2.0, 2.0]), "10": episodes([1.0, 1.0], [2.0, 4.0])}}
+    no_results = {"started": None, "reached_step": 10611}  # reached no snapshot with results: no column
+    record = {"suite": "humanoid_bench", "restarts": [no_results, lost]}
+    table = campaign_report._across_runs_table(record, [{"step": 0}], {"0": episodes([2.0, 2.0], [2.0, 1.0])})
+    lines = table.splitlines()
+    assert lines[2] == "| step | run started 2026-12-01 20:34, lost at 85,984 | this run |"
+    # mean of (2, 3) = 2.5, s.e. 0.5; against the samples (1, 3): 2.0 ± 1.0; this run (0, 1): 0.5 ± 0.5
+    assert lines[4] == "| 0 | +2.5 ± 0.5 <sub>samples +2.0 ± 1.0</sub> | +0.5 ± 0.5 |"
+    assert lines[5] == "| 10 | -2.0 ± 1.0 |  |"  # a step this run has not reached
+    # Meta-World: the success difference, the return difference in brackets
+    mw = {"dream_mpc": {"returns": [5.0, 7.0], "successes": [1, 1]}, "policy": {"returns": [4.0, 4.0],
+                                                                                "successes": [0, 1]}}
+    assert campaign_report._paired_cell(mw, "metaworld") == "+0.50 ± 0.50 (return +2.0 ± 1.0)"
+    # one run alone: its own table has the paired column already
+    assert campaign_report._across_runs_table(record, [], None) == ""
+    assert campaign_report._across_runs_table({"suite": "dmc"}, [{"step": 0}], {}) == ""
+
+
 def test_earlier_attempts_are_told_apart_from_a_continued_run():
     old = {"trained_step": 300, "wall_s": 90.0, "chunks": [{"start": "2026-01-01T00:00:00+00:00"}],
            "restarts": [{"started": None, "reached_step": 100, "wall_s": 30.0}]}
