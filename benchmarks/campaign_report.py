@@ -19,7 +19,10 @@ Files:
   published TD-MPC2 and DreamerV3 seeds / BMPC-paper curves);
 - ``benchmark/aggregate.json`` and ``aggregate[-<algorithm>].png``: per training algorithm, the mean and IQM
   (rliable) of normalized scores across tasks with 95 % bootstrap CIs over evaluation episodes per planner at the
-  final step, and Dream-MPC's paired comparisons with the other planners (see :func:`aggregate`).
+  final step, and Dream-MPC's paired comparisons with the other planners (see :func:`aggregate`);
+- ``benchmark/aggregate_by_step.json`` and ``aggregate[-<algorithm>]-step<N>.png``: the same at the other steps
+  at which the YAML has every planner evaluated (:func:`intermediate_full_steps`), a run lost after such a step
+  counting with its earlier attempt's snapshot.
 The section between ``<!-- conclusion -->`` markers of benchmark.md is written by hand and kept.
 """
 from __future__ import annotations
@@ -351,10 +354,41 @@ def _percentile_ci(samples: np.ndarray) -> list[float]:
     return [float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))]
 
 
+def _attempt_name(attempt: dict) -> str:
+    started = attempt.get("started")
+    return (f"earlier run{' started ' + started[:16].replace('T', ' ') if started else ''}, lost at "
+            f"{attempt['reached_step']:,} steps")
+
+
+def _episodes_at(run_id: str, record: dict, episodes: dict, step: int | None,
+                 planners: list[str]) -> tuple[dict | None, str]:
+    """The episodes by planner that a run brings to an aggregate, and where they come from (or why none).
+
+    ``step=None``: the final step of a finished run. A given ``step``: this run's snapshot at that step, else the
+    most recent earlier attempt (``restarts``) with every planner there: a run lost with a machine after that step
+    trained the same configuration and seed to it."""
+    final = step is None
+    if final:
+        if record["trained_step"] < record["steps"]:
+            return None, f"in progress, {record['trained_step']} / {record['steps']} steps"
+        step = record["steps"]
+    candidates = [("this run", episodes.get(run_id, {}).get(str(step), {}))]
+    if not final:
+        candidates += [(_attempt_name(attempt), (attempt.get("episodes") or {}).get(str(step), {}))
+                       for attempt in reversed(record.get("restarts") or [])]
+    for source, values in candidates:
+        if all(p in values for p in planners):
+            return values, source
+    missing = [p for p in planners if p not in candidates[0][1]]
+    return None, f"no {', '.join(missing)} at step {step}"
+
+
 def aggregate(episodes: dict, runs: dict, planners: list[str], algorithm: str = "tdmpc2",
-              reps: int = BOOTSTRAP_REPS, seed: int = 0) -> dict[str, Any] | None:
+              reps: int = BOOTSTRAP_REPS, seed: int = 0, step: int | None = None) -> dict[str, Any] | None:
     """The final-step aggregate over the finished runs of one training ``algorithm`` (a task trained by two
-    algorithms is two experiments, not two tasks of one).
+    algorithms is two experiments, not two tasks of one); with ``step``, the aggregate at that snapshot step
+    instead, over the runs that have every planner there (this run's, or an earlier attempt's: see
+    :func:`_episodes_at`; ``sources`` says which).
 
     - **Per planner**: each task's score is its mean normalized score over the evaluation episodes; across
       tasks, rliable's ``aggregate_mean`` and ``aggregate_iqm`` of the ``[1, tasks]`` matrix of task scores (with
@@ -372,20 +406,17 @@ def aggregate(episodes: dict, runs: dict, planners: list[str], algorithm: str = 
     """
     from rliable import metrics
 
-    included, excluded, task_scores = [], {}, {p: [] for p in planners}
+    included, excluded, sources, task_scores = [], {}, {}, {p: [] for p in planners}
     for run_id, record in runs.items():
         if _algorithm(record) != algorithm:
             continue
-        if record["trained_step"] < record["steps"]:
-            excluded[run_id] = f"in progress, {record['trained_step']} / {record['steps']} steps"
-            continue
-        final = episodes.get(run_id, {}).get(str(record["steps"]), {})
-        scores = {p: normalized_scores(record, final[p]) if p in final else None for p in planners}
-        missing = [p for p, s in scores.items() if s is None]
-        if missing:
-            excluded[run_id] = f"no {', '.join(missing)} at step {record['steps']}"
+        values, source = _episodes_at(run_id, record, episodes, step, planners)
+        scores = {p: normalized_scores(record, values[p]) for p in planners} if values else {}
+        if not values or any(s is None for s in scores.values()):
+            excluded[run_id] = source if not values else f"no normalized score of {source}"
             continue
         included.append(run_id)
+        sources[run_id] = source
         for p in planners:
             task_scores[p].append(scores[p])
     if not included:
@@ -395,8 +426,8 @@ def aggregate(episodes: dict, runs: dict, planners: list[str], algorithm: str = 
     def resampled_means(values: np.ndarray) -> np.ndarray:  # [reps] means of bootstrap resamples of one task
         return values[rng.integers(0, len(values), size=(reps, len(values)))].mean(axis=1)
 
-    result: dict[str, Any] = {"algorithm": algorithm, "runs": included, "excluded": excluded, "reps": reps,
-                              "seed": seed, "planners": {}, "comparisons": {}}
+    result: dict[str, Any] = {"algorithm": algorithm, "step": step, "runs": included, "sources": sources,
+                              "excluded": excluded, "reps": reps, "seed": seed, "planners": {}, "comparisons": {}}
     for p in planners:
         point = np.array([[s.mean() for s in task_scores[p]]])  # [1, tasks]
         boot = np.stack([resampled_means(s) for s in task_scores[p]], axis=1)  # [reps, tasks]
@@ -455,7 +486,8 @@ def plot_aggregate(result: dict, path: Path) -> None:
             ax.set_yticks(range(len(comparisons)), labels if ax is axes[2] else [""] * len(comparisons))
             ax.set_title(title, fontsize=9)
             ax.grid(alpha=0.3, axis="x")
-    fig.suptitle(f"{result['algorithm']}: {len(result['runs'])} task(s) at the final step; 95 % bootstrap CIs over "
+    at = "the final step" if result.get("step") is None else f"step {result['step']:,}"
+    fig.suptitle(f"{result['algorithm']}: {len(result['runs'])} task(s) at {at}; 95 % bootstrap CIs over "
                  "evaluation episodes (within each task)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -639,12 +671,18 @@ def _run_setting(train: dict) -> str:
     return f"{model}, {train.get('planner')} acting"
 
 
-def _aggregate_section(result: dict | None, algorithm: str, data_dir: Path, report: Path) -> str:
+def _aggregate_section(result: dict | None, algorithm: str, data_dir: Path, report: Path,
+                       step: int | None = None) -> str:
     if result is None:
-        return (f"No {algorithm} run has every planner at its final step yet: the aggregate (mean and IQM of "
+        at = "its final step" if step is None else f"step {step:,}"
+        return (f"No {algorithm} run has every planner at {at} yet: the aggregate (mean and IQM of "
                 "normalized scores with 95 % bootstrap CIs, paired comparisons) appears here once one does.\n")
-    rel = os.path.relpath(data_dir / _aggregate_png(algorithm), report.parent)
-    lines = [f"Runs included ({len(result['runs'])}): " + ", ".join(result["runs"]) + "."]
+    rel = os.path.relpath(data_dir / _aggregate_png(algorithm, step), report.parent)
+    if step is None:
+        included = ", ".join(result["runs"])
+    else:  # which training run of each task the episodes come from
+        included = ", ".join(f"{run} ({result['sources'][run]})" for run in result["runs"])
+    lines = [f"Runs included ({len(result['runs'])}): {included}."]
     if result["excluded"]:
         lines[0] += " Not yet: " + "; ".join(f"{run} ({why})" for run, why in result["excluded"].items()) + "."
     lines += ["", f"![aggregate {algorithm}]({rel})", "",
@@ -676,8 +714,20 @@ def _aggregate_section(result: dict | None, algorithm: str, data_dir: Path, repo
     return "\n".join(lines) + "\n"
 
 
-def _aggregate_png(algorithm: str) -> str:
-    return "aggregate.png" if algorithm == "tdmpc2" else f"aggregate-{algorithm}.png"
+def _aggregate_png(algorithm: str, step: int | None = None) -> str:
+    name = "aggregate" if algorithm == "tdmpc2" else f"aggregate-{algorithm}"
+    return f"{name}.png" if step is None else f"{name}-step{step}.png"
+
+
+def intermediate_full_steps(campaign: dict[str, Any]) -> list[int]:
+    """The snapshot steps, other than the runs' final ones, at which the campaign's YAML has every planner
+    evaluated (the steps common to the swaps that list theirs): the aggregate is also computed there, fixed by
+    the configuration, not chosen from results."""
+    listed = [set(swap.steps) for swap in campaign["swaps"] if swap.steps is not None]
+    if not listed:  # every planner at every snapshot: no step stands out
+        return []
+    finals = {run.steps for run in campaign["runs"]}
+    return sorted(set.intersection(*listed) - finals)
 
 
 def _kept_conclusion(report: Path) -> str:
@@ -733,6 +783,25 @@ def write_report(campaign: dict[str, Any]) -> Path:
     for algorithm, result in results.items():
         aggregate_sections += [f"### Runs trained with {ALGORITHM_NAMES.get(algorithm, algorithm)}", "",
                                _aggregate_section(result, algorithm, data_dir, report)]
+    by_step = {step: {algorithm: aggregate(episodes, runs, planners, algorithm, step=step)
+                      for algorithm in algorithms} for step in intermediate_full_steps(campaign)}
+    write_text_atomic(data_dir / "aggregate_by_step.json", json.dumps({str(k): v for k, v in by_step.items()},
+                                                                       indent=1))
+    for step, step_results in by_step.items():
+        aggregate_sections += [f"## Aggregate at step {step:,}", "",
+                               f"The other step at which every planner is evaluated ({os.path.relpath(campaign['path'], ROOT)}"
+                               "), over the runs that reached it: a run lost with a machine after it counts with "
+                               "its earlier training run's snapshot (named beside it). Same normalization and "
+                               "statistics as above.", ""]
+        for algorithm, result in step_results.items():
+            if result is None:
+                continue
+            plot_aggregate(result, data_dir / _aggregate_png(algorithm, step))
+            aggregate_sections += [f"### Runs trained with {ALGORITHM_NAMES.get(algorithm, algorithm)}, step "
+                                   f"{step:,}", "", _aggregate_section(result, algorithm, data_dir, report, step)]
+        missing = [ALGORITHM_NAMES.get(a, a) for a, result in step_results.items() if result is None]
+        if missing:
+            aggregate_sections += [f"No run trained with {', '.join(missing)} has every planner at step {step:,}.", ""]
 
     config = os.path.relpath(campaign["path"], ROOT)
     lines = [

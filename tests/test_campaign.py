@@ -373,6 +373,47 @@ def test_aggregate_is_per_algorithm_across_tasks_with_paired_comparisons():
     assert "| +0.50 ± 0.50 (return +4.0 ± 1.0) |" in table
 
 
+def test_aggregate_at_an_intermediate_step_takes_a_lost_run_from_its_earlier_attempt():
+    """At a step fixed by the YAML (every planner evaluated there), each run counts with this run's snapshot, or
+    with the most recent earlier attempt that has every planner there; the report names the source."""
+    from types import SimpleNamespace
+
+    planners = ["policy", "dream_mpc"]
+    both = {"policy": {"returns": [100.0, 300.0]}, "dream_mpc": {"returns": [200.0, 300.0]}}
+    runs = {
+        "done": {"task": "cartpole-swingup", "suite": "dmc", "steps": 100, "trained_step": 100, "train": {}},
+        # restarted twice: the older attempt reached step 50 with every planner, the newer one without dream_mpc
+        "lost": {"task": "humanoid_h1hand-stand-v0", "suite": "humanoid_bench", "steps": 100, "trained_step": 20,
+                 "score_scale": 800, "train": {},
+                 "restarts": [{"started": "2026-12-01T20:34:48+00:00", "reached_step": 85, "episodes": {"50": {
+                     "policy": {"returns": [80.0, 160.0]}, "dream_mpc": {"returns": [160.0, 160.0]}}}},
+                              {"started": None, "reached_step": 55, "episodes": {"50": {"policy": both["policy"]}}}]},
+        "short": {"task": "walker-walk", "suite": "dmc", "steps": 100, "trained_step": 30, "train": {}},
+    }
+    episodes = {"done": {"50": both, "100": both}, "lost": {}, "short": {"30": both}}
+    result = campaign_report.aggregate(episodes, runs, planners, step=50, reps=100)
+    assert result["step"] == 50 and result["runs"] == ["done", "lost"]
+    assert result["sources"] == {"done": "this run",
+                                 "lost": "earlier run started 2026-12-01 20:34, lost at 85 steps"}
+    assert result["excluded"] == {"short": "no policy, dream_mpc at step 50"}
+    assert result["planners"]["dream_mpc"]["task_scores"] == pytest.approx([0.25, 0.2])  # 160 / 800 = 0.2
+    assert result["comparisons"]["dream_mpc vs policy"]["mean_difference"] == pytest.approx((0.05 + 0.05) / 2)
+    # the final-step aggregate counts finished runs with their own episodes only
+    final = campaign_report.aggregate(episodes, runs, planners, reps=100)
+    assert final["runs"] == ["done"] and final["sources"] == {"done": "this run"} and final["step"] is None
+    assert set(final["excluded"]) == {"lost", "short"}
+
+    def swap(steps):
+        return SimpleNamespace(steps=steps)
+
+    campaign = {"swaps": [swap(None), swap((50000, 100000)), swap((50000, 100000))],
+                "runs": [SimpleNamespace(steps=100000)]}
+    assert campaign_report.intermediate_full_steps(campaign) == [50000]
+    assert campaign_report.intermediate_full_steps({**campaign, "swaps": [swap(None)]}) == []
+    assert campaign_report.intermediate_full_steps({**campaign, "swaps": [swap((20, 50000)), swap((50000,))]}) == [
+        50000]
+
+
 @pytest.mark.slow
 # ~200 s on an idle 2-core machine; the project-wide 600 s (pyproject.toml) is too tight when the benchmark
 # campaign shares the cores (the file once took 10 min, and this test failed with its output lost).
