@@ -531,6 +531,68 @@ def test_a_stop_inside_the_pretraining_burst_checkpoints_and_the_resumed_run_doe
     assert (run / "csv" / "scalars" / "loss_pi.csv").read_text().split()[0].startswith("40,")
 
 
+@pytest.mark.parametrize("killed", ["after_setup", "in_its_checkpoint"])
+def test_a_run_killed_after_finishing_a_resumed_burst_neither_redoes_nor_duplicates_it(tmp_path, killed):
+    """The resumed run replaces the checkpoint of the stop (burst pending) by one with the burst done and the step
+    evaluated: killed after that, the next run redoes nothing. Killed before it was written, the next run resumes
+    with the burst pending and drops the evaluation rows of the killed attempt at that step (written after the
+    checkpoint it resumes from), so eval.csv and the CSV scalars hold the step once."""
+    def trainer(seed):
+        wm = tiny_world_model(seed=seed)
+        made = make_trainer(tmp_path, world_model=wm, total_frames=100, seed_frames=40, pretrain_updates=30,
+                            eval_interval=40, eval_episodes=1, eval_actors={"policy": PolicyActor(wm)},
+                            snapshot_interval=40, log_interval=1)
+        made.PRETRAIN_SLICE = 8
+        return made
+
+    stopped = trainer(0)
+    step = stopped.optimization_stepper.step
+
+    def stop_at_the_tenth_update(*args):
+        if stopped._optim_count == 10:
+            stopped.request_stop("preempted")
+        return step(*args)
+
+    stopped.optimization_stepper.step = stop_at_the_tenth_update
+    stopped.train()
+    assert stopped.pretrain_pending and stopped.collected_frames == 40
+
+    class Killed(Exception):
+        pass
+
+    def kill(*args):
+        raise Killed
+
+    doomed = trainer(1)
+    doomed.resume()
+    if killed == "after_setup":
+        doomed.register_op("pre_steps_log", kill)  # before the first step after the resume is counted
+    else:
+        doomed._save_trainer = kill  # the checkpoint that replaces the stop's
+    with pytest.raises(Killed):
+        doomed.train()
+    run = tmp_path / "run"
+    assert [s for s, _ in read_eval_csv(run / "eval.csv")] == [40]
+
+    last = trainer(2)
+    last.resume()
+    assert last.pretrain_pending == (killed == "in_its_checkpoint")
+    updates = [0]
+    step_last = last.optimization_stepper.step
+
+    def counting(*args):
+        updates[0] += 1
+        return step_last(*args)
+
+    last.optimization_stepper.step = counting
+    last.train()
+    assert last._optim_count == 30 + 60  # the uninterrupted run's count either way
+    assert updates[0] == (60 if killed == "after_setup" else 30 - 16 + 60)
+    assert [s for s, _ in read_eval_csv(run / "eval.csv")] == [40, 80, 100]
+    assert [row.split(",")[0] for row in (run / "csv" / "scalars" / "eval" / "return.csv").read_text().split()] == [
+        "40", "80", "100"]
+
+
 def test_a_snapshot_due_when_a_batch_ended_the_seed_phase_is_taken_after_a_stopped_burst(tmp_path):
     """Batches of 6 steps: the one that ends the seed phase (36 -> 42) crosses the multiple 38 of the snapshot
     interval; stopped inside its burst, the resumed run finishes the burst and takes that snapshot, named 42 as in

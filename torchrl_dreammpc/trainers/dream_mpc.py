@@ -863,6 +863,9 @@ class DreamMPCTrainer(Trainer):
         for deferred in (self.snapshots, self.evaluation):
             if deferred is not None:
                 deferred()
+        # The checkpoint at this step has the burst pending: replace it (same name), so that a run killed before
+        # its next checkpoint does not redo the burst and the evaluation.
+        self.save_trainer(force_save=True)
 
     def _pretrain(self, batch: TensorDictBase | None) -> None:
         """What is left of the pre-training burst, in slices, up to a stop request; its losses logged once."""
@@ -1021,6 +1024,12 @@ class DreamMPCTrainer(Trainer):
         self.load_from_file(path)
         step = self.collected_frames
         self._truncate_logs_after(step)
+        if self.pretrain_pending and self.evaluation is not None:
+            # No evaluation is made while the burst is pending: one at this step was made by a later attempt that
+            # finished the burst and died before its checkpoint (_finish_stopped_pretraining) replaced this one.
+            self.evaluation.truncate_after(step - 1)
+            if isinstance(self.logger, MultiLogger):
+                self.logger.truncate_after(step - 1, under="eval")
         self.world_model.eval()
         if self.verbose:
             print(f"[train] resumed from {path} at step {step}", flush=True)

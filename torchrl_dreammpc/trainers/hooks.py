@@ -98,22 +98,27 @@ class MultiLogger(Logger):
         for logger, state in zip(self.loggers, states):
             logger.load_state_dict(state)
 
-    def truncate_after(self, step: int, keep_copy: bool = False) -> None:
+    def truncate_after(self, step: int, keep_copy: bool = False, under: str | None = None) -> None:
         """Forgets what was logged after ``step`` (used when a killed run resumes from the checkpoint at ``step``).
 
         CSV scalar files lose their rows with a larger step (``keep_copy``: see :func:`trim_csv_rows`); TensorBoard
         is reopened with ``purge_step=step + 1`` so the events written after the checkpoint are hidden.
+        ``under``: only the CSV scalars whose name starts with ``under + "/"`` (TensorBoard, which can only
+        purge every tag at once, is left as it is).
         """
         for logger in self.loggers:
             if isinstance(logger, CSVLogger):
                 scalars = Path(logger.experiment.log_dir) / "scalars"
-                for file in scalars.rglob("*.csv"):
+                for file in (scalars / under if under else scalars).rglob("*.csv"):
                     handle = logger.experiment.files.pop(str(file), None)
                     if handle is not None:
                         handle.close()
                     trim_csv_rows(file, step, header=False, keep_copy=keep_copy)
                 for name, rows in logger.experiment.scalars.items():
-                    rows[:] = [row for row in rows if row[0] <= step]
+                    if under is None or name.startswith(under + "/"):
+                        rows[:] = [row for row in rows if row[0] <= step]
+            elif under is not None:
+                continue
             elif isinstance(logger, TensorboardLogger):
                 from torch.utils.tensorboard import SummaryWriter
 
