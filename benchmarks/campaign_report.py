@@ -356,7 +356,7 @@ def _percentile_ci(samples: np.ndarray) -> list[float]:
 
 def _attempt_name(attempt: dict) -> str:
     started = attempt.get("started")
-    return (f"earlier run{' started ' + started[:16].replace('T', ' ') if started else ''}, lost at "
+    return (f"earlier run{' started ' + started[:16].replace('T', ' ') + ' UTC' if started else ''}, lost at "
             f"{attempt['reached_step']:,} steps")
 
 
@@ -548,9 +548,7 @@ def _across_runs_table(record: dict, rows: list[dict], episodes: dict | None) ->
     """Dream-MPC's paired differences with its prior's mean and with the prior's samples at each snapshot, one
     column per training run of the configuration (its earlier attempts with swap rows, then this run): whether a
     lift repeats when the same configuration and seed are trained again. Empty with fewer than two such runs."""
-    runs = [(f"run started {a['started'][:16].replace('T', ' ')}, lost at {a['reached_step']:,}"
-             if a.get("started") else f"earlier run, lost at {a['reached_step']:,}", a.get("episodes") or {})
-            for a in record.get("restarts") or [] if a.get("swap_rows")]
+    runs = [(_attempt_name(a), a.get("episodes") or {}) for a in record.get("restarts") or [] if a.get("swap_rows")]
     if rows:
         runs.append(("this run", episodes or {}))
     if len(runs) < 2:
@@ -789,9 +787,11 @@ def write_report(campaign: dict[str, Any]) -> Path:
                                                                        indent=1))
     for step, step_results in by_step.items():
         aggregate_sections += [f"## Aggregate at step {step:,}", "",
-                               f"The other step at which every planner is evaluated ({os.path.relpath(campaign['path'], ROOT)}"
-                               "), over the runs that reached it: a run lost with a machine after it counts with "
-                               "its earlier training run's snapshot (named beside it). Same normalization and "
+                               "A step before the last at which every planner is evaluated "
+                               f"({os.path.relpath(campaign['path'], ROOT)}). A run counts with its current training "
+                               "run's snapshot; one that lacks a planner there (e.g. a run whose directory was lost "
+                               "with a machine and that has not got back to the step) counts with its most recent "
+                               "earlier training run that has them all, named beside it. Same normalization and "
                                "statistics as above.", ""]
         for algorithm, result in step_results.items():
             if result is None:

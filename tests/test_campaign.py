@@ -287,7 +287,7 @@ def test_dream_mpc_minus_prior_is_tabled_across_the_training_runs_of_a_configura
     record = {"suite": "humanoid_bench", "restarts": [no_results, lost]}
     table = campaign_report._across_runs_table(record, [{"step": 0}], {"0": episodes([2.0, 2.0], [2.0, 1.0])})
     lines = table.splitlines()
-    assert lines[2] == "| step | run started 2026-12-01 20:34, lost at 85,984 | this run |"
+    assert lines[2] == "| step | earlier run started 2026-12-01 20:34 UTC, lost at 85,984 steps | this run |"
     # mean of (2, 3) = 2.5, s.e. 0.5; against the samples (1, 3): 2.0 ± 1.0; this run (0, 1): 0.5 ± 0.5
     assert lines[4] == "| 0 | +2.5 ± 0.5 <sub>samples +2.0 ± 1.0</sub> | +0.5 ± 0.5 |"
     assert lines[5] == "| 10 | -2.0 ± 1.0 |  |"  # a step this run has not reached
@@ -394,7 +394,7 @@ def test_aggregate_at_an_intermediate_step_takes_a_lost_run_from_its_earlier_att
     result = campaign_report.aggregate(episodes, runs, planners, step=50, reps=100)
     assert result["step"] == 50 and result["runs"] == ["done", "lost"]
     assert result["sources"] == {"done": "this run",
-                                 "lost": "earlier run started 2026-12-01 20:34, lost at 85 steps"}
+                                 "lost": "earlier run started 2026-12-01 20:34 UTC, lost at 85 steps"}
     assert result["excluded"] == {"short": "no policy, dream_mpc at step 50"}
     assert result["planners"]["dream_mpc"]["task_scores"] == pytest.approx([0.25, 0.2])  # 160 / 800 = 0.2
     assert result["comparisons"]["dream_mpc vs policy"]["mean_difference"] == pytest.approx((0.05 + 0.05) / 2)
