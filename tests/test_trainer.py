@@ -94,6 +94,18 @@ def _count_calls(module: torch.nn.Module) -> list[int]:
     return calls
 
 
+def _count_updates(trainer) -> list[int]:
+    """A one-element list counting the trainer's optimization steps from now on."""
+    updates, step = [0], trainer.optimization_stepper.step
+
+    def counting_step(*args):
+        updates[0] += 1
+        return step(*args)
+
+    trainer.optimization_stepper.step = counting_step
+    return updates
+
+
 # ---------------------------------------------------------------------------------------------------------
 # stepper
 # ---------------------------------------------------------------------------------------------------------
@@ -437,14 +449,7 @@ def test_seed_phase_pretraining_then_utd_updates_per_step(tmp_path, utd_ratio, a
     trainer = make_trainer(tmp_path, total_frames=100, seed_frames=50, pretrain_updates=10, checkpoints=False,
                            utd_ratio=utd_ratio)
     planner_calls = _count_calls(trainer.actor)
-    updates = [0]
-    step = trainer.optimization_stepper.step
-
-    def counting_step(*args):
-        updates[0] += 1
-        return step(*args)
-
-    trainer.optimization_stepper.step = counting_step
+    updates = _count_updates(trainer)
     trainer.train()
     assert trainer.collected_frames == 100
     assert planner_calls[0] == 100 - 50  # random actions during the seed phase, the planner afterwards
@@ -577,14 +582,7 @@ def test_a_run_killed_after_finishing_a_resumed_burst_neither_redoes_nor_duplica
     last = trainer(2)
     last.resume()
     assert last.pretrain_pending == (killed == "in_its_checkpoint")
-    updates = [0]
-    step_last = last.optimization_stepper.step
-
-    def counting(*args):
-        updates[0] += 1
-        return step_last(*args)
-
-    last.optimization_stepper.step = counting
+    updates = _count_updates(last)
     last.train()
     assert last._optim_count == 30 + 60  # the uninterrupted run's count either way
     assert updates[0] == (60 if killed == "after_setup" else 30 - 16 + 60)
