@@ -718,14 +718,14 @@ def _aggregate_png(algorithm: str, step: int | None = None) -> str:
 
 
 def intermediate_full_steps(campaign: dict[str, Any]) -> list[int]:
-    """The snapshot steps, other than the runs' final ones, at which the campaign's YAML has every planner
-    evaluated (the steps common to the swaps that list theirs): the aggregate is also computed there, fixed by
-    the configuration, not chosen from results."""
+    """The snapshot steps at which the campaign's YAML has every planner evaluated (the steps common to the swaps
+    that list theirs), but the final step of every run (the final-step aggregate's): the aggregate is also
+    computed there, fixed by the configuration, not chosen from results."""
     listed = [set(swap.steps) for swap in campaign["swaps"] if swap.steps is not None]
     if not listed:  # every planner at every snapshot: no step stands out
         return []
-    finals = {run.steps for run in campaign["runs"]}
-    return sorted(set.intersection(*listed) - finals)
+    return sorted(step for step in set.intersection(*listed)
+                  if not all(run.steps == step for run in campaign["runs"]))
 
 
 def _kept_conclusion(report: Path) -> str:
@@ -787,7 +787,7 @@ def write_report(campaign: dict[str, Any]) -> Path:
                                                                        indent=1))
     for step, step_results in by_step.items():
         aggregate_sections += [f"## Aggregate at step {step:,}", "",
-                               "A step before the last at which every planner is evaluated "
+                               "A step other than the runs' common final one at which every planner is evaluated "
                                f"({os.path.relpath(campaign['path'], ROOT)}). A run counts with its current training "
                                "run's snapshot; one that lacks a planner there (e.g. a run whose directory was lost "
                                "with a machine and that has not got back to the step) counts with its most recent "

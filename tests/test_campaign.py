@@ -410,6 +410,9 @@ def test_aggregate_at_an_intermediate_step_takes_a_lost_run_from_its_earlier_att
                 "runs": [SimpleNamespace(steps=100000)]}
     assert campaign_report.intermediate_full_steps(campaign) == [50000]
     assert campaign_report.intermediate_full_steps({**campaign, "swaps": [swap(None)]}) == []
+    # runs of two lengths: 50k is a final step of one, not of every run
+    mixed = {**campaign, "runs": [SimpleNamespace(steps=50000), SimpleNamespace(steps=100000)]}
+    assert campaign_report.intermediate_full_steps(mixed) == [50000, 100000]
     assert campaign_report.intermediate_full_steps({**campaign, "swaps": [swap((20, 50000)), swap((50000,))]}) == [
         50000]
 
