@@ -635,9 +635,8 @@ def _run_section(run_id: str, record: dict, rows: list[dict], planners: list[str
     if rows:
         lines += [_swap_table(record, rows, planners, episodes), ""]
     for attempt in attempts:
-        started = f", started {attempt['started'][:10]}" if attempt.get("started") else ""
         how = "; cells as above" if rows else ""
-        lines += [f"**The earlier run{started}, lost at {attempt['reached_step']:,} steps** (the same configuration "
+        lines += [f"**The {_attempt_name(attempt)}** (the same configuration "
                   f"and seed; its results as committed before its directory was lost{how}):", "",
                   _swap_table({**record, "policy_prior": attempt.get("policy_prior") or {}}, attempt["swap_rows"],
                               planners, attempt.get("episodes"), explain=not rows), ""]
