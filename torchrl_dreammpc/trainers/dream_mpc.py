@@ -1024,12 +1024,10 @@ class DreamMPCTrainer(Trainer):
         self.load_from_file(path)
         step = self.collected_frames
         self._truncate_logs_after(step)
-        if self.pretrain_pending and self.evaluation is not None:
+        if self.pretrain_pending:
             # No evaluation is made while the burst is pending: one at this step was made by a later attempt that
             # finished the burst and died before its checkpoint (_finish_stopped_pretraining) replaced this one.
-            self.evaluation.truncate_after(step - 1)
-            if isinstance(self.logger, MultiLogger):
-                self.logger.truncate_after(step - 1, under="eval")
+            self._truncate_logs_after(step - 1, under="eval")
         self.world_model.eval()
         if self.verbose:
             print(f"[train] resumed from {path} at step {step}", flush=True)
@@ -1042,9 +1040,11 @@ class DreamMPCTrainer(Trainer):
         otherwise append a second curve to the first."""
         self._truncate_logs_after(-1, keep_copy=True)
 
-    def _truncate_logs_after(self, step: int, keep_copy: bool = False) -> None:
+    def _truncate_logs_after(self, step: int, keep_copy: bool = False, under: str | None = None) -> None:
+        """Drops log rows after ``step``: ``eval.csv`` and the logger's scalars (``under``: only those under that
+        name, see :meth:`MultiLogger.truncate_after`)."""
         if isinstance(self.logger, MultiLogger):
-            self.logger.truncate_after(step, keep_copy=keep_copy)
+            self.logger.truncate_after(step, keep_copy=keep_copy, under=under)
         if self.evaluation is not None:
             self.evaluation.truncate_after(step, keep_copy=keep_copy)
 
