@@ -502,7 +502,8 @@ def test_a_stop_inside_the_pretraining_burst_checkpoints_and_the_resumed_run_doe
         stopped, _ = trainer(i, stop)
         stopped.resume()
         stopped.train()
-        assert stopped.collected_frames in (40, 41) and stopped.pretrain_pending
+        # no step is collected with the half pre-trained model, nor by a run stopped again inside the rest
+        assert stopped.collected_frames == 40 and stopped.pretrain_pending and not stopped.acted_with_left
         assert stopped.update_schedule.pretrain_left > 0
     assert stopped._optim_count == done_before_last_resume
     assert stopped.update_schedule.pretrain_left == 30 - done_before_last_resume
@@ -523,11 +524,9 @@ def test_a_stop_inside_the_pretraining_burst_checkpoints_and_the_resumed_run_doe
     # evaluations' planner calls come after the burst too)
     assert last.acted_with_left and set(last.acted_with_left) == {0}
     # the evaluation and the snapshot waited for the burst's end and are named by the step that ended the seed
-    # phase (40), as in the uninterrupted run; stopped twice, the second stop's run had collected step 41
-    # (TorchRL's loop collects before it looks at a stop request) before the burst was done
-    done_at = 40 if len(stops) == 1 else 41
-    assert [s for s, _ in read_eval_csv(run / "eval.csv")] == [done_at, 80, 100]
-    assert sorted(int(p.stem.split("_")[1]) for p in (run / "snapshots").glob("step_*.pt")) == [0, done_at, 80]
+    # phase (40), as in the uninterrupted run, however often the burst was stopped
+    assert [s for s, _ in read_eval_csv(run / "eval.csv")] == [40, 80, 100]
+    assert sorted(int(p.stem.split("_")[1]) for p in (run / "snapshots").glob("step_*.pt")) == [0, 40, 80]
     # the burst's losses: one log entry, with its update count (TorchRL logs each optim_steps call, and keeps one
     # entry per key and log_interval: the slices, all at one step, would have logged the first slice's alone);
     # stopped inside the burst, the entry of the part done before the stop (the rest, at the same step, is gated)

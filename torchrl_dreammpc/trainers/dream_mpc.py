@@ -67,6 +67,10 @@ FINGERPRINT_DEFAULTS = {"algorithm": "tdmpc2", "replay_across_episodes": False, 
                         "replay_online": False}
 
 
+class _StoppedBeforeCollecting(Exception):
+    """Raised by a setup op to leave :meth:`DreamMPCTrainer.train` before its loop collects a step."""
+
+
 class ConfigMismatchError(ValueError):
     """A checkpoint was written by a run with another task / model size / planner; the message names the field."""
 
@@ -851,13 +855,14 @@ class DreamMPCTrainer(Trainer):
         collected, then what the step that ended the seed phase put off until the burst's end (its snapshot and
         evaluation, if due, and the weights pushed to collector workers). The resumed run so collects its next
         step with the pre-trained model and names the snapshot and evaluation by the step the uninterrupted run
-        names them by. The rest of that step's post-steps stage is not run again: it ran before the stop. (A run
-        stopped again inside this rest collects one step before it stops: TorchRL's loop collects first.)"""
+        names them by. The rest of that step's post-steps stage is not run again: it ran before the stop. A run
+        stopped again inside this rest leaves :meth:`train` before its loop collects a step (TorchRL's loop
+        collects first and looks at a stop request after), with a checkpoint of what is still left."""
         if not self.pretrain_pending:
             return
         self._pretrain(None)  # the updates sample from the replay buffer: no collected batch is read
         if self.pretrain_pending:
-            return
+            raise _StoppedBeforeCollecting
         if type(self.collector) is not Collector:
             self.collector.update_policy_weights_(self.actor)
         for deferred in (self.snapshots, self.evaluation):
@@ -866,6 +871,17 @@ class DreamMPCTrainer(Trainer):
         # The checkpoint at this step has the burst pending: replace it (same name), so that a run killed before
         # its next checkpoint does not redo the burst and the evaluation.
         self.save_trainer(force_save=True)
+
+    def train(self) -> None:
+        """TorchRL's :meth:`~torchrl.trainers.Trainer.train`, left before any step is collected when a resumed
+        run is stopped again inside the rest of its pre-training burst (see :meth:`_finish_stopped_pretraining`):
+        then the run checkpoints, shuts down as at any stop, and the next resume does what is left."""
+        try:
+            super().train()
+        except _StoppedBeforeCollecting:
+            self.save_trainer(force_save=True)
+            self._shutdown_hook()
+            self.collector.shutdown()
 
     def _pretrain(self, batch: TensorDictBase | None) -> None:
         """What is left of the pre-training burst, in slices, up to a stop request; its losses logged once."""
