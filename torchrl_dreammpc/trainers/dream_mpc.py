@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from tensordict import NestedKey, TensorDictBase
+from tensordict import NestedKey, TensorDict, TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 from torchrl.checkpoint import Checkpoint, CheckpointRotation, GlobalRNGState
 from torchrl.checkpoint import CheckpointError as TorchRLCheckpointError
@@ -337,6 +337,9 @@ class _UpdateSchedule(TrainerHookBase):
         self.credit = 0.0
         # None: read from a checkpoint written before this was recorded (the trainer infers it, optim_steps)
         self.pretrain_left: int | None = int(pretrain_updates)
+        # The burst's updates done before a stop and their mean losses: its one log entry, written when it ends
+        # (in the resumed run), covers the whole burst.
+        self.pretrain_done: tuple[int, dict[str, float]] | None = None
 
     def __call__(self, frames: int) -> int:
         self.credit += self.utd_ratio * frames
@@ -350,12 +353,17 @@ class _UpdateSchedule(TrainerHookBase):
         return pretrain_updates if optim_count == 0 else 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"utd_ratio": self.utd_ratio, "credit": self.credit, "pretrain_left": self.pretrain_left}
+        done = self.pretrain_done
+        return {"utd_ratio": self.utd_ratio, "credit": self.credit, "pretrain_left": self.pretrain_left,
+                "pretrain_done_updates": 0 if done is None else done[0],
+                "pretrain_done_losses": {} if done is None else dict(done[1])}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         self.credit = float(state_dict["credit"])
         left = state_dict.get("pretrain_left")
         self.pretrain_left = None if left is None else int(left)
+        done = int(state_dict.get("pretrain_done_updates", 0))  # absent from checkpoints written before it
+        self.pretrain_done = (done, dict(state_dict["pretrain_done_losses"])) if done else None
 
     def register(self, trainer: Trainer, name: str = "update_schedule") -> None:
         trainer.register_module(name, self)
@@ -884,7 +892,8 @@ class DreamMPCTrainer(Trainer):
             self.collector.shutdown()
 
     def _pretrain(self, batch: TensorDictBase | None) -> None:
-        """What is left of the pre-training burst, in slices, up to a stop request; its losses logged once."""
+        """What is left of the pre-training burst, in slices, up to a stop request; its losses logged once, when
+        it ends (stopped, the mean of the part done waits in the checkpoint)."""
         schedule = self.update_schedule
         if self.verbose:
             resumed = schedule.pretrain_left < self.pretrain_updates
@@ -892,7 +901,8 @@ class DreamMPCTrainer(Trainer):
                   + (f"pre-training resumed, {schedule.pretrain_left} of {self.pretrain_updates} updates left"
                      if resumed else f"pre-training with {self.pretrain_updates} updates"), flush=True)
         self.pretraining = True  # read by algorithms that skip parts of the update then (BMPC: the policy)
-        self._slice_losses = []
+        done = schedule.pretrain_done
+        self._slice_losses = [] if done is None else [(done[0], TensorDict(done[1]))]
         try:
             while schedule.pretrain_left > 0 and not self._stop_training:
                 updates = min(self.PRETRAIN_SLICE, schedule.pretrain_left)
@@ -904,7 +914,11 @@ class DreamMPCTrainer(Trainer):
         if slices:  # one log entry for the burst, as when it was one optim_steps call: the slices' mean
             total = sum(n for n, _ in slices)
             mean = sum((losses * (n / total) for n, losses in slices[1:]), slices[0][1] * (slices[0][0] / total))
-            super()._post_optim_complete_log_hook(self._optim_count, mean)
+            if schedule.pretrain_left:
+                schedule.pretrain_done = (total, {key: float(value) for key, value in mean.items()})
+            else:
+                schedule.pretrain_done = None
+                super()._post_optim_complete_log_hook(self._optim_count, mean)
         if schedule.pretrain_left and self.verbose:
             print(f"[train] pre-training stopped with {schedule.pretrain_left} of {self.pretrain_updates} updates "
                   "left (stop requested): the resumed run does them first", flush=True)
