@@ -902,7 +902,7 @@ class DreamMPCTrainer(Trainer):
                      if resumed else f"pre-training with {self.pretrain_updates} updates"), flush=True)
         self.pretraining = True  # read by algorithms that skip parts of the update then (BMPC: the policy)
         done = schedule.pretrain_done
-        self._slice_losses = [] if done is None else [(done[0], TensorDict(done[1]))]
+        self._slice_losses = [] if done is None else [done]
         try:
             while schedule.pretrain_left > 0 and not self._stop_training:
                 updates = min(self.PRETRAIN_SLICE, schedule.pretrain_left)
@@ -913,12 +913,15 @@ class DreamMPCTrainer(Trainer):
             slices, self._slice_losses = self._slice_losses, None
         if slices:  # one log entry for the burst, as when it was one optim_steps call: the slices' mean
             total = sum(n for n, _ in slices)
-            mean = sum((losses * (n / total) for n, losses in slices[1:]), slices[0][1] * (slices[0][0] / total))
+            # in Python floats: a stopped part restored from its checkpoint and the slices on the model's device;
+            # scalars only (TorchRL logs no other entry, e.g. DreamerV3's "replay_context")
+            scalars = [key for key, value in slices[-1][1].items() if torch.as_tensor(value).numel() == 1]
+            mean = {key: sum(float(losses[key]) * n for n, losses in slices) / total for key in scalars}
             if schedule.pretrain_left:
-                schedule.pretrain_done = (total, {key: float(value) for key, value in mean.items()})
+                schedule.pretrain_done = (total, mean)
             else:
                 schedule.pretrain_done = None
-                super()._post_optim_complete_log_hook(self._optim_count, mean)
+                super()._post_optim_complete_log_hook(self._optim_count, TensorDict(mean))
         if schedule.pretrain_left and self.verbose:
             print(f"[train] pre-training stopped with {schedule.pretrain_left} of {self.pretrain_updates} updates "
                   "left (stop requested): the resumed run does them first", flush=True)
